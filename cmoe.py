@@ -1,0 +1,742 @@
+"""LLaVA-CMoE, the model half: a Llama-3 decoder whose FFNs carry growing pools of LoRA experts chosen per
+token by one router per task, the LLaVA wrapper that splices image features into the prompt, PGKE (probe ->
+decide -> expand) and PTL (per-task VAEs that locate a sample's task). Read top to bottom.
+
+Shape legend: B batch, T tokens, S spliced sequence, D model width, F ffn width, R lora rank, E experts,
+K top-k, H heads, N tasks, P image patches, V vocab, Z latent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from vision import load_mapped, open_hf_tensors, read_hf_config, require
+
+IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id for "<image>" inside input_ids
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 768
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 384
+    head_dim: int = 0  # 0 -> dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF "llama3" rule: factor, low/high_freq_factor, original_max_position_embeddings
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
+
+    @classmethod
+    def tiny(cls, vocab_size=768, **kw):
+        return cls(vocab_size=vocab_size, **kw)
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json"):
+        rp = d.get("rope_parameters") or {}  # transformers>=5 nests rope_theta and the scaling rule here
+        scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+            raise ValueError(f"{source}: unsupported rope_scaling {scaling!r} (only 'llama3')")
+        dim, heads = require(d, "hidden_size", source), require(d, "num_attention_heads", source)
+        return cls(
+            vocab_size=require(d, "vocab_size", source), dim=dim,
+            n_layers=require(d, "num_hidden_layers", source), n_heads=heads,
+            n_kv_heads=d.get("num_key_value_heads", heads), ffn_dim=require(d, "intermediate_size", source),
+            head_dim=d.get("head_dim") or dim // heads, norm_eps=d.get("rms_norm_eps", 1e-6),  # HF's default
+            rope_theta=d.get("rope_theta", rp.get("rope_theta", 10000.0)),
+            rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+            max_seq_len=d.get("max_position_embeddings", 2048), tie_embeddings=d.get("tie_word_embeddings", False))
+
+
+@dataclass
+class ExpertConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    top_k: int = 2
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Llama building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 statistics as in HF, so bf16 runs match
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = cfg.rope_scaling
+    if s:  # Llama 3.1 rule: long wavelengths slowed by `factor`, short kept, a smooth blend in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > old / lo, inv / factor, torch.where(wavelen < old / hi, inv, blended))
+    return inv.float()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q_BHTd, k_BHTd, cos_BTd, sin_BTd):
+    cos, sin = cos_BTd[:, None], sin_BTd[:, None]
+    return q_BHTd * cos + rotate_half(q_BHTd) * sin, k_BHTd * cos + rotate_half(k_BHTd) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+
+    def forward(self, x_BTD, cos, sin, mask_BTT=None, cache=None, t0=0):
+        B, T, _ = x_BTD.shape
+        c, hd = self.cfg, self.cfg.head_dim
+        q = self.q_proj(x_BTD).view(B, T, c.n_heads, hd).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:  # static-size cache; keys past t0+T are masked out by mask_BTT
+            cache["k"][:, :, t0:t0 + T] = k
+            cache["v"][:, :, t0:t0 + T] = v
+            k, v = cache["k"], cache["v"]
+        rep = c.n_heads // c.n_kv_heads  # GQA: each kv head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask_BTT is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experts: a pool of LoRA experts on gate/up/down of one FFN, and one router per task.
+
+PROJ = ("gate", "up", "down")
+
+
+def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
+    """Per-sample routing: each sample uses its own task's router. Returns dense top-k weights [B,T,E]
+    (zeros off the top-k, renormalised over it) and the softmax probabilities (for the balance loss)."""
+    w_BED = router_NED[task_ids_B].float()  # router math in fp32: tiny logits differences decide top-k
+    logits_BTE = torch.einsum("btd,bed->bte", x_BTD.float(), w_BED)
+    logits_BTE = logits_BTE.masked_fill(~valid_NE[task_ids_B][:, None, :], float("-inf"))
+    probs_BTE = logits_BTE.softmax(-1)
+    top_BTK, idx_BTK = probs_BTE.topk(min(k, probs_BTE.shape[-1]), dim=-1)
+    top_BTK = top_BTK / top_BTK.sum(-1, keepdim=True)
+    return torch.zeros_like(probs_BTE).scatter(-1, idx_BTK, top_BTK), probs_BTE
+
+
+def lora_fused(x_TD, A_EDR, B_ERO, w_TE, scale):
+    """Masked-dense dispatch: one GEMM into every expert's rank space, gate it, one GEMM out.
+    sum_e w_e * B_e A_e x  ==  ((x @ [A_1..A_E]) * w expanded over R) @ [B_1;..;B_E]"""
+    E, D, R = A_EDR.shape
+    h_TER = (x_TD @ A_EDR.permute(1, 0, 2).reshape(D, E * R)).view(-1, E, R)
+    h_TER = h_TER * w_TE.to(h_TER.dtype)[:, :, None]
+    return (h_TER.reshape(-1, E * R) @ B_ERO.reshape(E * R, -1)) * scale
+
+
+def lora_loop(x_TD, A_EDR, B_ERO, w_TE, scale):
+    """Reference: an obviously-correct loop over experts and the tokens routed to each."""
+    out = torch.zeros(x_TD.shape[0], B_ERO.shape[-1], dtype=x_TD.dtype, device=x_TD.device)
+    for e in range(A_EDR.shape[0]):
+        rows = (w_TE[:, e] != 0).nonzero().flatten()
+        if rows.numel():
+            y = (x_TD[rows] @ A_EDR[e]) @ B_ERO[e]
+            out = out.index_add(0, rows, w_TE[rows, e, None].to(y.dtype) * y * scale)
+    return out
+
+
+class ExpertFFN(nn.Module):
+    """SwiGLU FFN (frozen base weights) + a pool of LoRA experts.
+
+    Experts live in two banks of stacked tensors: `frozen_*` (earlier tasks; requires_grad=False) and
+    `train_*` (the current task). Separate tensors, not a requires_grad flag per slice, so autograd gives
+    the frozen bank no gradient at all and torch.compile sees no flag flipping within a task.
+    Routers: `routers[t]` is task t's [E_t, D] weight over the first E_t experts (experts added later are
+    invisible to it)."""
+
+    def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig):
+        super().__init__()
+        self.cfg, self.ecfg = cfg, ecfg
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        for bank in ("frozen", "train"):
+            for name, shape in self._bank_shapes(0).items():
+                self.register_parameter(f"{bank}_{name}", nn.Parameter(torch.zeros(shape), requires_grad=bank == "train"))
+        self.routers = nn.ParameterList()
+        self.dispatch = "fused"  # "fused" | "loop" (reference)
+        self.counting = False  # PGKE: accumulate per-expert assignment counts
+        self.register_buffer("usage", torch.zeros(0), persistent=False)
+
+    def _bank_shapes(self, E):
+        D, Fd, R = self.cfg.dim, self.cfg.ffn_dim, self.ecfg.rank
+        return {"A_gate": (E, D, R), "B_gate": (E, R, Fd), "A_up": (E, D, R), "B_up": (E, R, Fd),
+                "A_down": (E, Fd, R), "B_down": (E, R, D)}
+
+    def bank(self, name):
+        return torch.cat([getattr(self, f"frozen_{name}"), getattr(self, f"train_{name}")], 0)
+
+    @property
+    def n_frozen(self):
+        return self.frozen_A_gate.shape[0]
+
+    @property
+    def n_experts(self):
+        return self.n_frozen + self.train_A_gate.shape[0]
+
+    # --- growing and freezing ------------------------------------------------------------------------
+    def _set(self, name, value, trainable):
+        setattr(self, name, nn.Parameter(value.contiguous(), requires_grad=trainable))
+
+    def add_experts(self, n, copy_from: int | None = None, generator=None):
+        """Append n trainable experts: a copy of expert `copy_from`, or fresh (A random, B = 0 so the
+        model's function is unchanged until training moves B)."""
+        dev = self.gate_proj.weight.device
+        for name, shape in self._bank_shapes(n).items():
+            if copy_from is not None:
+                new = self.bank(name)[copy_from].detach().clone().expand(shape).clone()
+            elif name.startswith("A"):
+                new = torch.randn(shape, generator=generator).to(dev) / math.sqrt(shape[1])
+            else:
+                new = torch.zeros(shape, device=dev)
+            self._set(f"train_{name}", torch.cat([getattr(self, f"train_{name}").detach(), new.to(dev)], 0), True)
+
+    def drop_trainable(self):
+        """Remove the current task's trainable experts (used to discard PGKE probes)."""
+        for name, shape in self._bank_shapes(0).items():
+            self._set(f"train_{name}", torch.zeros(shape, device=self.gate_proj.weight.device), True)
+
+    def add_router(self, init_ED: torch.Tensor | None = None):
+        """A new trainable router over all experts that exist now (init: given rows, else zeros = uniform)."""
+        E, D = self.n_experts, self.cfg.dim
+        w = torch.zeros(E, D, device=self.gate_proj.weight.device)
+        if init_ED is not None:
+            w[: init_ED.shape[0]] = init_ED.to(w)
+        self.routers.append(nn.Parameter(w))
+
+    def freeze(self):
+        """Task end: trainable experts join the frozen bank; every router becomes frozen."""
+        for name in self._bank_shapes(0):
+            self._set(f"frozen_{name}", self.bank(name).detach(), False)
+        self.drop_trainable()
+        for r in self.routers:
+            r.requires_grad_(False)
+
+    def router_table(self):
+        """All task routers padded to the current pool size, and which experts each may use."""
+        E = self.n_experts
+        dev = self.gate_proj.weight.device
+        W_NED = torch.stack([F.pad(r, (0, 0, 0, E - r.shape[0])) for r in self.routers])
+        valid_NE = torch.arange(E, device=dev)[None, :] < torch.tensor([r.shape[0] for r in self.routers], device=dev)[:, None]
+        return W_NED, valid_NE
+
+    # --- forward -------------------------------------------------------------------------------------
+    def forward(self, x_BTD, task_ids_B=None, valid_BT=None, use_experts=True):
+        if not use_experts or self.n_experts == 0 or len(self.routers) == 0:
+            return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)), x_BTD.new_zeros(())
+        B, T, D = x_BTD.shape
+        W_NED, valid_NE = self.router_table()
+        if task_ids_B is None:
+            task_ids_B = torch.full((B,), len(self.routers) - 1, dtype=torch.long, device=x_BTD.device)
+        w_BTE, probs_BTE = route(x_BTD, W_NED, valid_NE, task_ids_B, self.ecfg.top_k)
+        aux = self.balance_loss(w_BTE, probs_BTE, valid_BT)
+        if self.counting:
+            self.count(w_BTE, valid_BT)
+        lora = lora_loop if self.dispatch == "loop" else lora_fused
+        s = self.ecfg.scale
+        x_TD, w_TE = x_BTD.reshape(B * T, D), w_BTE.reshape(B * T, -1)
+        g = self.gate_proj(x_TD) + lora(x_TD, self.bank("A_gate"), self.bank("B_gate"), w_TE, s)
+        u = self.up_proj(x_TD) + lora(x_TD, self.bank("A_up"), self.bank("B_up"), w_TE, s)
+        h_TF = F.silu(g) * u
+        y = self.down_proj(h_TF) + lora(h_TF, self.bank("A_down"), self.bank("B_down"), w_TE, s)
+        return y.view(B, T, D), aux
+
+    def balance_loss(self, w_BTE, probs_BTE, valid_BT):
+        """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
+        m = torch.ones(w_BTE.shape[:2], device=w_BTE.device) if valid_BT is None else valid_BT.float()
+        n = m.sum().clamp(min=1)
+        frac_E = ((w_BTE > 0).float() * m[..., None]).sum((0, 1)) / (n * self.ecfg.top_k)
+        prob_E = (probs_BTE * m[..., None]).sum((0, 1)) / n
+        return probs_BTE.shape[-1] * (frac_E * prob_E).sum()
+
+    @torch.no_grad()
+    def count(self, w_BTE, valid_BT):
+        hits_E = (w_BTE > 0).float()
+        if valid_BT is not None:
+            hits_E = hits_E * valid_BT[..., None].float()
+        hits_E = hits_E.sum((0, 1))
+        if self.usage.shape[0] != hits_E.shape[0]:
+            self.usage = torch.zeros_like(hits_E)
+        self.usage += hits_E
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = ExpertFFN(cfg, ecfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, t0=0, task_ids=None, valid=None, use_experts=True):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, t0)
+        y, aux = self.ffn(self.ffn_norm(x), task_ids, valid, use_experts)
+        return x + y, aux
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig | None = None):
+        super().__init__()
+        self.cfg, self.ecfg = cfg, ecfg or ExpertConfig()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, self.ecfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_ckpt = False
+        self.apply(self._init)
+
+    def _init(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def rope(self, pos_BT):
+        f_BTd = pos_BT[..., None].float() * self.inv_freq
+        emb = torch.cat([f_BTd, f_BTd], -1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, input_ids=None, inputs_embeds=None, pos_BT=None, mask_BTT=None, cache=None, t0=0,
+                task_ids=None, valid_BT=None, use_experts=True, return_hidden=False):
+        """Returns (logits [B,T,V], balance loss summed over layers); hidden states instead of logits when
+        return_hidden. Without a mask, attention is plain causal (right padding needs none)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if pos_BT is None:
+            pos_BT = torch.arange(t0, t0 + T, device=x.device)[None].expand(B, T)
+        cos, sin = self.rope(pos_BT)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            args = (x, cos, sin, mask_BTT, None if cache is None else cache[i], t0, task_ids, valid_BT, use_experts)
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():  # recompute activations in backward
+                x, a = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, a = layer(*args)
+            aux = aux + a
+        x = self.norm(x)
+        return (x if return_hidden else self.lm_head(x)), aux
+
+    def expert_ffns(self):
+        return [layer.ffn for layer in self.layers]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading HF Llama checkpoints
+
+def llama_key_map(cfg: LlamaConfig, has_lm_head: bool) -> dict:
+    """HF LlamaForCausalLM key -> our state_dict key."""
+    m = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+    for i in range(cfg.n_layers):
+        h, o = f"model.layers.{i}.", f"layers.{i}."
+        m.update({
+            h + "input_layernorm.weight": o + "attn_norm.weight",
+            h + "self_attn.q_proj.weight": o + "attn.q_proj.weight",
+            h + "self_attn.k_proj.weight": o + "attn.k_proj.weight",
+            h + "self_attn.v_proj.weight": o + "attn.v_proj.weight",
+            h + "self_attn.o_proj.weight": o + "attn.o_proj.weight",
+            h + "post_attention_layernorm.weight": o + "ffn_norm.weight",
+            h + "mlp.gate_proj.weight": o + "ffn.gate_proj.weight",
+            h + "mlp.up_proj.weight": o + "ffn.up_proj.weight",
+            h + "mlp.down_proj.weight": o + "ffn.down_proj.weight",
+        })
+    if has_lm_head:
+        m["lm_head.weight"] = "lm_head.weight"
+    return m
+
+
+def load_llama(folder, ecfg: ExpertConfig | None = None) -> Llama:
+    """Load an HF Llama-3.x folder (config.json + model.safetensors or a sharded index)."""
+    cfg = LlamaConfig.from_hf(read_hf_config(folder), os.path.join(folder, "config.json"))
+    tensors = open_hf_tensors(folder)
+    has_head = "lm_head.weight" in tensors
+    cfg.tie_embeddings = not has_head  # tied exactly when the file has no separate head
+    model = Llama(cfg, ecfg)
+    load_mapped(model, tensors, llama_key_map(cfg, has_head), skip=[r"\.rotary_emb\.inv_freq$"], source=str(folder),
+                allow_unmapped=[r"\.ffn\.(frozen|train)_", r"^lm_head\.weight$"])
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaVA: vision tower -> projector -> image features spliced into the Llama prompt
+
+class LLaVA(nn.Module):
+    def __init__(self, vision, projector, llm: Llama, pad_id: int = 0):
+        super().__init__()
+        self.vision, self.projector, self.llm = vision, projector, llm
+        self.pad_id = pad_id
+
+    def image_features(self, pixel_values):
+        return self.projector(self.vision(pixel_values))
+
+    def splice(self, input_ids_BT, images, labels_BT=None):
+        """Replace each row's single IMAGE_TOKEN_ID by the P projected patch features (static shapes:
+        S = T - 1 + P, built with gathers so it compiles without data-dependent shapes). `images` is
+        pixel_values [B,3,H,W] or precomputed image features [B,P,D] (the tower is frozen in continual
+        learning, so train.py computes them once per dataset)."""
+        img_BPD = self.image_features(images) if images.dim() == 4 else images
+        B, T = input_ids_BT.shape
+        P = img_BPD.shape[1]
+        S = T - 1 + P
+        p_B1 = (input_ids_BT == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
+        j_1S = torch.arange(S, device=input_ids_BT.device)[None]
+        rel_BS = j_1S - p_B1
+        is_img_BS = (rel_BS >= 0) & (rel_BS < P)
+        src_BS = torch.where(j_1S < p_B1, j_1S, j_1S - P + 1).clamp(0, T - 1)  # text position feeding slot j
+        ids_BS = input_ids_BT.gather(1, src_BS)
+        tok_BSD = self.llm.embed_tokens(ids_BS.clamp(min=0))
+        img_BSD = img_BPD.gather(1, rel_BS.clamp(0, P - 1)[..., None].expand(B, S, img_BPD.shape[-1]))
+        x_BSD = torch.where(is_img_BS[..., None], img_BSD.to(tok_BSD.dtype), tok_BSD)
+        valid_BS = is_img_BS | (ids_BS != self.pad_id)
+        lab_BS = None
+        if labels_BT is not None:
+            lab_BS = labels_BT.gather(1, src_BS).masked_fill(is_img_BS, IGNORE_INDEX)
+        return x_BSD, valid_BS, lab_BS
+
+    def forward(self, input_ids, images, labels=None, task_ids=None, use_experts=True):
+        """Training forward on right-padded batches. Returns (logits, loss or None, balance loss)."""
+        x, valid, lab = self.splice(input_ids, images, labels)
+        logits, aux = self.llm(inputs_embeds=x, task_ids=task_ids, valid_BT=valid, use_experts=use_experts)
+        loss = None
+        if lab is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss, aux
+
+    def _left_pad(self, prompts, device):
+        """Left-pad prompts to one length: generation then appends at the same index for every row."""
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p):] = torch.tensor(p)
+        return ids.to(device)
+
+    @torch.no_grad()
+    def features(self, prompts, images):
+        """PTL feature: the frozen base model's final hidden state at the last prompt token (no experts)."""
+        ids = self._left_pad(prompts, images.device)
+        x, valid, _ = self.splice(ids, images)
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        mask = self._mask(valid, x.shape[1], x.shape[1], 0)
+        h, _ = self.llm(inputs_embeds=x, pos_BT=pos, mask_BTT=mask, use_experts=False, return_hidden=True)
+        return h[:, -1].float()
+
+    @staticmethod
+    def _mask(valid_BS, Tq, Tk, t0):
+        """Causal mask over a key buffer of length Tk for queries at t0..t0+Tq, hiding padded keys."""
+        q = torch.arange(t0, t0 + Tq, device=valid_BS.device)[:, None]
+        k = torch.arange(Tk, device=valid_BS.device)[None, :]
+        keys_B1K = F.pad(valid_BS, (0, Tk - valid_BS.shape[1]), value=True)[:, None, :]
+        # a pad query may always see itself: a fully masked row gives NaN in some SDPA kernels (CUDA mem-efficient)
+        return ((k <= q)[None] & keys_B1K) | (k == q)[None]
+
+    @torch.no_grad()
+    def generate(self, prompts, images, task_ids=None, max_new_tokens=16, stop_ids=(), use_cache=True):
+        """Greedy decoding of a batch of prompts (lists of ids, one IMAGE_TOKEN_ID each) -> new ids per row."""
+        dev = images.device
+        ids = self._left_pad(prompts, dev)
+        x, valid, _ = self.splice(ids, images)
+        B, S, D = x.shape
+        c = self.llm.cfg
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        total = S + max_new_tokens
+        cache = None
+        if use_cache:
+            shape = (B, c.n_kv_heads, total, c.head_dim)
+            cache = [{"k": x.new_zeros(shape), "v": x.new_zeros(shape)} for _ in range(c.n_layers)]
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        stop = torch.tensor(list(stop_ids) or [-1], device=dev)
+        seq_x, seq_valid, seq_pos = x, valid, pos
+        step_x, step_pos, t0 = x, pos, 0
+        for _ in range(max_new_tokens):
+            if use_cache:
+                mask = self._mask(seq_valid, step_x.shape[1], total, t0)
+                logits, _ = self.llm(inputs_embeds=step_x, pos_BT=step_pos, mask_BTT=mask, cache=cache, t0=t0,
+                                     task_ids=task_ids, valid_BT=None)
+            else:
+                mask = self._mask(seq_valid, seq_x.shape[1], seq_x.shape[1], 0)
+                logits, _ = self.llm(inputs_embeds=seq_x, pos_BT=seq_pos, mask_BTT=mask, task_ids=task_ids)
+            nxt_B = logits[:, -1].argmax(-1)
+            for b in range(B):
+                if not done[b]:
+                    out[b].append(int(nxt_B[b]))
+            done |= torch.isin(nxt_B, stop)
+            if bool(done.all()):
+                break
+            t0 += step_x.shape[1]
+            step_x = self.llm.embed_tokens(nxt_B)[:, None]
+            step_pos = seq_pos[:, -1:] + 1
+            seq_x = torch.cat([seq_x, step_x], 1)
+            seq_valid = torch.cat([seq_valid, torch.ones_like(seq_valid[:, :1])], 1)
+            seq_pos = torch.cat([seq_pos, step_pos], 1)
+        return [[t for t in o if t not in set(stop_ids)] for o in out]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PGKE: Probe-Guided Knowledge Extension (where to grow)
+
+def probe_start(llm: Llama, generator=None):
+    """Stage A: one temporary probe expert per layer and a probe router = latest router + a zero row."""
+    for ffn in llm.expert_ffns():
+        latest = ffn.routers[-1].detach() if len(ffn.routers) else None
+        ffn.add_experts(1, generator=generator)
+        ffn.add_router(latest)
+
+
+def probe_frequencies(llm: Llama) -> list[float]:
+    """freq_l = share of (token, top-k slot) assignments that went to the probe (the last expert)."""
+    return [float(f.usage[-1] / f.usage.sum().clamp(min=1)) if f.usage.numel() else 0.0 for f in llm.expert_ffns()]
+
+
+def pgke_decide(freq, alpha: float):
+    """Expand layer l iff freq_l > mean(freq) - alpha * std(freq) (population std over layers)."""
+    f = torch.tensor(freq, dtype=torch.float64)
+    threshold = float(f.mean() - alpha * f.std(unbiased=False))
+    return [bool(x > threshold) for x in f], threshold
+
+
+def probe_end(llm: Llama):
+    """Drop probes and their routers; return, per layer, the most-used old expert (copy source) and the
+    probe router (old rows + probe row) to initialise the task's real router from."""
+    sources, probe_routers = [], []
+    for ffn in llm.expert_ffns():
+        old = ffn.usage[: ffn.n_frozen]
+        sources.append(int(old.argmax()) if old.numel() else None)
+        probe_routers.append(ffn.routers[-1].detach().clone())
+        ffn.routers = nn.ParameterList(list(ffn.routers)[:-1])
+        ffn.drop_trainable()
+        ffn.usage = torch.zeros(0, device=ffn.usage.device)
+    return sources, probe_routers
+
+
+def expand(llm: Llama, decision, sources, probe_routers, n_new: int = 1):
+    """Stage B: expanded layers get n_new copies of their most-used expert; every layer gets the new task's
+    router over all experts that exist now (old rows from the probe router, new rows = the probe's row)."""
+    for ffn, grow, src, pr in zip(llm.expert_ffns(), decision, sources, probe_routers):
+        n_old = ffn.n_experts
+        if grow:
+            ffn.add_experts(n_new, copy_from=src)
+        init = torch.cat([pr[:n_old], pr[n_old:n_old + 1].expand(ffn.n_experts - n_old, -1)], 0)
+        ffn.add_router(init)
+
+
+def init_experts(llm: Llama, n: int, generator=None):
+    """Task 1: every layer gets n fresh experts and the first task's router."""
+    for ffn in llm.expert_ffns():
+        ffn.add_experts(n, generator=generator)
+        ffn.add_router(None if ffn.n_experts == 0 else torch.randn(ffn.n_experts, ffn.cfg.dim, generator=generator) * 0.02)
+
+
+def set_counting(llm: Llama, on: bool):
+    for ffn in llm.expert_ffns():
+        ffn.counting = on
+        ffn.usage = torch.zeros(0, device=ffn.gate_proj.weight.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PTL: Probabilistic Task Locator (which task's routers at test time)
+
+class TaskVAE(nn.Module):
+    """A small VAE over one task's standardised features; its reconstruction error says how well a new
+    sample fits the task."""
+
+    def __init__(self, dim, hidden=128, latent=16):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * latent))
+        self.dec = nn.Sequential(nn.Linear(latent, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        for name in ("feat_mean", "feat_std"):
+            self.register_buffer(name, torch.zeros(dim) if name == "feat_mean" else torch.ones(dim))
+        self.register_buffer("err_mean", torch.zeros(()))
+        self.register_buffer("err_std", torch.ones(()))
+
+    def loss(self, f_BD, beta=1e-3):
+        x = (f_BD - self.feat_mean) / self.feat_std
+        mu, logvar = self.enc(x).chunk(2, -1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
+        return F.mse_loss(self.dec(z), x) + beta * kl
+
+    def recon_error(self, f_BD):
+        x = (f_BD - self.feat_mean) / self.feat_std
+        mu, _ = self.enc(x).chunk(2, -1)  # deterministic at test time: decode the mean
+        return (self.dec(mu) - x).pow(2).mean(-1)
+
+
+def fit_vae(features_ND, hidden=128, latent=16, steps=400, lr=3e-3, batch=64, seed=0) -> TaskVAE:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # reparameterisation noise: reproducible fits
+    f = features_ND.detach().float().cpu()
+    vae = TaskVAE(f.shape[1], hidden, latent)
+    vae.feat_mean.copy_(f.mean(0))
+    vae.feat_std.copy_(f.std(0).clamp(min=1e-4))
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        idx = torch.randint(0, f.shape[0], (min(batch, f.shape[0]),), generator=g)
+        loss = vae.loss(f[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        err = vae.recon_error(f)
+        vae.err_mean.copy_(err.mean())
+        vae.err_std.copy_(err.std().clamp(min=1e-6))
+    return vae.eval()
+
+
+class Locator(nn.Module):
+    """One VAE per task seen; per sample, pick the task whose VAE explains the feature best (z-scored)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vaes = nn.ModuleList()
+
+    def add_task(self, features_ND, **kw):
+        self.vaes.append(fit_vae(features_ND, **kw))
+
+    @torch.no_grad()
+    def scores(self, f_BD):
+        f = f_BD.float().cpu()
+        return torch.stack([(v.recon_error(f) - v.err_mean) / v.err_std for v in self.vaes], -1)
+
+    def locate(self, f_BD):
+        """Hard, per-sample choice: argmin_t z_t."""
+        return self.scores(f_BD).argmin(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON sidecar, written atomically
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """Atomic: write a temp file in the same folder, then rename over the target."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_safetensors(path) -> dict:
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return load_file(path)
+
+
+def base_state(model: LLaVA) -> dict:
+    """Frozen base weights (vision, projector, LLM without experts); the tied head is stored once."""
+    sd = {k: v for k, v in model.state_dict().items() if not _is_cl_key(k)}
+    if model.llm.cfg.tie_embeddings:
+        sd.pop("llm.lm_head.weight", None)
+    return sd
+
+
+def _is_cl_key(k):
+    return bool(re.search(r"\.ffn\.(frozen_|train_|routers\.)", k))
+
+
+def cl_state(model: LLaVA, locator: Locator | None = None) -> tuple[dict, dict]:
+    """Everything continual learning adds: experts, routers, VAEs, and the flags needed to rebuild them."""
+    sd = {k: v for k, v in model.state_dict().items() if _is_cl_key(k)}
+    meta = {"router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_ffns()]}
+    if locator is not None:
+        sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
+        meta["n_vae"] = len(locator.vaes)
+        if len(locator.vaes):
+            v = locator.vaes[0]
+            meta["vae"] = {"hidden": v.enc[0].out_features, "latent": v.dec[0].in_features}
+    return sd, meta
+
+
+def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> Locator:
+    """Rebuild the expert pools and routers from the stored shapes, then load values; returns the locator."""
+    for i, ffn in enumerate(model.llm.expert_ffns()):
+        p = f"llm.layers.{i}.ffn."
+        dev = ffn.gate_proj.weight.device
+        for bank in ("frozen", "train"):
+            for name, shape in ffn._bank_shapes(0).items():
+                key = p + f"{bank}_{name}"
+                if key not in tensors:
+                    raise KeyError(f"{source}: missing key {key}")
+                t = tensors[key]
+                if tuple(t.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(f"{source}: {key}: expected (*, {', '.join(map(str, shape[1:]))}), found {tuple(t.shape)}")
+                ffn._set(f"{bank}_{name}", t.to(dev, torch.float32), bank == "train")
+        ffn.routers = nn.ParameterList()
+        flags = meta["router_trainable"][i]
+        for t in range(len(flags)):
+            ffn.routers.append(nn.Parameter(tensors[p + f"routers.{t}"].to(dev, torch.float32), requires_grad=flags[t]))
+    loc = Locator()
+    for t in range(meta.get("n_vae", 0)):
+        pre = f"locator.vaes.{t}."
+        vae = TaskVAE(tensors[pre + "feat_mean"].shape[0], **meta["vae"])
+        vae.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        loc.vaes.append(vae.eval())
+    return loc
+
+
+def count_params(model: LLaVA):
+    """(trainable, expert parameters in the pool incl. routers) — for the per-task parameter report."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    added = sum(v.numel() for k, v in model.state_dict().items() if _is_cl_key(k))
+    return trainable, added

@@ -1,0 +1,732 @@
+"""
+Data for cmoe: the tiktoken tokenizer (Llama-3 file format), chat templates with answer-only labels, CoIN / LLaVA
+JSON loading, MiniCoIN (a procedurally generated CoIN-like continual benchmark), static-shape datasets, scorers.
+
+    python data.py --show --out minicoin.png     # contact sheet: a few samples of every MiniCoIN task
+
+Shape legend: N examples, B batch, T tokens (max_len), C channels, S image side.
+"""
+import argparse
+import base64
+import binascii
+import collections
+import json
+import os
+import re
+import tempfile
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import tiktoken
+import torch
+from PIL import Image, ImageDraw
+
+from vision import load_image, preprocess
+
+IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id for "<image>" inside input_ids
+IGNORE_INDEX = -100  # label value the loss ignores
+
+# -----------------------------------------------------------------------------
+# tokenizer (tiktoken BPE in the Llama-3 tokenizer.model format: one "base64(token) rank" per line)
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIAL_NAMES = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+SPECIAL_NAMES += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(SPECIAL_NAMES) + 2)]
+assert len(SPECIAL_NAMES) == 256
+MINICOIN_VOCAB = 512  # BPE ranks incl. the 256 single bytes; tok.n_vocab = 512 + 256 specials
+
+
+def load_tokenizer(path):
+    """tiktoken.Encoding from a Llama-3 tokenizer.model file; the 256 special tokens follow the n ranks."""
+    path = os.fspath(path)
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # tolerate blank lines (a trailing newline is normal)
+            parts = line.split()
+            try:
+                if len(parts) != 2:
+                    raise ValueError(f"expected 2 fields 'base64token rank', found {len(parts)}")
+                token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+            except (ValueError, binascii.Error) as e:
+                raise ValueError(f"{path}:{lineno}: malformed tokenizer line {line[:60]!r} ({e})") from None
+            if rank != len(ranks):  # tiktoken files list ranks 0..n-1 in order; anything else is corrupt
+                raise ValueError(f"{path}:{lineno}: rank {rank} out of order (expected {len(ranks)}: ranks are 0..n-1)")
+            if token in ranks:
+                raise ValueError(f"{path}:{lineno}: token {token!r} repeated (first at rank {ranks[token]})")
+            ranks[token] = rank
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # byte-level BPE must be able to encode any byte
+        raise ValueError(f"{path}: {len(missing)} single-byte tokens missing (e.g. {bytes(missing[:5])!r})")
+    n = len(ranks)
+    return tiktoken.Encoding(name=f"llama3:{os.path.basename(path)}:{n}", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={s: n + i for i, s in enumerate(SPECIAL_NAMES)})
+
+
+def save_tokenizer(ranks, path):
+    """Write ranks {bytes: rank} as a Llama-3 tokenizer.model file (atomic: temp file + rename)."""
+    path = os.fspath(path)
+    lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+    _atomic_write(path, "".join(lines).encode())
+
+
+def _atomic_write(path, data: bytes):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def minicoin_corpus(per_task=40, seed=0):
+    """MiniCoIN text (prompts and answers of the train split, all tasks + captions) to train the BPE on."""
+    texts = []
+    for task in MINICOIN_TASKS + ("caption",):
+        for i in range(per_task):
+            for user, asst in minicoin_sample(task, "train", i, seed, render=False).turns:
+                texts += [user.replace("<image>", ""), asst]
+    return "\n".join(texts)
+
+
+def build_minicoin_tokenizer(path, vocab_size=MINICOIN_VOCAB):
+    """Load the MiniCoIN BPE from `path`, training it first (a few seconds, deterministic) if the file is missing."""
+    if not os.path.exists(path):
+        from tiktoken._educational import bpe_train
+        try:
+            ranks = bpe_train(minicoin_corpus(), vocab_size, LLAMA3_PATTERN, visualise=None)
+        except ValueError as e:  # max() over no pairs left: the corpus cannot support that many merges
+            raise ValueError(f"MiniCoIN corpus too small for vocab_size={vocab_size} ({e})") from None
+        save_tokenizer(ranks, path)
+    return load_tokenizer(path)
+
+
+def special_id(tok, name):
+    return tok.encode_single_token(name)
+
+
+def pad_id(tok):
+    return special_id(tok, "<|finetune_right_pad_id|>")  # never produced by text, so ids == pad marks padding
+
+
+# -----------------------------------------------------------------------------
+# examples and chat templates
+
+
+@dataclass
+class Example:
+    image: object  # PIL.Image or a path str
+    turns: list  # [(user, assistant), ...]; the first user text holds exactly one "<image>"
+    task: str = ""
+    answers: list = None  # VQA soft-accuracy answer list (10 human answers), else None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def answer(self):
+        return self.turns[-1][1]
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat format in strings with special tokens: begin, then per turn user.format(text) + assistant + answer + end."""
+    name: str
+    begin: str
+    user: str  # contains "{}" where the user text goes
+    assistant: str  # what precedes every answer
+    end: str  # closes every answer; labelled (so the model learns to stop) and the generation stop token
+
+    def _special(self, tok, s):
+        return tok.encode(s, allowed_special="all") if s else []  # template text is trusted, user text never is
+
+    def begin_ids(self, tok):
+        return self._special(tok, self.begin)
+
+    def user_parts(self, tok, text):
+        """(before, body, after) ids of one user turn; body is the user's text with IMAGE_TOKEN_ID for "<image>"."""
+        pre, post = self.user.split("{}")
+        body = []
+        for k, part in enumerate(text.split("<image>")):
+            body += ([IMAGE_TOKEN_ID] if k else []) + tok.encode_ordinary(part)
+        return self._special(tok, pre), body, self._special(tok, post) + self._special(tok, self.assistant)
+
+    def prompt_ids(self, tok, user_text):
+        """ids of one user turn up to where the assistant's answer starts."""
+        pre, body, post = self.user_parts(tok, user_text)
+        return pre + body + post
+
+    def answer_ids(self, tok, text):
+        return tok.encode_ordinary(text) + self._special(tok, self.end)
+
+
+LLAMA3 = ChatTemplate("llama3", "<|begin_of_text|>", "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>")
+COMPACT = ChatTemplate("compact", "<|begin_of_text|>", "{}", "<|start_header_id|>", "<|eot_id|>")  # 1 token per role
+
+
+def _check_image_tokens(ex):
+    counts = [u.count("<image>") for u, _ in ex.turns]
+    if not counts or counts[0] != 1 or sum(counts) != 1:
+        raise ValueError(f"example {ex.meta}: the first user turn must hold exactly one '<image>' (found {counts})")
+
+
+def _segments(tok, ex, template, with_final_answer):
+    """[ids, kind] pieces of the conversation; kind 'user' may be truncated, 'answer' is labelled, 'fixed' neither."""
+    _check_image_tokens(ex)
+    segs = [[template.begin_ids(tok), "fixed"]]
+    for k, (user, asst) in enumerate(ex.turns):
+        pre, body, post = template.user_parts(tok, user)
+        segs += [[pre, "fixed"], [body, "user"], [post, "fixed"]]
+        if k < len(ex.turns) - 1 or with_final_answer:
+            segs.append([template.answer_ids(tok, asst), "answer"])
+    return segs
+
+
+def _truncate(segs, max_len):
+    """Drop user text tokens (oldest first, from the start of each user turn, keeping the image token) to fit max_len.
+    Returns False if even the template, the image token and the answers alone do not fit."""
+    over = sum(len(s) for s, _ in segs) - max_len
+    for seg in segs:
+        if over <= 0:
+            break
+        if seg[1] == "user":
+            text_pos = [i for i, t in enumerate(seg[0]) if t != IMAGE_TOKEN_ID]
+            drop = set(text_pos[:over])
+            seg[0] = [t for i, t in enumerate(seg[0]) if i not in drop]
+            over -= len(drop)
+    return over <= 0
+
+
+def encode(tok, ex, template, max_len):
+    """(ids, labels) of a whole conversation, or None if the answers alone do not fit in max_len.
+    labels = ids on every assistant answer (+ its end token), IGNORE_INDEX elsewhere; not shifted (the model shifts).
+    max_len counts text tokens; the image placeholder counts as 1."""
+    segs = _segments(tok, ex, template, with_final_answer=True)
+    if not _truncate(segs, max_len):
+        return None
+    ids, labels = [], []
+    for s, kind in segs:
+        ids += s
+        labels += s if kind == "answer" else [IGNORE_INDEX] * len(s)
+    return ids, labels
+
+
+def encode_prompt(tok, ex, template, max_len=None):
+    """ids for generation: the conversation up to where the final answer starts (earlier answers included)."""
+    segs = _segments(tok, ex, template, with_final_answer=False)
+    if max_len is not None and not _truncate(segs, max_len):
+        raise ValueError(f"example {ex.meta}: prompt cannot fit in max_len={max_len} even with its text truncated")
+    return [t for s, _ in segs for t in s]
+
+
+def stop_ids(tok, template):
+    return sorted(set(template._special(tok, template.end)) | {special_id(tok, "<|end_of_text|>")})
+
+
+# -----------------------------------------------------------------------------
+# static-shape datasets
+
+
+def encode_dataset(examples, tok, template, max_len, image_size, task_id):
+    """Pre-encode once: input_ids/labels [N,T] right-padded to max_len, pixel_values [N,3,S,S], task_ids [N],
+    index [N] (row -> position in `examples`), skipped (int: examples whose answers do not fit)."""
+    rows, skipped = [], 0
+    for i, ex in enumerate(examples):
+        enc = encode(tok, ex, template, max_len)
+        if enc is None:
+            skipped += 1
+        else:
+            rows.append((i, ex, *enc))
+    N, pad = len(rows), pad_id(tok)
+    input_ids = torch.full((N, max_len), pad, dtype=torch.long)
+    labels = torch.full((N, max_len), IGNORE_INDEX, dtype=torch.long)
+    pixel_values = torch.zeros(N, 3, image_size, image_size)
+    for r, (i, ex, ids, lab) in enumerate(rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        labels[r, :len(lab)] = torch.tensor(lab)
+        img = ex.image if isinstance(ex.image, Image.Image) else load_image(ex.image)
+        pixel_values[r] = preprocess(img, image_size)
+    return dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values,
+                task_ids=torch.full((N,), task_id, dtype=torch.long),
+                index=torch.tensor([i for i, *_ in rows], dtype=torch.long), skipped=skipped)
+
+
+def batches(ds, batch_size, shuffle=False, seed=0, drop_last=None):
+    """Batches of every tensor in ds. drop_last (default: = shuffle, i.e. training) keeps every batch the same size so
+    a compiled model never recompiles; without it the last, smaller batch is yielded too (evaluation)."""
+    drop_last = shuffle if drop_last is None else drop_last
+    keys = [k for k, v in ds.items() if torch.is_tensor(v)]
+    N = len(ds[keys[0]])
+    if drop_last and N < batch_size:
+        raise ValueError(f"dataset has {N} rows, fewer than batch_size={batch_size} (drop_last would yield nothing)")
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(N)
+    stop = N - N % batch_size if drop_last else N
+    for s in range(0, stop, batch_size):
+        idx = order[s:s + batch_size]
+        yield {k: ds[k][idx] for k in keys}
+
+
+# -----------------------------------------------------------------------------
+# CoIN / LLaVA JSON
+
+COIN_TASKS = [("ScienceQA", "letter"), ("TextVQA", "vqa"), ("ImageNet", "substring"), ("GQA", "exact"),
+              ("VizWiz", "vqa"), ("Grounding", "iou"), ("VQAv2", "vqa"), ("OCR-VQA", "exact")]
+
+
+def task_metric(task):
+    """Scoring rule of a MiniCoIN or CoIN task; unknown names list the known ones."""
+    table = {**TASK_METRIC, **dict(COIN_TASKS)}
+    if task not in table:
+        raise ValueError(f"unknown task {task!r}; known: MiniCoIN {list(TASK_METRIC)}, CoIN {[n for n, _ in COIN_TASKS]}")
+    return table[task]
+
+
+class ExampleList(list):
+    """A list of Examples that also says how many records were skipped (bad_images='skip')."""
+    skipped = 0
+
+
+def _read_records(path):
+    """List of JSON objects from a .json array or a .jsonl file; malformed JSON names file, line and column."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".jsonl"):
+            recs = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        recs.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}: malformed JSON at line {n} column {e.colno}: {e.msg}") from None
+        else:
+            recs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(recs, list):
+        raise ValueError(f"{path}: expected a list of records, got {type(recs).__name__}")
+    return recs
+
+
+def _record(path, i, rec, key):
+    name = f"{path}: record {i}" + (f" (id {rec.get(key)!r})" if isinstance(rec, dict) and key in rec else "")
+    if not isinstance(rec, dict):
+        raise ValueError(f"{name}: expected a JSON object, got {type(rec).__name__}")
+    return name
+
+
+def _require(name, rec, key, kind=str):
+    if key not in rec:
+        raise ValueError(f"{name}: missing {key!r}")
+    if not isinstance(rec[key], kind):
+        raise ValueError(f"{name}: {key!r} should be {getattr(kind, '__name__', kind)}, got {type(rec[key]).__name__}")
+    return rec[key]
+
+
+def _image_problem(path, decode=False):
+    """None if `path` is a readable image, else why not. Default: PIL's verify (header and structure, no pixel
+    decoding: fast on real datasets; it misses a truncated JPEG, which load_image then reports at encode time).
+    decode=True decodes every image fully (slow on large sets)."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        if decode:
+            load_image(path)
+        else:
+            with Image.open(path) as im:
+                im.verify()
+    except Exception as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def _check_images(examples, source, bad_images, decode):
+    if bad_images not in ("fail", "skip"):
+        raise ValueError(f"bad_images must be 'fail' or 'skip', got {bad_images!r}")
+    paths = sorted({ex.image for ex in examples})
+    with ThreadPoolExecutor(8) as pool:  # file I/O bound: threads overlap the disk waits
+        bad = {p: why for p, why in zip(paths, pool.map(lambda p: _image_problem(p, decode), paths)) if why}
+    out = ExampleList(ex for ex in examples if ex.image not in bad)
+    out.skipped = len(examples) - len(out)
+    if bad and bad_images == "fail":
+        raise ValueError(f"{source}: {len(bad)} bad image file(s) (pass bad_images='skip' to drop their records):\n"
+                         + "\n".join(f"  {p}: {why}" for p, why in bad.items()))
+    if bad:
+        warnings.warn(f"{source}: skipped {out.skipped} record(s) with {len(bad)} bad image file(s), e.g. "
+                      + "; ".join(f"{p}: {why}" for p, why in list(bad.items())[:3]))
+    return out
+
+
+def load_coin_train(json_path, image_root, bad_images="fail", task="", decode=False):
+    """LLaVA conversation records {id, image, conversations: [{from: human|gpt, value}, ...]} -> Examples."""
+    if task:
+        task_metric(task)
+    examples = []
+    for i, rec in enumerate(_read_records(json_path)):
+        name = _record(json_path, i, rec, "id")
+        image = _require(name, rec, "image")
+        conv = _require(name, rec, "conversations", list)
+        if not conv or len(conv) % 2:
+            raise ValueError(f"{name}: 'conversations' must hold human/gpt pairs, found {len(conv)} messages")
+        for j, m in enumerate(conv):
+            roles = ("human", "user") if j % 2 == 0 else ("gpt", "assistant")
+            if not isinstance(m, dict) or m.get("from") not in roles or not isinstance(m.get("value"), str):
+                raise ValueError(f"{name}: message {j} should be {{'from': {roles[0]!r}, 'value': <str>}}, got {m!r:.80}")
+        turns = [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
+        counts = [u.count("<image>") for u, _ in turns]
+        if counts[0] != 1 or sum(counts) != 1:
+            raise ValueError(f"{name}: the first human turn must hold exactly one '<image>' (per turn: {counts})")
+        examples.append(Example(os.path.join(image_root, image), turns, task, None, {"id": rec.get("id", i), "index": i}))
+    return _check_images(examples, json_path, bad_images, decode)
+
+
+def _box_text(box):
+    return "[" + ", ".join(f"{float(v):.2f}" for v in box) + "]"
+
+
+def load_coin_test(json_path, image_root, bad_images="fail", task="", decode=False):
+    """CoIN/LLaVA question records {question_id, image, text, answer | answer_bbox | answers} -> Examples.
+    "<image>\\n" is prepended to the text when absent (as LLaVA's eval scripts do); meta holds question_id."""
+    if task:
+        task_metric(task)
+    examples = []
+    for i, rec in enumerate(_read_records(json_path)):
+        name = _record(json_path, i, rec, "question_id")
+        _require(name, rec, "question_id", (str, int))
+        image, text = _require(name, rec, "image"), _require(name, rec, "text")
+        n_img = text.count("<image>")
+        if n_img > 1:
+            raise ValueError(f"{name}: the question holds {n_img} '<image>' tokens (at most one allowed)")
+        answers = rec.get("answers")
+        if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f"{name}: 'answers' should be a list of strings")
+        answer = rec.get("answer_bbox", rec.get("answer"))
+        if isinstance(answer, list):  # a box given as numbers
+            answer = _box_text(answer)
+        if answer is None:
+            answer = collections.Counter(answers).most_common(1)[0][0] if answers else ""
+        if not isinstance(answer, str):
+            raise ValueError(f"{name}: 'answer' should be a string, got {type(answer).__name__}")
+        prompt = text if n_img else "<image>\n" + text
+        examples.append(Example(os.path.join(image_root, image), [(prompt, answer)], task, answers or None,
+                                {"question_id": rec["question_id"], "index": i}))
+    return _check_images(examples, json_path, bad_images, decode)
+
+
+# -----------------------------------------------------------------------------
+# scoring (CoIN protocol)
+
+
+def _norm(s):
+    s = " ".join(str(s).strip().lower().split())
+    return s[:-1].rstrip() if s.endswith(".") else s
+
+
+def extract_letter(text):
+    """Option letter from 'B', '(B)', 'B. red', 'B) red', 'The answer is B.'; None if there is none."""
+    t = text.strip()
+    m = (re.fullmatch(r"\(?([A-Za-z])\)?\.?", t) or re.match(r"\(?([A-Z])[.):](\s|$)", t)
+         or re.search(r"answer(?: is)?\s*:?\s*\(?([A-Z])\b", t, re.I))
+    return m.group(1).upper() if m else None
+
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def parse_box(text):
+    """[x1, y1, x2, y2] floats from '[0.1, 0.2, 0.3, 0.4]', '(0.1,0.2,0.3,0.4)', '0.1 0.2 0.3 0.4' or such inside text."""
+    if isinstance(text, (list, tuple)):
+        vals = list(text)
+    else:
+        sep = r"\s*[,;\s]\s*"
+        m = re.search(rf"[\[(]\s*({_NUM}){sep}({_NUM}){sep}({_NUM}){sep}({_NUM})\s*[\])]", str(text)) \
+            or re.search(rf"(?<![\w.])({_NUM}){sep}({_NUM}){sep}({_NUM}){sep}({_NUM})(?![\w])", str(text))
+        if not m:
+            return None
+        vals = m.groups()
+    try:
+        box = [float(v) for v in vals]
+    except (TypeError, ValueError):
+        return None
+    return box if len(box) == 4 and all(np.isfinite(box)) else None
+
+
+def box_iou(a, b):
+    a, b = [[min(max(v, 0.0), 1.0) for v in box] for box in (a, b)]  # boxes are normalised: clip to the image
+    if a[2] <= a[0] or a[3] <= a[1] or b[2] <= b[0] or b[3] <= b[1]:
+        return 0.0  # empty or inverted box
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+
+def _vqa_norm(s):
+    s = re.sub(r"(?<!\d)[.,](?!\d)|[?!;:\"'()]", " ", str(s).lower())  # punctuation out, but keep 1.5 and 1,000
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in s.split() if w not in ("a", "an", "the"))
+
+
+def score(metric, prediction, answer):
+    """Score in [0,1]. answer: the reference string, or a list (VQA: the human answers, min(#matches/3, 1);
+    other metrics: best over the list). VQA with a single reference string is a normalised exact match."""
+    answers = list(answer) if isinstance(answer, (list, tuple)) else [answer]
+    if metric == "vqa":
+        p, refs = _vqa_norm(prediction), [_vqa_norm(a) for a in answers]
+        return float(refs.count(p) >= 1) if len(refs) == 1 else min(refs.count(p) / 3.0, 1.0)
+    if metric not in ("letter", "exact", "substring", "iou"):
+        raise ValueError(f"unknown metric {metric!r}; known: letter, exact, substring, iou, vqa")
+    return max(_score1(metric, str(prediction), a) for a in answers)
+
+
+def _score1(metric, pred, ans):
+    if metric == "letter":
+        p = extract_letter(pred)
+        return float(p is not None and p == extract_letter(ans))
+    if metric == "exact":
+        return float(_norm(pred) == _norm(ans))
+    if metric == "substring":
+        p, a = _norm(pred), _norm(ans)
+        return float(bool(p) and bool(a) and (p in a or a in p))
+    p, a = parse_box(pred), parse_box(ans)
+    return float(p is not None and a is not None and box_iou(p, a) > 0.5)
+
+
+# -----------------------------------------------------------------------------
+# MiniCoIN: procedurally generated scenes on a 3x3 grid of 16 px cells (2x2 ViT patches each)
+
+MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
+TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exact", "count": "exact", "ground": "iou",
+               "caption": "exact"}
+IMAGE_SIZE = 48
+MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33
+N_TRAIN, N_TEST, N_CAPTION = 1000, 100, 4000  # default sizes per task (N_CAPTION: base-model pretraining set)
+TEST_EVERY = 10  # a scene is test-only iff crc32(scene key) % TEST_EVERY == 0: splits can never share a scene
+COLORS = {"red": (230, 45, 45), "green": (40, 190, 70), "blue": (50, 100, 255), "yellow": (240, 215, 40),
+          "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+GLYPHS = {  # 5x7 bitmap letters drawn at 2x (10x14 px): large and unambiguous for patch-8 ViTs, no font files needed
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#")}
+LETTERS = "".join(GLYPHS)
+BACKGROUND = (0, 0, 0)
+
+
+def _obj_scene(rng, n, unique):
+    """n objects in distinct grid cells; unique=True: distinct shapes and colours (so each is nameable)."""
+    cells = rng.choice(9, n, replace=False)
+    shapes = rng.choice(len(SHAPES), n, replace=not unique)
+    colors = rng.choice(len(COLORS), n, replace=not unique)
+    objs = []
+    for cell, s_i, c_i in zip(cells, shapes, colors):
+        s = int(rng.integers(10, 13))  # side 10..12 px inside a 16 px cell, >= 1 px margin
+        x, y = (cell % 3) * 16 + int(rng.integers(1, 16 - s)), (cell // 3) * 16 + int(rng.integers(1, 16 - s))
+        objs.append(dict(shape=SHAPES[s_i], color=list(COLORS)[c_i], x=x, y=y, s=s, cell=int(cell)))
+    return dict(objs=sorted(objs, key=lambda o: o["cell"]), text=None)
+
+
+def _single_scene(rng):
+    s = int(rng.integers(20, 37))
+    x, y = (int(v) for v in rng.integers(2, IMAGE_SIZE - s - 1, size=2))
+    cell = min((y + s // 2) // 16, 2) * 3 + min((x + s // 2) // 16, 2)
+    return dict(objs=[dict(shape=SHAPES[rng.integers(5)], color=list(COLORS)[rng.integers(5)], x=x, y=y, s=s,
+                           cell=int(cell))], text=None)
+
+
+def _text_scene(rng):
+    n = int(rng.integers(2, 5))
+    text = "".join(rng.choice(list(LETTERS), n))
+    w = n * 10 + (n - 1) * 2
+    return dict(objs=[], text=dict(text=text, color=list(COLORS)[rng.integers(5)],
+                                   x=int(rng.integers(1, IMAGE_SIZE - w)), y=int(rng.integers(12, 23))))
+
+
+def _count_scene(rng):
+    scene = _obj_scene(rng, int(rng.integers(2, 8)), unique=False)
+    kinds = rng.choice(len(SHAPES), int(rng.integers(2, 4)), replace=False)  # 2-3 shape kinds so counts exceed 1
+    for o in scene["objs"]:
+        o["shape"] = SHAPES[rng.choice(kinds)]
+    return scene
+
+
+def _scene_key(scene):
+    """What makes two images the same scene; OCR: the string alone, so a test string is never seen in training."""
+    if scene["text"]:
+        return "text:" + scene["text"]["text"]
+    return ";".join(f"{o['shape']},{o['color']},{o['x']},{o['y']},{o['s']}" for o in scene["objs"])
+
+
+def draw_scene(scene):
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    for o in scene["objs"]:
+        x, y, s, c = o["x"], o["y"], o["s"], COLORS[o["color"]]
+        x1, y1 = x + s - 1, y + s - 1  # PIL boxes are inclusive
+        if o["shape"] == "circle":
+            d.ellipse([x, y, x1, y1], fill=c)
+        elif o["shape"] == "square":
+            d.rectangle([x, y, x1, y1], fill=c)
+        elif o["shape"] == "triangle":
+            d.polygon([(x + (s - 1) / 2, y), (x1, y1), (x, y1)], fill=c)
+        elif o["shape"] == "cross":
+            t = s // 3
+            d.rectangle([x + t, y, x1 - t, y1], fill=c)
+            d.rectangle([x, y + t, x1, y1 - t], fill=c)
+        else:  # ring
+            d.ellipse([x, y, x1, y1], outline=c, width=max(2, s // 5))
+    if scene["text"]:
+        t = scene["text"]
+        for k, ch in enumerate(t["text"]):
+            for r, row in enumerate(GLYPHS[ch]):
+                for c, bit in enumerate(row):
+                    if bit == "#":
+                        px, py = t["x"] + k * 12 + 2 * c, t["y"] + 2 * r
+                        d.rectangle([px, py, px + 1, py + 1], fill=COLORS[t["color"]])
+    return img
+
+
+def _caption(scene):
+    if scene["text"]:
+        return f'{scene["text"]["color"]} text "{scene["text"]["text"]}".'
+    objs = scene["objs"]
+    size = "large " if objs[0]["s"] > 16 else ""
+    parts = [f"{size}{o['color']} {o['shape']} {POSITIONS[o['cell']]}" for o in objs]
+    return f"{len(objs)} shape{'s' if len(objs) > 1 else ''}: " + ", ".join(parts) + "."
+
+
+_RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+
+
+def _related(o, anchor, rel):
+    """o is `rel` the anchor: same row (left/right) or same column (above/below), on the named side."""
+    (ro, co), (ra, ca) = divmod(o["cell"], 3), divmod(anchor["cell"], 3)
+    dr, dc = _RELATIONS[rel]
+    return (ro == ra and (co - ca) * dc > 0) if dc else (co == ca and (ro - ra) * dr > 0)
+
+
+def _make(task, rng):
+    """(scene, user text, answer) for one draw of `task`."""
+    if task == "sqa":
+        scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+        o = scene["objs"][rng.integers(len(scene["objs"]))]
+        if rng.random() < 0.5:
+            q, right, pool = f"What color is the {o['shape']}?", o["color"], list(COLORS)
+        else:
+            q, right, pool = f"Which shape is {o['color']}?", o["shape"], list(SHAPES)
+        opts = [right] + list(rng.choice([p for p in pool if p != right], int(rng.integers(1, 4)), replace=False))
+        opts = [opts[i] for i in rng.permutation(len(opts))]
+        options = " ".join(f"{'ABCD'[i]}. {p}" for i, p in enumerate(opts))
+        return scene, f"<image>\n{q} {options}. Answer with the letter.", "ABCD"[opts.index(right)]
+    if task == "ocr":
+        scene = _text_scene(rng)
+        return scene, "<image>\nWhat text is written in the image?", scene["text"]["text"]
+    if task == "cls":
+        scene = _single_scene(rng)
+        return scene, "<image>\nWhat is the object in the image? Answer with its class name.", scene["objs"][0]["shape"]
+    if task == "gqa":
+        while True:  # redraw until some (anchor, relation) picks out exactly one object
+            scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+            objs = scene["objs"]
+            cands = [(a, r, hits[0]) for a in objs for r in _RELATIONS
+                     for hits in [[o for o in objs if o is not a and _related(o, a, r)]] if len(hits) == 1]
+            if cands:
+                break
+        a, rel, o = cands[rng.integers(len(cands))]
+        attr = "color" if rng.random() < 0.5 else "shape"
+        return scene, f"<image>\nWhat {attr} is the object {rel} the {a['shape']}? Answer in one word.", o[attr]
+    if task == "count":
+        scene = _count_scene(rng)
+        shape = scene["objs"][rng.integers(len(scene["objs"]))]["shape"]
+        n = sum(o["shape"] == shape for o in scene["objs"])
+        return scene, f"<image>\nHow many {PLURAL[shape]} are there? Answer with a number.", str(n)
+    if task == "ground":
+        scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+        o = scene["objs"][rng.integers(len(scene["objs"]))]
+        box = [o["x"], o["y"], o["x"] + o["s"], o["y"] + o["s"]]
+        return scene, f"<image>\nGive the bounding box of the {o['color']} {o['shape']}.", \
+            "[" + ",".join(f"{v / IMAGE_SIZE:.2f}" for v in box) + "]"
+    if task == "caption":  # every kind of scene the tasks use, so pretraining teaches all the features they need
+        kind = rng.integers(4)
+        scene = (_obj_scene(rng, int(rng.integers(2, 5)), unique=True) if kind == 0 else _count_scene(rng)
+                 if kind == 1 else _single_scene(rng) if kind == 2 else _text_scene(rng))
+        return scene, "<image>\nDescribe the image.", _caption(scene)
+    raise ValueError(f"unknown MiniCoIN task {task!r}; known: {list(MINICOIN_TASKS) + ['caption']}")
+
+
+def minicoin_sample(task, split, index, seed=0, render=True):
+    """One MiniCoIN Example, a pure function of (task, split, index, seed)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; known: train, test")
+    rng = np.random.default_rng([zlib.crc32(f"{task}/{split}".encode()), index, seed])  # stable across runs/machines
+    while True:  # rejection sampling keeps train and test scenes disjoint whatever n and seed are
+        scene, user, answer = _make(task, rng)
+        key = _scene_key(scene)
+        if (zlib.crc32(key.encode()) % TEST_EVERY == 0) == (split == "test"):
+            break
+    img = draw_scene(scene) if render else None  # render=False: text only (tokenizer corpus)
+    return Example(img, [(user, answer)], task, None, {"index": index, "split": split, "seed": seed, "scene": key})
+
+
+
+def minicoin(task, split, n=None, seed=0):
+    """n Examples (default N_TRAIN / N_TEST, N_CAPTION for caption training) of a MiniCoIN task."""
+    if task not in TASK_METRIC:
+        raise ValueError(f"unknown MiniCoIN task {task!r}; known: {list(TASK_METRIC)}")
+    if n is None:
+        n = N_TEST if split == "test" else N_CAPTION if task == "caption" else N_TRAIN
+    return [minicoin_sample(task, split, i, seed) for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# contact sheet
+
+
+def contact_sheet(path, per_task=4, seed=0, zoom=4):
+    from PIL import ImageFont
+    import textwrap
+    font = ImageFont.load_default()
+    tasks = MINICOIN_TASKS + ("caption",)
+    cw, ch = IMAGE_SIZE * zoom + 16, IMAGE_SIZE * zoom + 110
+    sheet = Image.new("RGB", (cw * per_task, ch * len(tasks)), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    for r, task in enumerate(tasks):
+        for c in range(per_task):
+            ex = minicoin_sample(task, "train", c, seed)
+            x, y = c * cw + 8, r * ch + 8
+            sheet.paste(ex.image.resize((IMAGE_SIZE * zoom,) * 2, Image.NEAREST), (x, y))
+            q = ex.turns[0][0].replace("<image>\n", "")
+            lines = [f"[{task}]"] + textwrap.wrap(q, 34) + textwrap.wrap("-> " + ex.answer, 34)
+            d.multiline_text((x, y + IMAGE_SIZE * zoom + 4), "\n".join(lines[:8]), fill=(0, 0, 0), font=font)
+    sheet.save(path)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--show", action="store_true", help="write a contact sheet of MiniCoIN samples")
+    ap.add_argument("--out", default="minicoin.png")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.show:
+        contact_sheet(args.out, seed=args.seed)
+        print(f"wrote {args.out}")
+    else:
+        ap.print_help()

@@ -1,0 +1,216 @@
+"""Expert pools: fused dispatch vs the per-expert loop, per-sample routing, freezing, growth, compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cmoe
+from cmoe import ExpertConfig, ExpertFFN, Llama, LlamaConfig
+
+D, FF, R = 16, 24, 4
+
+
+def make_ffn(E, k, n_tasks=1, seed=0):
+    torch.manual_seed(seed)
+    ffn = ExpertFFN(LlamaConfig(dim=D, ffn_dim=FF, n_heads=2, n_kv_heads=1), ExpertConfig(rank=R, alpha=8, top_k=k))
+    per_task = [max(1, E * (t + 1) // n_tasks) for t in range(n_tasks)]
+    for t, e_t in enumerate(per_task):
+        ffn.add_experts(e_t - ffn.n_experts)
+        ffn.add_router(torch.randn(e_t, D))
+        if t < n_tasks - 1:
+            ffn.freeze()
+    with torch.no_grad():  # non-zero B so every expert changes the output
+        for name in ("B_gate", "B_up", "B_down"):
+            for bank in ("frozen", "train"):
+                getattr(ffn, f"{bank}_{name}").normal_(0, 0.3)
+    return ffn
+
+
+def hand_route(x_BTD, ffn, task_ids, k):
+    """Independent routing: per token, softmax over its task's experts, keep the top-k, renormalise."""
+    B, T, _ = x_BTD.shape
+    w = torch.zeros(B, T, ffn.n_experts)
+    for b in range(B):
+        r = ffn.routers[int(task_ids[b])]
+        for t in range(T):
+            p = torch.softmax(r @ x_BTD[b, t], 0)
+            top = p.topk(min(k, len(p)))
+            w[b, t, top.indices] = top.values / top.values.sum()
+    return w
+
+
+def hand_ffn(x_BTD, ffn, w_BTE):
+    """Independent FFN: W'_p(x) = W_p x + sum_e w_e s B_e A_e x for each projection, per token."""
+    s = ffn.ecfg.scale
+    out = torch.zeros_like(x_BTD)
+    for b in range(x_BTD.shape[0]):
+        for t in range(x_BTD.shape[1]):
+            x = x_BTD[b, t]
+
+            def proj(p, v, base):
+                y = base(v)
+                for e in range(ffn.n_experts):
+                    if w_BTE[b, t, e] != 0:
+                        y = y + w_BTE[b, t, e] * s * (v @ ffn.bank(f"A_{p}")[e] @ ffn.bank(f"B_{p}")[e])
+                return y
+            h = F.silu(proj("gate", x, ffn.gate_proj)) * proj("up", x, ffn.up_proj)
+            out[b, t] = proj("down", h, ffn.down_proj)
+    return out
+
+
+@pytest.mark.parametrize("E", [1, 3, 8])
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_equals_loop_outputs_and_grads(E, k):
+    ffn = make_ffn(E, k, n_tasks=2 if E > 1 else 1)
+    x = torch.randn(3, 5, D)
+    up = torch.randn(3, 5, D) * 0.1  # fixed upstream gradient
+    tids = torch.tensor([0, 1, 1]) if E > 1 else torch.zeros(3, dtype=torch.long)
+    results = {}
+    for mode in ("loop", "fused"):
+        ffn.dispatch = mode
+        ffn.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        y, aux = ffn(xx, tids)
+        ((y * up).sum() + aux).backward()
+        grads = {n: p.grad.clone() for n, p in ffn.named_parameters() if p.grad is not None}
+        results[mode] = (y.detach(), xx.grad.clone(), grads)
+    (y0, gx0, g0), (y1, gx1, g1) = results["loop"], results["fused"]
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys() and any(n.startswith("train_") for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-5)
+    # and both equal the per-token hand computation
+    w = hand_route(x, ffn, tids, k)
+    torch.testing.assert_close(y0, hand_ffn(x, ffn, w), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_with_no_tokens_get_zero_grad_and_match_loop():
+    ffn = make_ffn(8, 1)
+    x = torch.randn(1, 3, D)  # 3 tokens, top-1: at least 5 of 8 experts receive nothing
+    w, _ = cmoe.route(x, *ffn.router_table(), torch.zeros(1, dtype=torch.long), 1)
+    idle = (w.reshape(-1, 8) == 0).all(0)
+    assert idle.sum() >= 5
+    y, _ = ffn(x)
+    y.sum().backward()
+    assert (ffn.train_B_gate.grad[idle] == 0).all() and (ffn.train_A_up.grad[idle] == 0).all()
+    ffn.dispatch = "loop"
+    torch.testing.assert_close(ffn(x)[0], y, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_equals_each_sample_alone():
+    ffn = make_ffn(6, 2, n_tasks=3)
+    x = torch.randn(4, 5, D)
+    tids = torch.tensor([2, 0, 1, 2])
+    y, _ = ffn(x, tids)
+    for b in range(4):
+        yb, _ = ffn(x[b:b + 1], tids[b:b + 1])
+        torch.testing.assert_close(y[b:b + 1], yb, atol=1e-6, rtol=1e-6)
+
+
+def test_later_experts_invisible_to_earlier_router():
+    ffn = make_ffn(2, 2)
+    x = torch.randn(2, 4, D)
+    t0 = torch.zeros(2, dtype=torch.long)
+    before, _ = ffn(x, t0)
+    ffn.freeze()
+    ffn.add_experts(3)
+    with torch.no_grad():
+        ffn.train_B_down.normal_()
+    ffn.add_router(torch.randn(5, D))
+    after, _ = ffn(x, t0)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    w, _ = cmoe.route(x, *ffn.router_table(), t0, 2)
+    assert (w[..., 2:] == 0).all()
+
+
+def test_copy_expert_and_zero_init():
+    ffn = make_ffn(3, 2)
+    ffn.freeze()
+    ffn.add_experts(1, copy_from=1)
+    for name in ("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"):
+        assert torch.equal(ffn.bank(name)[3], ffn.bank(name)[1])
+    ffn.add_experts(1)
+    assert (ffn.train_B_up[1] == 0).all() and ffn.train_A_up[1].abs().sum() > 0
+
+
+def test_frozen_experts_and_routers_untouched_by_training():
+    ffn = make_ffn(4, 2, n_tasks=2)
+    frozen = {n: p.detach().clone() for n, p in ffn.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("frozen_") for n in frozen) and "routers.0" in frozen
+    opt = torch.optim.AdamW([p for p in ffn.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    x = torch.randn(2, 6, D)
+    for _ in range(3):
+        y, aux = ffn(x, torch.tensor([0, 1]))  # task-0 samples use frozen experts only
+        (y.pow(2).mean() + aux).backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in ffn.named_parameters():
+        if n in frozen:
+            assert p.grad is None
+            assert torch.equal(p, frozen[n]), n
+    assert not torch.equal(ffn.train_B_gate, torch.zeros_like(ffn.train_B_gate))
+
+
+def test_balance_loss_hand_computed():
+    ffn = make_ffn(3, 1)
+    x = torch.randn(1, 4, D)
+    w, p = cmoe.route(x, *ffn.router_table(), torch.zeros(1, dtype=torch.long), 1)
+    frac = [(w[0, :, e] > 0).float().mean() for e in range(3)]
+    prob = [p[0, :, e].mean() for e in range(3)]
+    expect = 3 * sum(f * q for f, q in zip(frac, prob))
+    torch.testing.assert_close(ffn.balance_loss(w, p, None), expect)
+
+
+def test_zero_experts_is_the_base_ffn_and_model():
+    cfg = LlamaConfig(vocab_size=50, dim=D, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=FF)
+    torch.manual_seed(0)
+    m = Llama(cfg)
+    ids = torch.randint(0, 50, (2, 7))
+    base, _ = m(ids)
+    ffn = m.layers[0].ffn
+    x = torch.randn(1, 3, D)
+    torch.testing.assert_close(ffn(x)[0], ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x)), atol=0, rtol=0)
+    cmoe.init_experts(m, 2)  # fresh experts start with B = 0: the function is unchanged
+    grown, _ = m(ids)
+    torch.testing.assert_close(grown, base, atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_fused_matches_loop_without_recompiles():
+    torch._dynamo.reset()
+    cfg = LlamaConfig(vocab_size=40, dim=D, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FF)
+    torch.manual_seed(1)
+    m = Llama(cfg, ExpertConfig(rank=R, top_k=2))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    ffn = m.layers[0].ffn
+    ffn.add_experts(3)
+    ffn.add_router(torch.randn(3, D))
+    ffn.freeze()
+    ffn.add_experts(2, copy_from=0)
+    ffn.add_router(torch.randn(5, D))
+    with torch.no_grad():
+        ffn.train_B_gate.normal_()
+    ids = torch.randint(0, 40, (2, 6))
+    tids = torch.tensor([0, 1])
+
+    def step(mod):
+        logits, aux = mod(ids, task_ids=tids)
+        return logits.pow(2).mean() + 0.01 * aux
+
+    ffn.dispatch = "loop"
+    ref = step(m)
+    ref.backward()
+    ref_grad = ffn.train_B_gate.grad.clone()
+    ffn.train_B_gate.grad = None
+    ffn.dispatch = "fused"
+    compiled = torch.compile(m, fullgraph=True)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(3):
+            loss = step(compiled)
+            loss.backward()
+            if i == 0:
+                torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(ffn.train_B_gate.grad, ref_grad, atol=1e-5, rtol=1e-5)
+            opt.step()
+            opt.zero_grad(set_to_none=True)

@@ -1,0 +1,131 @@
+"""The continual pipeline end to end on a tiny MiniCoIN slice: run folder, frozen knowledge, PGKE rule, PTL,
+resume and NaN handling."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cmoe
+import train
+
+# smaller than --quick: two tasks, a few steps each; the base is pretrained once per session and cached
+TINY = ["--quick", "--tasks", "sqa,cls", "--base-steps", "30", "--steps", "12", "--probe-steps", "4",
+        "--train-n", "48", "--test-n", "8", "--caption-n", "64", "--batch-size", "8", "--locator-n", "32",
+        "--save-every", "4", "--threads", "2"]
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("base"))
+
+
+def run(out, base_dir, *extra):
+    return train.main(TINY + ["--out", str(out), "--base-dir", base_dir, *extra])
+
+
+@pytest.fixture(scope="session")
+def oracle_run(tmp_path_factory, base_dir):
+    out = tmp_path_factory.mktemp("oracle")
+    return out, run(out, base_dir, "--locator", "oracle")
+
+
+@pytest.fixture(scope="session")
+def ptl_run(tmp_path_factory, base_dir):
+    out = tmp_path_factory.mktemp("ptl")
+    return out, run(out, base_dir)
+
+
+def test_quick_run_writes_the_run_folder(oracle_run):
+    out, M = oracle_run
+    for f in ("config.json", "metrics.json", "log.txt", "task_0/model.safetensors", "task_0/meta.json",
+              "task_1/model.safetensors", "task_1/meta.json", "predictions/sqa.jsonl", "predictions/cls.jsonl"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tasks"] == ["sqa", "cls"] and m["finished_tasks"] == 2
+    assert len(m["acc"]) == 2 and all(len(r) == 2 for r in m["acc"])
+    assert m["last"] == pytest.approx(sum(m["acc"][1]) / 2)
+    assert m["bwt"] == pytest.approx(m["acc"][1][0] - m["acc"][0][0])
+    assert len(m["pgke"]) == 1 and len(m["pgke"][0]["expand"]) == 4
+    # the recorded decision follows the rule on the recorded frequencies
+    assert m["pgke"][0]["expand"] == cmoe.pgke_decide(m["pgke"][0]["freq"], 1.0)[0]
+    grown = sum(m["pgke"][0]["expand"])
+    assert sum(m["experts_per_layer"][1]) == sum(m["experts_per_layer"][0]) + grown
+    assert not list(out.glob("task_*/partial*")), "partial checkpoints are removed when a task finishes"
+
+
+def test_task1_experts_and_routers_bit_identical_after_task2(oracle_run):
+    out, _ = oracle_run
+    a, b = load_file(str(out / "task_0/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
+    checked = 0
+    for k, v in a.items():
+        if ".frozen_" in k:
+            assert torch.equal(b[k][: v.shape[0]], v), k  # old experts are a prefix of the grown bank
+            checked += 1
+        if ".routers.0" in k:
+            assert torch.equal(b[k], v), k
+            checked += 1
+    assert checked == 4 * 7  # 6 expert tensors + task-1's router, in each of 4 layers
+
+
+def test_task1_predictions_with_oracle_router_unchanged(oracle_run):
+    out, _ = oracle_run
+    rows = [json.loads(line) for line in (out / "predictions/sqa.jsonl").read_text().splitlines()]
+    by_stage = {s: [r["prediction"] for r in rows if r["stage"] == s] for s in (0, 1)}
+    assert len(by_stage[0]) == 8 and by_stage[0] == by_stage[1]
+
+
+def test_pgke_rule_on_hand_made_frequencies():
+    freq = [0.10, 0.40, 0.25, 0.05]
+    mean = sum(freq) / 4
+    std = (sum((f - mean) ** 2 for f in freq) / 4) ** 0.5
+    for alpha in (0.0, 0.5, 1.0):
+        expand, thr = cmoe.pgke_decide(freq, alpha)
+        assert thr == pytest.approx(mean - alpha * std)
+        assert expand == [f > mean - alpha * std for f in freq]
+    assert cmoe.pgke_decide(freq, 0.0)[0] == [False, True, True, False]
+
+
+def test_ptl_locates_separated_tasks_per_sample():
+    g = torch.Generator().manual_seed(0)
+    centers = [torch.zeros(32), torch.zeros(32), torch.zeros(32)]
+    centers[0][:8], centers[1][8:16], centers[2][16:24] = 4.0, 4.0, 4.0
+    loc = cmoe.Locator()
+    for c in centers:
+        loc.add_task(c + 0.3 * torch.randn(300, 32, generator=g), steps=300)
+    # a mixed batch: each sample must get its own task, not the batch's majority
+    truth = torch.tensor([2, 0, 0, 1, 2, 1, 0, 2])
+    f = torch.stack([centers[t] + 0.3 * torch.randn(32, generator=g) for t in truth])
+    assert torch.equal(loc.locate(f), truth)
+    assert torch.equal(loc.locate(f[3:4]), truth[3:4])
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, base_dir, ptl_run):
+    ref_out, ref = ptl_run
+    out = tmp_path / "crashed"
+    with pytest.raises(train.CrashForTest):
+        run(out, base_dir, "--crash-at", "task1:cls:10")
+    assert (out / "task_0/model.safetensors").is_file() and (out / "task_1/partial.safetensors").is_file()
+    assert json.loads((out / "state.json").read_text())["finished_tasks"] == 1
+    M = run(out, base_dir, "--resume")
+    assert "resume: 1 finished task(s), and a partial task 1" in (out / "log.txt").read_text()
+    assert M["acc"] == ref["acc"] and M["pgke"] == ref["pgke"] and M["locator"] == ref["locator"]
+    a, b = load_file(str(ref_out / "task_1/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_cleanly_and_keeps_checkpoints(tmp_path, base_dir, ptl_run, capsys):
+    ref_out, _ = ptl_run
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        run(out, base_dir, "--nan-at", "task1:cls:3")
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "'task1:cls'" in err and "step 3" in err
+    # task 1's finished checkpoint is intact (identical to the clean run's); nothing of task 2 was written
+    assert (out / "task_0/model.safetensors").read_bytes() == (ref_out / "task_0/model.safetensors").read_bytes()
+    assert json.loads((out / "state.json").read_text())["finished_tasks"] == 1
+    assert not (out / "task_1/model.safetensors").exists()

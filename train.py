@@ -1,0 +1,645 @@
+"""Continual training of LLaVA-CMoE (and its baselines) over a task sequence.
+
+    python train.py                      # MiniCoIN, cmoe (PGKE + PTL), whatever device exists
+    python train.py --quick              # the same pipeline on a small slice (about a minute on a CPU)
+    python train.py --method lora        # baselines: lora | moelora | joint; ablations: --expand all, --locator oracle
+    python train.py --benchmark coin --coin-root DIR --image-root DIR --llm L --vision V --projector P --tokenizer T
+
+One run writes one folder (--out): per-task checkpoints (safetensors + JSON), metrics.json, log.txt, predictions/.
+Shape legend: B batch, T tokens, P patches, D width, N examples.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import cmoe
+import data
+import eval as ev
+from cmoe import LLaVA, Llama, LlamaConfig, ExpertConfig
+from vision import CLIPVision, Projector, VisionConfig, load_clip, load_projector
+
+
+# ----------------------------------------------------------------------------------------------------------
+# arguments
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--benchmark", default="minicoin", choices=["minicoin", "coin"])
+    a("--method", default="cmoe", choices=["cmoe", "lora", "moelora", "joint"])
+    a("--expand", default="probe", choices=["probe", "all"], help="PGKE: grow where probes say, or every layer")
+    a("--locator", default="ptl", choices=["ptl", "oracle"], help="router choice at test time")
+    a("--tasks", default=None, help="comma-separated task names (default: the benchmark's full sequence)")
+    a("--out", default=None, help="run folder (default out/<benchmark>-<method>[-ablations])")
+    a("--quick", action="store_true", help="small slice of everything: a pipeline check in about a minute")
+    a("--resume", action="store_true", help="continue from the last finished task / last saved step")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the training step (auto: on CUDA)")
+    a("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    # model
+    a("--llm", help="HF Llama-3.x folder (default: the tiny MiniCoIN base, pretrained on captions and cached)")
+    a("--vision", help="HF CLIP folder (CLIPVisionModel or CLIPModel)")
+    a("--projector", help="LLaVA mm_projector .safetensors (omit to train a fresh one on --align-json)")
+    a("--tokenizer", help="Llama-3 tokenizer.model (tiktoken BPE file)")
+    a("--align-json", help="LLaVA-format caption json for projector alignment (real models, no --projector)")
+    a("--base-dir", default="out/base", help="cache of pretrained tiny base models")
+    a("--base-steps", type=int, default=1500, help="caption pretraining steps of the tiny base")
+    # experts / method
+    a("--rank", type=int, default=8)
+    a("--lora-alpha", type=float, default=16.0)
+    a("--top-k", type=int, default=2)
+    a("--n-init", type=int, default=2, help="experts per layer at task 1")
+    a("--n-new", type=int, default=1, help="experts added to an expanded layer")
+    a("--alpha", type=float, default=1.0, help="PGKE: expand iff freq > mean - alpha*std")
+    a("--probe-frac", type=float, default=0.1, help="share of the task's data used to probe")
+    a("--probe-steps", type=int, default=60)
+    a("--lambda-aux", type=float, default=0.01, help="weight of the load-balance loss")
+    a("--moelora-experts", type=int, default=4)
+    # optimisation
+    a("--steps", type=int, default=300, help="training steps per task")
+    a("--batch-size", type=int, default=32)
+    a("--grad-accum", type=int, default=1)
+    a("--lr", type=float, default=2e-3)
+    a("--base-lr", type=float, default=2e-3)
+    a("--warmup", type=int, default=20)
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-ckpt", action="store_true", help="gradient checkpointing of decoder layers")
+    a("--save-every", type=int, default=100, help="mid-task checkpoint interval (steps)")
+    # data
+    a("--train-n", type=int, default=1000)
+    a("--test-n", type=int, default=100)
+    a("--caption-n", type=int, default=4000)
+    a("--max-len", type=int, default=48, help="text tokens per sample (the image placeholder counts as one)")
+    a("--max-new-tokens", type=int, default=16)
+    a("--eval-batch", type=int, default=128)
+    a("--locator-n", type=int, default=400, help="training features per task for its VAE")
+    a("--coin-root", help="CoIN folder: <Task>/train.json and <Task>/test.json")
+    a("--image-root", help="root the CoIN image paths are relative to")
+    a("--bad-images", default="fail", choices=["fail", "skip"])
+    # testing hooks (hidden): simulate a crash / a NaN
+    a("--crash-at", default="", help=argparse.SUPPRESS)  # "STAGE:STEP", e.g. task1:cls:8
+    a("--nan-at", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in dict(base_steps=150, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
+                         batch_size=16, locator_n=96, save_every=20, warmup=5).items():
+            if p.get_default(k) == getattr(args, k):
+                setattr(args, k, v)
+        if args.tasks is None:
+            args.tasks = "sqa,cls,count"
+    if args.out is None:
+        tag = args.method + ("-expandall" if args.expand == "all" else "") + ("-oracle" if args.locator == "oracle" else "")
+        args.out = os.path.join("out", f"{args.benchmark}{'-quick' if args.quick else ''}-{tag}")
+    return args
+
+
+class Log:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, msg):
+        print(msg, flush=True)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
+
+
+class CrashForTest(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data: tasks, tokenizer, pre-encoded datasets
+
+def task_list(args):
+    if args.benchmark == "minicoin":
+        names = args.tasks.split(",") if args.tasks else list(data.MINICOIN_TASKS)
+        for n in names:
+            if n not in data.MINICOIN_TASKS:
+                raise SystemExit(f"unknown MiniCoIN task '{n}'; known: {', '.join(data.MINICOIN_TASKS)}")
+        return names, {n: data.TASK_METRIC[n] for n in names}
+    known = dict(data.COIN_TASKS)
+    names = args.tasks.split(",") if args.tasks else [n for n, _ in data.COIN_TASKS]
+    for n in names:
+        if n not in known:
+            raise SystemExit(f"unknown CoIN task '{n}'; known: {', '.join(known)}")
+    return names, {n: known[n] for n in names}
+
+
+def load_examples(args, task, split):
+    if args.benchmark == "minicoin":
+        n = args.train_n if split == "train" else args.test_n
+        return data.minicoin(task, split, n, seed=args.seed)
+    if not args.coin_root:
+        raise SystemExit("--benchmark coin needs --coin-root (and --image-root)")
+    path = os.path.join(args.coin_root, task, f"{split}.json")
+    root = args.image_root or args.coin_root
+    load = data.load_coin_train if split == "train" else data.load_coin_test
+    exs = load(path, root, bad_images=args.bad_images)
+    n = args.train_n if split == "train" else args.test_n
+    return exs if args.benchmark == "coin" and not args.quick else exs[:n]
+
+
+def get_tokenizer(args):
+    if args.tokenizer:
+        return data.load_tokenizer(args.tokenizer), data.LLAMA3
+    path = os.path.join(args.base_dir, "minicoin-tokenizer.model")
+    data.build_minicoin_tokenizer(path)
+    return data.load_tokenizer(path), data.COMPACT
+
+
+@torch.no_grad()
+def encode(model: LLaVA, examples, tok, template, args, task_id, feats=True):
+    """Pre-encode a dataset once: ids/labels padded to max_len, and (frozen tower) projected image features."""
+    ds = data.encode_dataset(examples, tok, template, args.max_len, model.vision.cfg.image_size, task_id)
+    if feats:
+        model.eval()
+        px = ds.pop("pixel_values")
+        ds["images"] = torch.cat([model.image_features(px[i:i + 256].to(args.device)).cpu() for i in range(0, len(px), 256)])
+    else:
+        ds["images"] = ds.pop("pixel_values")
+    return ds
+
+
+def batch_at(ds, step, bs, seed):
+    """The step-th batch of a stateless shuffled stream (same seed+step -> same batch): resume-exact."""
+    N = ds["input_ids"].shape[0]
+    bs = min(bs, N)
+    per_epoch = N // bs
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    idx = perm[i * bs:(i + 1) * bs]
+    return {k: v[idx] for k, v in ds.items() if isinstance(v, torch.Tensor)}
+
+
+def subset(ds, idx):
+    return {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in ds.items()}
+
+
+def concat(dss):
+    return {k: torch.cat([d[k] for d in dss]) for k in dss[0] if isinstance(dss[0][k], torch.Tensor)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the base model (stage 0)
+
+def tiny_base(vocab_size, pad_id):
+    vcfg = VisionConfig.tiny(image_size=data.IMAGE_SIZE)
+    lcfg = LlamaConfig.tiny(vocab_size=vocab_size)
+    return LLaVA(CLIPVision(vcfg), Projector(vcfg.hidden_size, lcfg.dim), Llama(lcfg), pad_id=pad_id)
+
+
+def save_base(model: LLaVA, folder, extra=None):
+    meta = {"vision": vars(model.vision.cfg), "llm": vars(model.llm.cfg), "pad_id": model.pad_id,
+            "projector": [model.projector[0].in_features, model.projector[0].out_features], **(extra or {})}
+    cmoe.save_safetensors(cmoe.base_state(model), os.path.join(folder, "model.safetensors"))
+    cmoe.save_json(meta, os.path.join(folder, "meta.json"))  # written last: its presence marks a complete base
+
+
+def load_base(folder) -> LLaVA:
+    from vision import read_json
+    meta = read_json(os.path.join(folder, "meta.json"))
+    vcfg, lcfg = VisionConfig(**meta["vision"]), LlamaConfig(**meta["llm"])
+    model = LLaVA(CLIPVision(vcfg), Projector(*meta["projector"]), Llama(lcfg), pad_id=meta["pad_id"])
+    sd = cmoe.load_safetensors(os.path.join(folder, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not cmoe._is_cl_key(k) and not (lcfg.tie_embeddings and k == "llm.lm_head.weight")]
+    if missing or unexpected:
+        raise KeyError(f"{folder}/model.safetensors: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def build_base(args, tok, template, log) -> LLaVA:
+    pad = data.pad_id(tok)
+    if args.llm:  # real checkpoints
+        llm = cmoe.load_llama(args.llm)
+        if not args.vision:
+            raise SystemExit("--llm needs --vision (a CLIP folder)")
+        vision = load_clip(args.vision)
+        proj = load_projector(args.projector) if args.projector else Projector(vision.cfg.hidden_size, llm.cfg.dim)
+        model = LLaVA(vision, proj, llm, pad_id=pad).to(args.device)
+        if not args.projector and args.align_json:
+            exs = data.load_coin_train(args.align_json, args.image_root, bad_images=args.bad_images)
+            ds = encode(model, exs, tok, template, args, 0, feats=False)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.projector.requires_grad_(True)
+            train_stage(model, ds, args, args.base_steps, args.base_lr, 0, "align", log, experts=False)
+        return model
+    # tiny MiniCoIN base: pretrain on captions once, cache by everything that shapes it
+    key = hashlib.sha1(json.dumps([args.base_steps, args.caption_n, args.seed, args.max_len, args.base_lr,
+                                   args.batch_size, tok.n_vocab, data.IMAGE_SIZE]).encode()).hexdigest()[:10]
+    folder = os.path.join(args.base_dir, f"minicoin-{key}")
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        log(f"base: reusing {folder}")
+        return load_base(folder).to(args.device)
+    torch.manual_seed(args.seed)
+    model = tiny_base(tok.n_vocab, pad).to(args.device)
+    log(f"base: pretraining the tiny LLaVA on {args.caption_n} MiniCoIN captions for {args.base_steps} steps")
+    ds = encode(model, data.minicoin("caption", "train", args.caption_n, seed=args.seed), tok, template, args, 0, feats=False)
+    train_stage(model, ds, args, args.base_steps, args.base_lr, 0, "base", log, experts=False)
+    save_base(model, folder)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one training stage: AdamW, warm-up + cosine, grad accumulation, NaN guard, mid-stage checkpoints
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def compiled_step(model, args):
+    use = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
+    return torch.compile(model) if use else model
+
+
+def train_stage(model: LLaVA, ds, args, steps, lr, task_id, tag, log, experts=True, task_ids_fixed=None,
+                ckpt=None, start=None):
+    """Train the parameters that have requires_grad on `ds`. `ckpt(step, opt)` saves a resumable state;
+    `start` = (step, optimizer state) to continue from."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    step0 = 0
+    if start is not None:
+        step0 = start[0]
+        load_optimizer(opt, named, start[1])
+    fwd = compiled_step(model, args)
+    model.train()
+    t_last, tok_count = time.time(), 0
+    interval = max(1, steps // 10)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else _null()
+    for step in range(step0, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, args.warmup)
+        loss_sum = aux_sum = 0.0
+        for micro in range(args.grad_accum):
+            b = batch_at(ds, step * args.grad_accum + micro, args.batch_size, args.seed + 7919 * task_id)
+            b = {k: v.to(args.device) for k, v in b.items()}
+            tids = b["task_ids"] if task_ids_fixed is None else torch.full_like(b["task_ids"], task_ids_fixed)
+            with amp:
+                _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
+            if args.nan_at == f"{tag}:{step + 1}":
+                loss = loss * float("nan")
+            total = loss + args.lambda_aux * aux
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step {step + 1}: "
+                                         f"stopping; checkpoints already on disk are untouched")
+            (total / args.grad_accum).backward()
+            loss_sum += float(loss.detach()) / args.grad_accum
+            aux_sum += float(aux.detach()) / args.grad_accum
+            tok_count += int((b["input_ids"] != model.pad_id).sum())
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % interval == 0 or step + 1 == steps:
+            dt = time.time() - t_last
+            eta = dt / interval * (steps - step - 1)
+            log(f"{tag} step {step + 1:5d}/{steps} | loss {loss_sum:.4f} | aux {aux_sum:.3f} | "
+                f"{tok_count / max(dt, 1e-9):,.0f} tok/s | eta {eta:4.0f}s")
+            t_last, tok_count = time.time(), 0
+        if ckpt is not None and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            ckpt(step + 1, optimizer_state(opt, named))
+        if args.crash_at == f"{tag}:{step + 1}":
+            raise CrashForTest(f"simulated crash after step {step + 1} of stage '{tag}'")
+    model.eval()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def optimizer_state(opt, named) -> dict:
+    """AdamW state keyed by parameter name (not position), so it survives a rebuilt model."""
+    out = {}
+    for n, p in named:
+        for k, v in opt.state.get(p, {}).items():
+            out[f"opt.{n}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return out
+
+
+def load_optimizer(opt, named, tensors):
+    for n, p in named:
+        st = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        if st:
+            opt.state[p] = st
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation with the locator choosing the router per sample
+
+@torch.no_grad()
+def predict(model: LLaVA, locator, examples, tok, template, args, true_task, seen, use_locator, fixed_task=None):
+    """Greedy answers for `examples`; returns rows for predictions/<task>.jsonl and the chosen task ids."""
+    model.eval()
+    rows, chosen = [], []
+    stops = data.stop_ids(tok, template)
+    for i in range(0, len(examples), args.eval_batch):
+        exs = examples[i:i + args.eval_batch]
+        prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in exs]
+        px = torch.stack([ex_pixels(ex, model) for ex in exs]).to(args.device)
+        img = model.image_features(px)
+        if fixed_task is not None:
+            tids = torch.full((len(exs),), fixed_task, dtype=torch.long)
+        elif use_locator and seen > 1:
+            tids = locator.locate(model.features(prompts, img))
+        else:  # oracle: the true task, or the latest router for a task not trained yet
+            tids = torch.full((len(exs),), min(true_task, seen - 1), dtype=torch.long)
+        outs = model.generate(prompts, img, tids.to(args.device), args.max_new_tokens, stops)
+        for j, (ex, o) in enumerate(zip(exs, outs)):
+            rows.append({"index": i + j, "prediction": tok.decode(o).strip(), "answer": ex.answer,
+                         "answers": ex.answers, "true_task": true_task, "located": int(tids[j])})
+        chosen += tids.tolist()
+    return rows, chosen
+
+
+def save_predictions(out, task, stage, rows):
+    """predictions/<task>.jsonl holds every stage's rows (field "stage"); rows of this stage or later
+    (left by an interrupted run) are replaced."""
+    path = os.path.join(out, "predictions", f"{task}.jsonl")
+    old = [r for r in ev.read_predictions(path) if r["stage"] < stage] if os.path.exists(path) else []
+    ev.write_predictions(path, old + [{**r, "stage": stage} for r in rows])
+
+
+def ex_pixels(ex, model):
+    from vision import preprocess
+    return preprocess(ex.image, model.vision.cfg.image_size)
+
+
+def accuracy(rows, metric):
+    return 100.0 * sum(data.score(metric, r["prediction"], r["answers"] or r["answer"]) for r in rows) / max(1, len(rows))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the continual loop
+
+def set_experts(llm: Llama, ecfg: ExpertConfig):
+    llm.ecfg = ecfg
+    for f in llm.expert_ffns():
+        f.ecfg = ecfg
+
+
+def freeze_base(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def trainable_cl(model):
+    """Only continual-learning parameters that the current stage owns stay trainable."""
+    for n, p in model.named_parameters():
+        if not cmoe._is_cl_key(n):
+            p.requires_grad_(False)
+
+
+def run(args):
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "log.txt"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    names, metric = task_list(args)
+    tok, template = get_tokenizer(args)
+    state_path = os.path.join(args.out, "state.json")
+    if not args.resume:
+        for f in ("state.json", "metrics.json"):  # a fresh run must not inherit an old run's progress
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
+    cmoe.save_json({k: v for k, v in vars(args).items()}, os.path.join(args.out, "config.json"))
+    log(f"run {args.out}: {args.method} on {args.benchmark} tasks {names} device {args.device}")
+
+    t0 = time.time()
+    model = build_base(args, tok, template, log)
+    freeze_base(model)
+    t_base = time.time() - t0
+
+    ecfg = ExpertConfig(rank=args.rank, alpha=args.lora_alpha, top_k=args.top_k)
+    if args.method == "lora":
+        ecfg.top_k = 1
+    if args.method in ("moelora", "joint"):
+        ecfg.top_k = args.moelora_experts  # CoIN's MoELoRA: a dense softmax over all experts
+    set_experts(model.llm, ecfg)
+    model.llm.grad_ckpt = args.grad_ckpt
+
+    tests = {n: load_examples(args, n, "test") for n in names}
+    M = {"benchmark": args.benchmark, "method": args.method, "expand": args.expand, "locator": args.locator,
+         "tasks": names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
+         "locator_acc": [], "time": {"base": t_base, "tasks": []}, "finished_tasks": 0}
+    locator = cmoe.Locator()
+    first = 0
+    partial = None
+    if args.resume and os.path.exists(state_path):
+        from vision import read_json
+        M = read_json(state_path)
+        M["time"]["base"] += t_base
+        first = M["finished_tasks"]
+        if first:
+            tdir = os.path.join(args.out, f"task_{first - 1}")
+            locator = cmoe.load_cl_state(model, cmoe.load_safetensors(os.path.join(tdir, "model.safetensors")),
+                                         read_json(os.path.join(tdir, "meta.json")), tdir)
+        ppath = os.path.join(args.out, f"task_{first}", "partial.safetensors")
+        if os.path.exists(ppath):
+            partial = (cmoe.load_safetensors(ppath), read_json(ppath[:-len(".safetensors")] + ".json"))
+        log(f"resume: {first} finished task(s){', and a partial task ' + str(first) if partial else ''}")
+
+    if args.method == "joint":
+        return run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    for t in range(first, len(names)):
+        name = names[t]
+        tt = {"task": name, "probe": 0.0, "train": 0.0, "locator": 0.0, "eval": 0.0}
+        log(f"=== task {t + 1}/{len(names)}: {name} ===")
+        train_ds = encode(model, load_examples(args, name, "train"), tok, template, args, t)
+        n_before = cmoe.count_params(model)[1]
+        start, decision = None, None
+        g = torch.Generator().manual_seed(args.seed * 131 + t)
+        if partial is not None:  # rebuild the task's grown structure, optimizer and step from the mid-task save
+            tensors, pmeta = partial
+            cmoe.load_cl_state(model, tensors, pmeta, "partial")
+            start, decision, tt = (pmeta["step"], tensors), pmeta.get("pgke"), pmeta["time"]
+            n_before = pmeta["n_before"]
+            partial = None
+        elif args.method == "cmoe" and t == 0:
+            cmoe.init_experts(model.llm, args.n_init, generator=g)
+        elif args.method == "cmoe":
+            t1 = time.time()
+            decision = pgke(model, train_ds, args, t, log, g)
+            tt["probe"] = time.time() - t1
+        elif t == 0:  # lora / moelora: one shared pool and router, trained on every task in turn
+            cmoe.init_experts(model.llm, 1 if args.method == "lora" else args.moelora_experts, generator=g)
+        if decision is not None:
+            M["pgke"].append(decision)
+        trainable_cl(model)
+        trainable, _ = cmoe.count_params(model)
+
+        def ckpt(step, opt_state, t=t, tt=tt, decision=decision, n_before=n_before):
+            sd, meta = cmoe.cl_state(model)
+            meta.update(step=step, pgke=decision, time=tt, n_before=n_before)
+            p = os.path.join(args.out, f"task_{t}", "partial")
+            cmoe.save_safetensors({**sd, **opt_state}, p + ".safetensors")
+            cmoe.save_json(meta, p + ".json")
+
+        t1 = time.time()
+        shared = None if args.method == "cmoe" else 0
+        train_stage(model, train_ds, args, args.steps, args.lr, t, f"task{t}:{name}", log,
+                    task_ids_fixed=shared, ckpt=ckpt, start=start)
+        tt["train"] += time.time() - t1
+        if args.method == "cmoe":
+            for f in model.llm.expert_ffns():
+                f.freeze()
+
+        t1 = time.time()
+        if args.method == "cmoe":  # PTL: fit this task's VAE on frozen-base features of its training data
+            exs = load_examples(args, name, "train")[: args.locator_n]
+            feats = task_features(model, exs, tok, template, args)
+            locator.add_task(feats, seed=args.seed + t)
+        tt["locator"] = time.time() - t1
+
+        t1 = time.time()
+        row, conf = [], [[0] * (t + 1) for _ in names]
+        for i, n in enumerate(names):
+            rows, chosen = predict(model, locator, tests[n], tok, template, args, i, t + 1,
+                                   use_locator=args.method == "cmoe" and args.locator == "ptl",
+                                   fixed_task=None if args.method == "cmoe" else 0)
+            for c in chosen:
+                conf[i][c] += 1
+            row.append(accuracy(rows, metric[n]))
+            save_predictions(args.out, n, t, rows)
+        tt["eval"] = time.time() - t1
+        seen_ok = sum(conf[i][i] for i in range(t + 1))
+        seen_all = sum(sum(conf[i]) for i in range(t + 1))
+        M["acc"].append(row)
+        M["locator_acc"].append(100.0 * seen_ok / max(1, seen_all))
+        M["locator"] = {"confusion": conf[: t + 1], "acc": M["locator_acc"][-1]}
+        trainable_after, added_total = cmoe.count_params(model)
+        M["params"].append({"task": name, "trainable": trainable, "added": added_total - n_before, "experts": sum(
+            f.n_experts for f in model.llm.expert_ffns())})
+        M["experts_per_layer"].append([f.n_experts for f in model.llm.expert_ffns()])
+        M["time"]["tasks"].append(tt)
+        M["finished_tasks"] = t + 1
+        log(f"after task {t + 1} ({name}): " + " ".join(f"{n}={a:.1f}" for n, a in zip(names, row))
+            + f" | locator {M['locator_acc'][-1]:.1f}%")
+
+        tdir = os.path.join(args.out, f"task_{t}")
+        sd, meta = cmoe.cl_state(model, locator)
+        meta.update(task=name, index=t, tasks=names, method=args.method)
+        cmoe.save_safetensors(sd, os.path.join(tdir, "model.safetensors"))
+        cmoe.save_json(meta, os.path.join(tdir, "meta.json"))
+        cmoe.save_json(M, state_path)  # progress marker last: a crash before it redoes this task
+        for ext in (".safetensors", ".json"):
+            p = os.path.join(tdir, "partial" + ext)
+            if os.path.exists(p):
+                os.remove(p)
+    return finish(args, M, log, t_start)
+
+
+def finish(args, M, log, t_start):
+    M["time"]["total"] = M["time"].get("total", 0.0) + time.time() - t_start
+    M.update(ev.continual_metrics(M["acc"], joint=M["method"] == "joint"))
+    cmoe.save_json(M, os.path.join(args.out, "state.json"))
+    cmoe.save_json(M, os.path.join(args.out, "metrics.json"))
+    names = M["tasks"]
+    log("accuracy matrix (row: after training task j; column: task i)")
+    log("            " + " ".join(f"{n[:8]:>8}" for n in names))
+    for j, row in enumerate(M["acc"]):
+        label = names[j] if len(M["acc"]) > 1 else "joint"
+        log(f"{label[:10]:>10}  " + " ".join(f"{a:8.1f}" if a is not None else f"{'':>8}" for a in row))
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    log(f"Last {fmt(M['last'])} | Avg {fmt(M['avg'])} | BWT {fmt(M['bwt'])} | FWT {fmt(M.get('fwt'))} | "
+        f"locator {fmt(M['locator'].get('acc') if M.get('locator') else None)} | total {M['time']['total']:.0f}s")
+    return M
+
+
+def task_features(model, exs, tok, template, args):
+    feats = []
+    for i in range(0, len(exs), args.eval_batch):
+        chunk = exs[i:i + args.eval_batch]
+        prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in chunk]
+        px = torch.stack([ex_pixels(ex, model) for ex in chunk]).to(args.device)
+        feats.append(model.features(prompts, model.image_features(px)).cpu())
+    return torch.cat(feats)
+
+
+def pgke(model: LLaVA, ds, args, t, log, g):
+    """Stage A of task t: probe experts + probe routers on a small subset, measure, decide, expand."""
+    N = ds["input_ids"].shape[0]
+    perm = torch.randperm(N, generator=g)
+    n_probe = max(8, int(args.probe_frac * N))
+    n_hold = max(4, n_probe // 5)
+    probe_train, probe_hold = subset(ds, perm[:n_probe - n_hold]), subset(ds, perm[n_probe - n_hold:n_probe])
+    cmoe.probe_start(model.llm, generator=g)
+    trainable_cl(model)
+    train_stage(model, probe_train, args, args.probe_steps, args.lr, t, f"probe{t}", log)
+    cmoe.set_counting(model.llm, True)
+    with torch.no_grad():
+        for i in range(0, n_hold, args.eval_batch):
+            b = {k: v[i:i + args.eval_batch].to(args.device) for k, v in probe_hold.items() if isinstance(v, torch.Tensor)}
+            model(b["input_ids"], b["images"], None, b["task_ids"])
+    freq = cmoe.probe_frequencies(model.llm)
+    cmoe.set_counting(model.llm, False)
+    expand, thr = cmoe.pgke_decide(freq, args.alpha)
+    if args.expand == "all":
+        expand = [True] * len(expand)
+    sources, probe_routers = cmoe.probe_end(model.llm)
+    cmoe.expand(model.llm, expand, sources, probe_routers, args.n_new)
+    log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
+        + "".join("1" if e else "0" for e in expand))
+    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": sources}
+
+
+def run_joint(args, model, tok, template, names, metric, tests, M, log, t_start):
+    """Multitask upper bound: one MoELoRA pool trained on all tasks at once, evaluated once."""
+    t1 = time.time()
+    ds = concat([encode(model, load_examples(args, n, "train"), tok, template, args, i) for i, n in enumerate(names)])
+    cmoe.init_experts(model.llm, args.moelora_experts, generator=torch.Generator().manual_seed(args.seed))
+    trainable_cl(model)
+    trainable, added = cmoe.count_params(model)
+    train_stage(model, ds, args, args.steps * len(names), args.lr, 0, "joint", log, task_ids_fixed=0)
+    t_train = time.time() - t1
+    t1 = time.time()
+    row = []
+    for i, n in enumerate(names):
+        rows, _ = predict(model, None, tests[n], tok, template, args, i, 1, False, fixed_task=0)
+        row.append(accuracy(rows, metric[n]))
+        save_predictions(args.out, n, 0, rows)
+    M["acc"] = [row]
+    M["params"] = [{"task": "joint", "trainable": trainable, "added": added, "experts": added and sum(
+        f.n_experts for f in model.llm.expert_ffns())}]
+    M["experts_per_layer"] = [[f.n_experts for f in model.llm.expert_ffns()]]
+    M["time"]["tasks"] = [{"task": "joint", "probe": 0.0, "train": t_train, "locator": 0.0, "eval": time.time() - t1}]
+    M["finished_tasks"] = len(names)
+    M["locator"] = {"confusion": None, "acc": None}
+    sd, meta = cmoe.cl_state(model)
+    cmoe.save_safetensors(sd, os.path.join(args.out, "task_0", "model.safetensors"))
+    cmoe.save_json({**meta, "task": "joint", "index": 0, "tasks": names, "method": "joint"},
+                   os.path.join(args.out, "task_0", "meta.json"))
+    return finish(args, M, log, t_start)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
