@@ -157,9 +157,14 @@ PROJ = ("gate", "up", "down")
 def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     """Per-sample routing: each sample uses its own task's router. Returns dense top-k weights [B,T,E]
     (zeros off the top-k, renormalised over it) and the softmax probabilities (for the balance loss)."""
-    w_BED = router_NED[task_ids_B].float()  # router math in fp32: tiny logits differences decide top-k
+    # pick each sample's router with a one-hot matmul, not an index: its backward is then a GEMM (the
+    # compiled CPU scatter-add backward of an index corrupted memory at B=1 in torch 2.13)
+    N, E, D = router_NED.shape
+    onehot_BN = F.one_hot(task_ids_B, N).to(torch.float32)
+    w_BED = (onehot_BN @ router_NED.float().flatten(1)).view(-1, E, D)  # router math in fp32
     logits_BTE = torch.einsum("btd,bed->bte", x_BTD.float(), w_BED)
-    logits_BTE = logits_BTE.masked_fill(~valid_NE[task_ids_B][:, None, :], float("-inf"))
+    valid_BE = (onehot_BN @ valid_NE.float()) > 0
+    logits_BTE = logits_BTE.masked_fill(~valid_BE[:, None, :], float("-inf"))
     probs_BTE = logits_BTE.softmax(-1)
     top_BTK, idx_BTK = probs_BTE.topk(min(k, probs_BTE.shape[-1]), dim=-1)
     top_BTK = top_BTK / top_BTK.sum(-1, keepdim=True)
@@ -173,6 +178,78 @@ def lora_fused(x_TD, A_EDR, B_ERO, w_TE, scale):
     h_TER = (x_TD @ A_EDR.permute(1, 0, 2).reshape(D, E * R)).view(-1, E, R)
     h_TER = h_TER * w_TE.to(h_TER.dtype)[:, :, None]
     return (h_TER.reshape(-1, E * R) @ B_ERO.reshape(E * R, -1)) * scale
+
+
+# Sparse dispatch. Each (token, top-k slot) assignment gets one row in a buffer grouped by expert, each group
+# padded to a multiple of BLOCK rows so that every block of rows belongs to one expert; then two batched GEMMs
+# over blocks. All shapes are static (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place comes from a
+# cumsum over one-hot (no sort, bincount or nonzero, which break the graph).
+BLOCK = 32
+
+
+def dispatch_plan(w_TE, k, block=BLOCK):
+    """Where every assignment goes; computed once per layer and shared by gate, up and down."""
+    T, E = w_TE.shape
+    K = min(k, E)
+    w_TK, ids_TK = w_TE.topk(K, dim=-1)
+    ids_N = ids_TK.reshape(-1)  # N = T*K assignments, token-major
+    onehot_NE = F.one_hot(ids_N, E)
+    padded_E = (onehot_NE.sum(0) + block - 1) // block * block
+    start_E = padded_E.cumsum(0) - padded_E
+    rank_N = (onehot_NE.cumsum(0) * onehot_NE).sum(1) - 1  # place of the assignment inside its expert's group
+    pos_N = start_E[ids_N] + rank_N
+    nb = -(-(T * K + E * (block - 1)) // block)
+    M = nb * block
+    zeros = torch.zeros(M, dtype=torch.long, device=w_TE.device)
+    tok_M = zeros.scatter(0, pos_N, torch.arange(T * K, device=w_TE.device) // K)
+    w_M = torch.zeros(M, dtype=w_TE.dtype, device=w_TE.device).scatter(0, pos_N, w_TK.reshape(-1))  # 0 on padding
+    e_b = zeros.scatter(0, pos_N, ids_N).view(nb, block).amax(1)  # expert of each block
+    return pos_N, tok_M, w_M, e_b
+
+
+class _ToRows(torch.autograd.Function):
+    """tokens [T,D] -> padded rows [M,D]; backward sums each token's K rows back (gathers only, no atomics)."""
+
+    @staticmethod
+    def forward(x_TD, tok_M, pos_N):
+        return x_TD[tok_M]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+        ctx.T = inputs[0].shape[0]
+
+    @staticmethod
+    def backward(ctx, g_MD):
+        (pos_N,) = ctx.saved_tensors
+        return g_MD[pos_N].view(ctx.T, -1, g_MD.shape[-1]).sum(1), None, None
+
+
+class _FromRows(torch.autograd.Function):
+    """padded rows [M,O] -> tokens [T,O] (sum of each token's K rows); backward gathers rows from tokens."""
+
+    @staticmethod
+    def forward(y_MO, tok_M, pos_N, T):
+        return y_MO[pos_N].view(T, -1, y_MO.shape[-1]).sum(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, g_TO):
+        (tok_M,) = ctx.saved_tensors
+        return g_TO[tok_M], None, None, None
+
+
+def lora_sparse(x_TD, A_EDR, B_ERO, plan, scale):
+    """sum_e w_e * B_e A_e x over each token's top-k experts only, via the block plan."""
+    pos_N, tok_M, w_M, e_b = plan
+    nb, (T, D) = e_b.shape[0], x_TD.shape
+    x_bLD = _ToRows.apply(x_TD, tok_M, pos_N).view(nb, -1, D)
+    h_bLR = torch.bmm(x_bLD, A_EDR[e_b])
+    h_bLR = h_bLR * (w_M.to(h_bLR.dtype) * scale).view(nb, -1, 1)  # gate in rank space: cheapest place
+    return _FromRows.apply(torch.bmm(h_bLR, B_ERO[e_b]).flatten(0, 1), tok_M, pos_N, T)
 
 
 def lora_loop(x_TD, A_EDR, B_ERO, w_TE, scale):
@@ -205,7 +282,7 @@ class ExpertFFN(nn.Module):
             for name, shape in self._bank_shapes(0).items():
                 self.register_parameter(f"{bank}_{name}", nn.Parameter(torch.zeros(shape), requires_grad=bank == "train"))
         self.routers = nn.ParameterList()
-        self.dispatch = "fused"  # "fused" | "loop" (reference)
+        self.dispatch = "auto"  # "auto" | "dense" (masked-dense) | "sparse" (block dispatch) | "loop" (reference)
         self.counting = False  # PGKE: accumulate per-expert assignment counts
         self.register_buffer("usage", torch.zeros(0), persistent=False)
 
@@ -283,9 +360,16 @@ class ExpertFFN(nn.Module):
         aux = self.balance_loss(w_BTE, probs_BTE, valid_BT)
         if self.counting:
             self.count(w_BTE, valid_BT)
-        lora = lora_loop if self.dispatch == "loop" else lora_fused
         s = self.ecfg.scale
         x_TD, w_TE = x_BTD.reshape(B * T, D), w_BTE.reshape(B * T, -1)
+        mode = self.dispatch
+        if mode == "auto":  # measured crossover (tests/bench_moe.py): sparse wins once E > 2 * top-k
+            mode = "sparse" if self.n_experts > 2 * self.ecfg.top_k else "dense"
+        if mode == "sparse":
+            plan = dispatch_plan(w_TE, self.ecfg.top_k)
+            lora = lambda x, A, Bm, w, sc: lora_sparse(x, A, Bm, plan, sc)  # noqa: E731
+        else:
+            lora = lora_loop if mode == "loop" else lora_fused
         g = self.gate_proj(x_TD) + lora(x_TD, self.bank("A_gate"), self.bank("B_gate"), w_TE, s)
         u = self.up_proj(x_TD) + lora(x_TD, self.bank("A_up"), self.bank("B_up"), w_TE, s)
         h_TF = F.silu(g) * u

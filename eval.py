@@ -164,7 +164,8 @@ def recompute(run_dir, score=None):
 
 def reevaluate(run_dir, **kw):
     """Regenerate predictions/*.jsonl from the saved task checkpoints (then recompute() + write_report())."""
-    raise NotImplementedError("model re-evaluation is wired by train.py")
+    import train  # lazy: the model stack is only needed to regenerate, not to score or draw
+    return train.reevaluate(run_dir, **kw)
 
 # -----------------------------------------------------------------------------
 # figures (Pillow only)

@@ -428,12 +428,7 @@ def run(args):
     freeze_base(model)
     t_base = time.time() - t0
 
-    ecfg = ExpertConfig(rank=args.rank, alpha=args.lora_alpha, top_k=args.top_k)
-    if args.method == "lora":
-        ecfg.top_k = 1
-    if args.method in ("moelora", "joint"):
-        ecfg.top_k = args.moelora_experts  # CoIN's MoELoRA: a dense softmax over all experts
-    set_experts(model.llm, ecfg)
+    set_experts(model.llm, expert_config(args))
     model.llm.grad_ckpt = args.grad_ckpt
 
     tests = {n: load_examples(args, n, "test") for n in names}
@@ -512,21 +507,16 @@ def run(args):
         tt["locator"] = time.time() - t1
 
         t1 = time.time()
-        row, conf = [], [[0] * (t + 1) for _ in names]
-        for i, n in enumerate(names):
-            rows, chosen = predict(model, locator, tests[n], tok, template, args, i, t + 1,
-                                   use_locator=args.method == "cmoe" and args.locator == "ptl",
-                                   fixed_task=None if args.method == "cmoe" else 0)
-            for c in chosen:
-                conf[i][c] += 1
-            row.append(accuracy(rows, metric[n]))
-            save_predictions(args.out, n, t, rows)
+        row, conf = evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
         tt["eval"] = time.time() - t1
         seen_ok = sum(conf[i][i] for i in range(t + 1))
         seen_all = sum(sum(conf[i]) for i in range(t + 1))
         M["acc"].append(row)
-        M["locator_acc"].append(100.0 * seen_ok / max(1, seen_all))
-        M["locator"] = {"confusion": conf[: t + 1], "acc": M["locator_acc"][-1]}
+        if args.method == "cmoe":
+            M["locator_acc"].append(100.0 * seen_ok / max(1, seen_all))
+            M["locator"] = {"confusion": conf, "acc": M["locator_acc"][-1]}
+        else:  # one shared router: there is nothing to locate
+            M["locator"] = {"confusion": None, "acc": None}
         trainable_after, added_total = cmoe.count_params(model)
         M["params"].append({"task": name, "trainable": trainable, "added": added_total - n_before, "experts": sum(
             f.n_experts for f in model.llm.expert_ffns())})
@@ -534,7 +524,7 @@ def run(args):
         M["time"]["tasks"].append(tt)
         M["finished_tasks"] = t + 1
         log(f"after task {t + 1} ({name}): " + " ".join(f"{n}={a:.1f}" for n, a in zip(names, row))
-            + f" | locator {M['locator_acc'][-1]:.1f}%")
+            + (f" | locator {M['locator_acc'][-1]:.1f}%" if args.method == "cmoe" else ""))
 
         tdir = os.path.join(args.out, f"task_{t}")
         sd, meta = cmoe.cl_state(model, locator)
@@ -547,6 +537,76 @@ def run(args):
             if os.path.exists(p):
                 os.remove(p)
     return finish(args, M, log, t_start)
+
+
+def evaluate_stage(model, locator, args, names, metric, tests, t, tok, template):
+    """After training task t: score every task (seen and not yet seen) with the routers chosen per sample;
+    writes predictions/<task>.jsonl; returns the accuracy row and the locator confusion (seen tasks)."""
+    row, conf = [], [[0] * (t + 1) for _ in names]
+    for i, n in enumerate(names):
+        rows, chosen = predict(model, locator, tests[n], tok, template, args, i, t + 1,
+                               use_locator=args.method == "cmoe" and args.locator == "ptl",
+                               fixed_task=None if args.method == "cmoe" else 0)
+        for c in chosen:
+            conf[i][c] += 1
+        row.append(accuracy(rows, metric[n]))
+        save_predictions(args.out, n, t, rows)
+    return row, conf[: t + 1]
+
+
+def reevaluate(run_dir, device=None):
+    """Rebuild a finished (or partly finished) run from its checkpoints and regenerate every stage's
+    predictions and accuracy rows. Returns the refreshed metrics dict (also written to metrics.json)."""
+    from vision import read_json
+    cfg = read_json(os.path.join(run_dir, "config.json"))
+    args = parse_args([])
+    for k, v in cfg.items():
+        setattr(args, k, v)
+    args.out, args.resume = run_dir, True
+    args.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log = Log(os.path.join(run_dir, "log.txt"))
+    M = read_json(os.path.join(run_dir, "metrics.json" if os.path.exists(os.path.join(run_dir, "metrics.json")) else "state.json"))
+    if not M.get("finished_tasks"):
+        raise ValueError(f"no finished task in {run_dir}")
+    names, metric = task_list(args)
+    tok, template = get_tokenizer(args)
+    model = build_base(args, tok, template, log)
+    freeze_base(model)
+    set_experts(model.llm, expert_config(args))
+    tests = {n: load_examples(args, n, "test") for n in names}
+    if args.method == "joint":
+        stages = [0]
+    else:
+        stages = range(M["finished_tasks"])
+    acc = []
+    for t in stages:
+        tdir = os.path.join(run_dir, f"task_{t}")
+        meta = read_json(os.path.join(tdir, "meta.json"))
+        for field, want in (("method", args.method), ("tasks", names)):
+            if meta.get(field) != want:
+                raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} but the run config says {want!r}")
+        locator = cmoe.load_cl_state(model, cmoe.load_safetensors(os.path.join(tdir, "model.safetensors")), meta, tdir)
+        if args.method == "joint":
+            row, conf = evaluate_stage(model, locator, args, names, metric, tests, 0, tok, template)
+        else:
+            row, conf = evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
+        acc.append(row)
+        if args.method == "cmoe":
+            M["locator"] = {"confusion": conf, "acc": ev.locator_accuracy(conf)}
+        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={a:.1f}" for n, a in zip(names, row)))
+    M["acc"] = acc
+    M.update(ev.continual_metrics(acc, joint=args.method == "joint"))
+    cmoe.save_json(M, os.path.join(run_dir, "metrics.json"))
+    return M
+
+
+def expert_config(args):
+    ecfg = ExpertConfig(rank=args.rank, alpha=args.lora_alpha, top_k=args.top_k)
+    if args.method == "lora":
+        ecfg.top_k = 1
+    if args.method in ("moelora", "joint"):
+        ecfg.top_k = args.moelora_experts  # CoIN's MoELoRA: a dense softmax over all experts
+    return ecfg
 
 
 def finish(args, M, log, t_start):
@@ -613,11 +673,7 @@ def run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
     train_stage(model, ds, args, args.steps * len(names), args.lr, 0, "joint", log, task_ids_fixed=0)
     t_train = time.time() - t1
     t1 = time.time()
-    row = []
-    for i, n in enumerate(names):
-        rows, _ = predict(model, None, tests[n], tok, template, args, i, 1, False, fixed_task=0)
-        row.append(accuracy(rows, metric[n]))
-        save_predictions(args.out, n, 0, rows)
+    row, _ = evaluate_stage(model, None, args, names, metric, tests, 0, tok, template)
     M["acc"] = [row]
     M["params"] = [{"task": "joint", "trainable": trainable, "added": added, "experts": added and sum(
         f.n_experts for f in model.llm.expert_ffns())}]

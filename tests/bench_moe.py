@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cmoe  # noqa: E402
 
 
-def build(T, E, device, dtype, seed=0):
+def build(T, E, device, dtype, seed=0, batch=8):
     g = torch.Generator().manual_seed(seed)
     cfg = cmoe.LlamaConfig(dim=512, ffn_dim=1376, n_heads=8, n_kv_heads=8, n_layers=1)
     ecfg = cmoe.ExpertConfig(rank=16, alpha=32.0, top_k=2)
@@ -43,8 +43,11 @@ def build(T, E, device, dtype, seed=0):
     for lin in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
         lin.weight.requires_grad_(False)
     ffn = ffn.to(device=device, dtype=dtype)
-    x = torch.randn(1, T, cfg.dim, generator=g).to(device, dtype)
-    gy = torch.randn(1, T, cfg.dim, generator=g).to(device, dtype)
+    # T tokens as `batch` sequences: with batch=1 the compiled router backward (index_put of
+    # router_NED[task_ids_B]) hits an inductor CPU codegen bug in torch 2.13 (out-of-bounds atomic_add ->
+    # "free(): corrupted unsorted chunks").
+    x = torch.randn(batch, T // batch, cfg.dim, generator=g).to(device, dtype)
+    gy = torch.randn(batch, T // batch, cfg.dim, generator=g).to(device, dtype)
     return ffn, x, gy
 
 
@@ -79,9 +82,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T=256, E=8 only, 3 repeats")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dispatch", default="fused", help='the fused value of ExpertFFN.dispatch (default "fused")')
+    ap.add_argument("--dispatch", default="auto", help="ExpertFFN.dispatch for the fused path: auto, dense or sparse")
     ap.add_argument("--T", type=int, nargs="+", default=[256, 2048])
     ap.add_argument("--E", type=int, nargs="+", default=[2, 8, 32])
+    ap.add_argument("--batch", type=int, default=8, help="T tokens = batch x T/batch (batch=1 crashes, see build)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the dev machine has 2 shared cores)")
@@ -95,7 +99,7 @@ def main():
     tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
 
     print(f"torch {torch.__version__}  device {dev}  dtype {str(dtype).split('.')[-1]}  threads "
-          f"{torch.get_num_threads()}  dispatch '{a.dispatch}'  D=512 F=1376 r=16 top-2  fwd+bwd median of {a.reps}")
+          f"{torch.get_num_threads()}  dispatch '{a.dispatch}'  batch {a.batch}  D=512 F=1376 r=16 top-2  fwd+bwd median of {a.reps}")
     hdr = (f"{'T':>5} {'E':>3} | {'floor eag':>9} {'floor cmp':>9} | {'loop eag':>9} {'fused eag':>9} {'fused cmp':>9}"
            f" | {'loop/fl':>7} {'fus_e/fl':>8} {'fus_c/fl':>8} {'loop/fus_c':>10} | {'max err':>8}")
     print(hdr)
@@ -103,7 +107,7 @@ def main():
     res = {}
     for T in a.T:
         for E in a.E:
-            ffn, x, gy = build(T, E, dev, dtype)
+            ffn, x, gy = build(T, E, dev, dtype, batch=a.batch)
             r = {}
             r["floor_e"] = timeit(ffn, ffn, x, gy, False, a.reps, a.warm, sync)
             r["floor_c"] = timeit(compiled(ffn), ffn, x, gy, False, a.reps, a.warm, sync)

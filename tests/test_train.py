@@ -129,3 +129,29 @@ def test_nan_loss_stops_cleanly_and_keeps_checkpoints(tmp_path, base_dir, ptl_ru
     assert (out / "task_0/model.safetensors").read_bytes() == (ref_out / "task_0/model.safetensors").read_bytes()
     assert json.loads((out / "state.json").read_text())["finished_tasks"] == 1
     assert not (out / "task_1/model.safetensors").exists()
+
+
+def test_eval_reevaluates_run_and_writes_report(ptl_run, oracle_run, tmp_path):
+    import eval as ev
+    out, M = ptl_run
+    assert ev.main([str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["acc"] == M["acc"]  # regenerated from the checkpoints, same numbers as during training
+    assert m["locator"]["confusion"] == M["locator"]["confusion"]
+    for f in ("report.md", "figures/acc_matrix.png", "figures/locator_confusion.png", "figures/experts_per_layer.png"):
+        assert (out / f).is_file(), f
+    assert ev.main(["--compare", str(out), str(oracle_run[0]), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp/compare.md").read_text()
+    assert out.name in table and oracle_run[0].name in table
+
+
+def test_eval_rejects_checkpoint_from_another_config(ptl_run, tmp_path):
+    import shutil
+    import eval as ev
+    out = tmp_path / "copy"
+    shutil.copytree(ptl_run[0], out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["method"] = "lora"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="field 'method'"):
+        train.reevaluate(str(out))
