@@ -68,15 +68,15 @@ def parse_args(argv=None):
     a("--steps", type=int, default=300, help="training steps per task")
     a("--batch-size", type=int, default=32)
     a("--grad-accum", type=int, default=1)
-    a("--lr", type=float, default=2e-3)
+    a("--lr", type=float, default=5e-3)
     a("--base-lr", type=float, default=2e-3)
     a("--warmup", type=int, default=20)
     a("--weight-decay", type=float, default=0.0)
     a("--grad-ckpt", action="store_true", help="gradient checkpointing of decoder layers")
     a("--save-every", type=int, default=100, help="mid-task checkpoint interval (steps)")
     # data
-    a("--train-n", type=int, default=1000)
-    a("--test-n", type=int, default=100)
+    a("--train-n", type=int, default=None, help="training examples per task (default: 1000 on MiniCoIN, all on CoIN)")
+    a("--test-n", type=int, default=None, help="test examples per task (default: 100 on MiniCoIN, all on CoIN)")
     a("--caption-n", type=int, default=4000)
     a("--max-len", type=int, default=48, help="text tokens per sample (the image placeholder counts as one)")
     a("--max-new-tokens", type=int, default=16)
@@ -145,7 +145,7 @@ def load_examples(args, task, split):
     load = data.load_coin_train if split == "train" else data.load_coin_test
     exs = load(path, root, bad_images=args.bad_images)
     n = args.train_n if split == "train" else args.test_n
-    return exs if args.benchmark == "coin" and not args.quick else exs[:n]
+    return exs if n is None else exs[:n]
 
 
 def get_tokenizer(args):
@@ -279,7 +279,7 @@ def train_stage(model: LLaVA, ds, args, steps, lr, task_id, tag, log, experts=Tr
     model.train()
     t_last, tok_count = time.time(), 0
     interval = max(1, steps // 10)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else _null()
+    amp = amp_ctx(args)
     for step in range(step0, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, args.warmup)
@@ -314,6 +314,11 @@ def train_stage(model: LLaVA, ds, args, steps, lr, task_id, tag, log, experts=Tr
         if args.crash_at == f"{tag}:{step + 1}":
             raise CrashForTest(f"simulated crash after step {step + 1} of stage '{tag}'")
     model.eval()
+
+
+def amp_ctx(args):
+    """bf16 autocast on CUDA; plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else _null()
 
 
 class _null:
@@ -353,17 +358,21 @@ def predict(model: LLaVA, locator, examples, tok, template, args, true_task, see
         exs = examples[i:i + args.eval_batch]
         prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in exs]
         px = torch.stack([ex_pixels(ex, model) for ex in exs]).to(args.device)
-        img = model.image_features(px)
+        with amp_ctx(args):
+            img = model.image_features(px)
         if fixed_task is not None:
             tids = torch.full((len(exs),), fixed_task, dtype=torch.long)
         elif use_locator and seen > 1:
             tids = locator.locate(model.features(prompts, img))
         else:  # oracle: the true task, or the latest router for a task not trained yet
             tids = torch.full((len(exs),), min(true_task, seen - 1), dtype=torch.long)
-        outs = model.generate(prompts, img, tids.to(args.device), args.max_new_tokens, stops)
+        with amp_ctx(args):
+            outs = model.generate(prompts, img, tids.to(args.device), args.max_new_tokens, stops)
         for j, (ex, o) in enumerate(zip(exs, outs)):
             rows.append({"index": i + j, "prediction": tok.decode(o).strip(), "answer": ex.answer,
                          "answers": ex.answers, "true_task": true_task, "located": int(tids[j])})
+            if "question_id" in ex.meta:  # CoIN test record: keep its id for the CoIN-format answer file
+                rows[-1].update(question_id=ex.meta["question_id"], prompt=ex.turns[-1][0])
         chosen += tids.tolist()
     return rows, chosen
 
@@ -374,6 +383,10 @@ def save_predictions(out, task, stage, rows):
     path = os.path.join(out, "predictions", f"{task}.jsonl")
     old = [r for r in ev.read_predictions(path) if r["stage"] < stage] if os.path.exists(path) else []
     ev.write_predictions(path, old + [{**r, "stage": stage} for r in rows])
+    if rows and "question_id" in rows[0]:  # the answer-file layout CoIN's / LLaVA's eval scripts read
+        ev.write_predictions(os.path.join(out, "predictions", f"{task}.coin.jsonl"), [
+            {"question_id": r["question_id"], "prompt": r["prompt"], "text": r["prediction"],
+             "answer_id": f"stage{stage}-{r['index']}", "model_id": "cmoe", "metadata": {}} for r in rows])
 
 
 def ex_pixels(ex, model):
@@ -389,9 +402,14 @@ def accuracy(rows, metric):
 # the continual loop
 
 def set_experts(llm: Llama, ecfg: ExpertConfig):
+    """Expert settings of a fresh (expert-free) model: empty banks are re-made at the new rank."""
     llm.ecfg = ecfg
     for f in llm.expert_ffns():
+        assert f.n_experts == 0, "set_experts is for a model without experts"
         f.ecfg = ecfg
+        for bank in ("frozen", "train"):
+            for name, shape in f._bank_shapes(0).items():
+                f._set(f"{bank}_{name}", torch.zeros(shape, device=f.gate_proj.weight.device), bank == "train")
 
 
 def freeze_base(model):
@@ -455,7 +473,6 @@ def run(args):
     if args.method == "joint":
         return run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
 
-    gen = torch.Generator().manual_seed(args.seed)
     for t in range(first, len(names)):
         name = names[t]
         tt = {"task": name, "probe": 0.0, "train": 0.0, "locator": 0.0, "eval": 0.0}
@@ -517,7 +534,7 @@ def run(args):
             M["locator"] = {"confusion": conf, "acc": M["locator_acc"][-1]}
         else:  # one shared router: there is nothing to locate
             M["locator"] = {"confusion": None, "acc": None}
-        trainable_after, added_total = cmoe.count_params(model)
+        _, added_total = cmoe.count_params(model)
         M["params"].append({"task": name, "trainable": trainable, "added": added_total - n_before, "experts": sum(
             f.n_experts for f in model.llm.expert_ffns())})
         M["experts_per_layer"].append([f.n_experts for f in model.llm.expert_ffns()])

@@ -13,7 +13,7 @@ import train
 # smaller than --quick: two tasks, a few steps each; the base is pretrained once per session and cached
 TINY = ["--quick", "--tasks", "sqa,cls", "--base-steps", "30", "--steps", "12", "--probe-steps", "4",
         "--train-n", "48", "--test-n", "8", "--caption-n", "64", "--batch-size", "8", "--locator-n", "32",
-        "--save-every", "4", "--threads", "2"]
+        "--save-every", "4", "--threads", "1"]
 
 
 @pytest.fixture(scope="session")
