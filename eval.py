@@ -158,7 +158,7 @@ def recompute(run_dir, score=None):
                 acc.append([None] * T)  # predictions written before metrics.json caught up
             acc[j][i] = 100.0 * _mean(rescore(rs, metric, score))
     m["acc"] = acc
-    if located_any:
+    if located_any and m.get("method", "cmoe") == "cmoe":  # baselines share one router: nothing to locate
         m["locator"] = dict(m.get("locator") or {}, confusion=conf)
     return m
 

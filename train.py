@@ -370,7 +370,8 @@ def predict(model: LLaVA, locator, examples, tok, template, args, true_task, see
             outs = model.generate(prompts, img, tids.to(args.device), args.max_new_tokens, stops)
         for j, (ex, o) in enumerate(zip(exs, outs)):
             rows.append({"index": i + j, "prediction": tok.decode(o).strip(), "answer": ex.answer,
-                         "answers": ex.answers, "true_task": true_task, "located": int(tids[j])})
+                         "answers": ex.answers, "true_task": true_task,
+                         "located": int(tids[j]) if fixed_task is None else None})
             if "question_id" in ex.meta:  # CoIN test record: keep its id for the CoIN-format answer file
                 rows[-1].update(question_id=ex.meta["question_id"], prompt=ex.turns[-1][0])
         chosen += tids.tolist()
