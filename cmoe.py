@@ -171,7 +171,7 @@ def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     return torch.zeros_like(probs_BTE).scatter(-1, idx_BTK, top_BTK), probs_BTE
 
 
-def lora_fused(x_TD, A_EDR, B_ERO, w_TE, scale):
+def lora_dense(x_TD, A_EDR, B_ERO, w_TE, scale):
     """Masked-dense dispatch: one GEMM into every expert's rank space, gate it, one GEMM out.
     sum_e w_e * B_e A_e x  ==  ((x @ [A_1..A_E]) * w expanded over R) @ [B_1;..;B_E]"""
     E, D, R = A_EDR.shape
@@ -368,8 +368,10 @@ class ExpertFFN(nn.Module):
         if mode == "sparse":
             plan = dispatch_plan(w_TE, self.ecfg.top_k)
             lora = lambda x, A, Bm, w, sc: lora_sparse(x, A, Bm, plan, sc)  # noqa: E731
+        elif mode in ("dense", "loop"):
+            lora = lora_dense if mode == "dense" else lora_loop
         else:
-            lora = lora_loop if mode == "loop" else lora_fused
+            raise ValueError(f"ExpertFFN.dispatch must be auto, dense, sparse or loop, not {mode!r}")
         g = self.gate_proj(x_TD) + lora(x_TD, self.bank("A_gate"), self.bank("B_gate"), w_TE, s)
         u = self.up_proj(x_TD) + lora(x_TD, self.bank("A_up"), self.bank("B_up"), w_TE, s)
         h_TF = F.silu(g) * u

@@ -24,7 +24,7 @@ import cmoe
 import data
 import eval as ev
 from cmoe import LLaVA, Llama, LlamaConfig, ExpertConfig
-from vision import CLIPVision, Projector, VisionConfig, load_clip, load_projector
+from vision import CLIPVision, Projector, VisionConfig, load_clip, load_projector, preprocess, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,7 +205,6 @@ def save_base(model: LLaVA, folder, extra=None):
 
 
 def load_base(folder) -> LLaVA:
-    from vision import read_json
     meta = read_json(os.path.join(folder, "meta.json"))
     vcfg, lcfg = VisionConfig(**meta["vision"]), LlamaConfig(**meta["llm"])
     model = LLaVA(CLIPVision(vcfg), Projector(*meta["projector"]), Llama(lcfg), pad_id=meta["pad_id"])
@@ -391,7 +390,6 @@ def save_predictions(out, task, stage, rows):
 
 
 def ex_pixels(ex, model):
-    from vision import preprocess
     return preprocess(ex.image, model.vision.cfg.image_size)
 
 
@@ -458,7 +456,6 @@ def run(args):
     first = 0
     partial = None
     if args.resume and os.path.exists(state_path):
-        from vision import read_json
         M = read_json(state_path)
         M["time"]["base"] += t_base
         first = M["finished_tasks"]
@@ -478,7 +475,8 @@ def run(args):
         name = names[t]
         tt = {"task": name, "probe": 0.0, "train": 0.0, "locator": 0.0, "eval": 0.0}
         log(f"=== task {t + 1}/{len(names)}: {name} ===")
-        train_ds = encode(model, load_examples(args, name, "train"), tok, template, args, t)
+        train_exs = load_examples(args, name, "train")
+        train_ds = encode(model, train_exs, tok, template, args, t)
         n_before = cmoe.count_params(model)[1]
         start, decision = None, None
         g = torch.Generator().manual_seed(args.seed * 131 + t)
@@ -519,8 +517,7 @@ def run(args):
 
         t1 = time.time()
         if args.method == "cmoe":  # PTL: fit this task's VAE on frozen-base features of its training data
-            exs = load_examples(args, name, "train")[: args.locator_n]
-            feats = task_features(model, exs, tok, template, args)
+            feats = task_features(model, train_exs[: args.locator_n], tok, template, args)
             locator.add_task(feats, seed=args.seed + t)
         tt["locator"] = time.time() - t1
 
@@ -575,7 +572,6 @@ def evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
 def reevaluate(run_dir, device=None):
     """Rebuild a finished (or partly finished) run from its checkpoints and regenerate every stage's
     predictions and accuracy rows. Returns the refreshed metrics dict (also written to metrics.json)."""
-    from vision import read_json
     cfg = read_json(os.path.join(run_dir, "config.json"))
     args = parse_args([])
     for k, v in cfg.items():
