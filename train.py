@@ -404,7 +404,8 @@ def set_experts(llm: Llama, ecfg: ExpertConfig):
     """Expert settings of a fresh (expert-free) model: empty banks are re-made at the new rank."""
     llm.ecfg = ecfg
     for f in llm.expert_ffns():
-        assert f.n_experts == 0, "set_experts is for a model without experts"
+        if f.n_experts:
+            raise ValueError("set_experts is for a model without experts (the banks would lose their experts)")
         f.ecfg = ecfg
         for bank in ("frozen", "train"):
             for name, shape in f._bank_shapes(0).items():
@@ -524,11 +525,9 @@ def run(args):
         t1 = time.time()
         row, conf = evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
         tt["eval"] = time.time() - t1
-        seen_ok = sum(conf[i][i] for i in range(t + 1))
-        seen_all = sum(sum(conf[i]) for i in range(t + 1))
         M["acc"].append(row)
         if args.method == "cmoe":
-            M["locator_acc"].append(100.0 * seen_ok / max(1, seen_all))
+            M["locator_acc"].append(ev.locator_accuracy(conf))
             M["locator"] = {"confusion": conf, "acc": M["locator_acc"][-1]}
         else:  # one shared router: there is nothing to locate
             M["locator"] = {"confusion": None, "acc": None}
@@ -588,10 +587,7 @@ def reevaluate(run_dir, device=None):
     freeze_base(model)
     set_experts(model.llm, expert_config(args))
     tests = {n: load_examples(args, n, "test") for n in names}
-    if args.method == "joint":
-        stages = [0]
-    else:
-        stages = range(M["finished_tasks"])
+    stages = [0] if args.method == "joint" else range(M["finished_tasks"])  # joint: one checkpoint, one row
     acc = []
     for t in stages:
         tdir = os.path.join(run_dir, f"task_{t}")
@@ -600,10 +596,7 @@ def reevaluate(run_dir, device=None):
             if meta.get(field) != want:
                 raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} but the run config says {want!r}")
         locator = cmoe.load_cl_state(model, cmoe.load_safetensors(os.path.join(tdir, "model.safetensors")), meta, tdir)
-        if args.method == "joint":
-            row, conf = evaluate_stage(model, locator, args, names, metric, tests, 0, tok, template)
-        else:
-            row, conf = evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
+        row, conf = evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
         acc.append(row)
         if args.method == "cmoe":
             M["locator"] = {"confusion": conf, "acc": ev.locator_accuracy(conf)}
@@ -689,7 +682,7 @@ def run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
     t1 = time.time()
     row, _ = evaluate_stage(model, None, args, names, metric, tests, 0, tok, template)
     M["acc"] = [row]
-    M["params"] = [{"task": "joint", "trainable": trainable, "added": added, "experts": added and sum(
+    M["params"] = [{"task": "joint", "trainable": trainable, "added": added, "experts": sum(
         f.n_experts for f in model.llm.expert_ffns())}]
     M["experts_per_layer"] = [[f.n_experts for f in model.llm.expert_ffns()]]
     M["time"]["tasks"] = [{"task": "joint", "probe": 0.0, "train": t_train, "locator": 0.0, "eval": time.time() - t1}]
