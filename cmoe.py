@@ -634,26 +634,32 @@ def pgke_decide(freq, alpha: float):
 
 
 def probe_end(llm: Llama):
-    """Drop probes and their routers; return, per layer, the most-used old expert (copy source) and the
-    probe router (old rows + probe row) to initialise the task's real router from."""
+    """Drop probes and their routers; return, per layer, the most-used old expert on the counted (held-out)
+    probe data (the copy source; ties go to the lowest index) and the probe router (old rows + probe row)
+    to initialise the task's real router from."""
     sources, probe_routers = [], []
-    for ffn in llm.expert_ffns():
-        old = ffn.usage[: ffn.n_frozen]
-        sources.append(int(old.argmax()) if old.numel() else None)
+    for i, ffn in enumerate(llm.expert_ffns()):
+        if ffn.n_frozen and ffn.usage.numel() != ffn.n_experts:
+            raise RuntimeError(f"probe_end: layer {i} has no usage counts (run the held-out probe data with "
+                               f"set_counting(llm, True) first)")
+        old = ffn.usage[: ffn.n_frozen].tolist()
+        sources.append(old.index(max(old)) if old else None)  # list.index: the first (lowest) of tied maxima
         probe_routers.append(ffn.routers[-1].detach().clone())
         ffn.routers = nn.ParameterList(list(ffn.routers)[:-1])
         ffn.drop_trainable()
+        ffn.counting = False
         ffn.usage = torch.zeros(0, device=ffn.usage.device)
     return sources, probe_routers
 
 
-def expand(llm: Llama, decision, sources, probe_routers, n_new: int = 1):
-    """Stage B: expanded layers get n_new copies of their most-used expert; every layer gets the new task's
-    router over all experts that exist now (old rows from the probe router, new rows = the probe's row)."""
+def expand(llm: Llama, decision, sources, probe_routers, n_new: int = 1, generator=None):
+    """Stage B: expanded layers get n_new copies of their most-used expert (fresh experts from `generator`
+    only in a layer that has none to copy); every layer gets the new task's router over all experts that
+    exist now (old rows from the probe router, new rows = the probe's row)."""
     for ffn, grow, src, pr in zip(llm.expert_ffns(), decision, sources, probe_routers):
         n_old = ffn.n_experts
         if grow:
-            ffn.add_experts(n_new, copy_from=src)
+            ffn.add_experts(n_new, copy_from=src, generator=generator)
         init = torch.cat([pr[:n_old], pr[n_old:n_old + 1].expand(ffn.n_experts - n_old, -1)], 0)
         ffn.add_router(init)
 
@@ -666,9 +672,11 @@ def init_experts(llm: Llama, n: int, generator=None):
 
 
 def set_counting(llm: Llama, on: bool):
+    """PGKE usage counts: switching on starts from zero; switching off keeps the counts for probe_end."""
     for ffn in llm.expert_ffns():
         ffn.counting = on
-        ffn.usage = torch.zeros(0, device=ffn.gate_proj.weight.device)
+        if on:
+            ffn.usage = torch.zeros(0, device=ffn.gate_proj.weight.device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -687,10 +695,10 @@ class TaskVAE(nn.Module):
         self.register_buffer("err_mean", torch.zeros(()))
         self.register_buffer("err_std", torch.ones(()))
 
-    def loss(self, f_BD, beta=1e-3):
+    def loss(self, f_BD, beta=1e-3, generator=None):
         x = (f_BD - self.feat_mean) / self.feat_std
         mu, logvar = self.enc(x).chunk(2, -1)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
         return F.mse_loss(self.dec(z), x) + beta * kl
 
@@ -701,16 +709,17 @@ class TaskVAE(nn.Module):
 
 
 def fit_vae(features_ND, hidden=128, latent=16, steps=400, lr=3e-3, batch=64, seed=0) -> TaskVAE:
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # reparameterisation noise: reproducible fits
+    g = torch.Generator().manual_seed(seed)  # batches and reparameterisation noise: the fit is a function of seed
     f = features_ND.detach().float().cpu()
-    vae = TaskVAE(f.shape[1], hidden, latent)
+    with torch.random.fork_rng(devices=[]):  # initial weights from `seed`, and the global generator untouched
+        torch.manual_seed(seed)
+        vae = TaskVAE(f.shape[1], hidden, latent)
     vae.feat_mean.copy_(f.mean(0))
     vae.feat_std.copy_(f.std(0).clamp(min=1e-4))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
         idx = torch.randint(0, f.shape[0], (min(batch, f.shape[0]),), generator=g)
-        loss = vae.loss(f[idx])
+        loss = vae.loss(f[idx], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -480,7 +480,6 @@ def run(args):
         train_ds = encode(model, train_exs, tok, template, args, t)
         n_before = cmoe.count_params(model)[1]
         start, decision = None, None
-        g = torch.Generator().manual_seed(args.seed * 131 + t)
         if partial is not None:  # rebuild the task's grown structure, optimizer and step from the mid-task save
             tensors, pmeta = partial
             cmoe.load_cl_state(model, tensors, pmeta, "partial")
@@ -488,13 +487,14 @@ def run(args):
             n_before = pmeta["n_before"]
             partial = None
         elif args.method == "cmoe" and t == 0:
-            cmoe.init_experts(model.llm, args.n_init, generator=g)
+            cmoe.init_experts(model.llm, args.n_init, generator=stage_rng(args, t, "init"))
         elif args.method == "cmoe":
             t1 = time.time()
-            decision = pgke(model, train_ds, args, t, log, g)
+            decision = pgke(model, train_ds, args, t, log)
             tt["probe"] = time.time() - t1
         elif t == 0:  # lora / moelora: one shared pool and router, trained on every task in turn
-            cmoe.init_experts(model.llm, 1 if args.method == "lora" else args.moelora_experts, generator=g)
+            cmoe.init_experts(model.llm, 1 if args.method == "lora" else args.moelora_experts,
+                              generator=stage_rng(args, t, "init"))
         if decision is not None:
             M["pgke"].append(decision)
         trainable_cl(model)
@@ -519,7 +519,7 @@ def run(args):
         t1 = time.time()
         if args.method == "cmoe":  # PTL: fit this task's VAE on frozen-base features of its training data
             feats = task_features(model, train_exs[: args.locator_n], tok, template, args)
-            locator.add_task(feats, seed=args.seed + t)
+            locator.add_task(feats, seed=stage_seed(args, t, "vae"))
         tt["locator"] = time.time() - t1
 
         t1 = time.time()
@@ -643,14 +643,14 @@ def task_features(model, exs, tok, template, args):
     return torch.cat(feats)
 
 
-def pgke(model: LLaVA, ds, args, t, log, g):
-    """Stage A of task t: probe experts + probe routers on a small subset, measure, decide, expand."""
+def pgke(model: LLaVA, ds, args, t, log):
+    """Stage A of task t: probe experts + probe routers on a small subset, measure, decide; then stage B: expand."""
     N = ds["input_ids"].shape[0]
-    perm = torch.randperm(N, generator=g)
+    perm = torch.randperm(N, generator=stage_rng(args, t, "split"))
     n_probe = max(8, int(args.probe_frac * N))
     n_hold = max(4, n_probe // 5)
     probe_train, probe_hold = subset(ds, perm[:n_probe - n_hold]), subset(ds, perm[n_probe - n_hold:n_probe])
-    cmoe.probe_start(model.llm, generator=g)
+    cmoe.probe_start(model.llm, generator=stage_rng(args, t, "probe"))
     trainable_cl(model)
     train_stage(model, probe_train, args, args.probe_steps, args.lr, t, f"probe{t}", log)
     cmoe.set_counting(model.llm, True)
@@ -659,22 +659,35 @@ def pgke(model: LLaVA, ds, args, t, log, g):
             b = {k: v[i:i + args.eval_batch].to(args.device) for k, v in probe_hold.items() if isinstance(v, torch.Tensor)}
             model(b["input_ids"], b["images"], None, b["task_ids"])
     freq = cmoe.probe_frequencies(model.llm)
-    cmoe.set_counting(model.llm, False)
     expand, thr = cmoe.pgke_decide(freq, args.alpha)
     if args.expand == "all":
         expand = [True] * len(expand)
-    sources, probe_routers = cmoe.probe_end(model.llm)
-    cmoe.expand(model.llm, expand, sources, probe_routers, args.n_new)
+    sources, probe_routers = cmoe.probe_end(model.llm)  # reads the usage counts, then stops counting
+    cmoe.expand(model.llm, expand, sources, probe_routers, args.n_new, generator=stage_rng(args, t, "expand"))
+    copied = [src if grow else None for grow, src in zip(expand, sources)]
     log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
-        + "".join("1" if e else "0" for e in expand))
-    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": sources}
+        + "".join("1" if e else "0" for e in expand) + " | copied from " + " ".join("-" if c is None else str(c) for c in copied))
+    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied}
+
+
+STAGES = ("init", "split", "probe", "expand", "vae")
+
+
+def stage_seed(args, t, stage):
+    """The seed of one random stage of task t, a function of (seed, task, stage) alone: a task's result then
+    depends only on the checkpointed state, never on what ran before it in the process."""
+    return (args.seed * 1_000_003 + t) * len(STAGES) + STAGES.index(stage)
+
+
+def stage_rng(args, t, stage):
+    return torch.Generator().manual_seed(stage_seed(args, t, stage))
 
 
 def run_joint(args, model, tok, template, names, metric, tests, M, log, t_start):
     """Multitask upper bound: one MoELoRA pool trained on all tasks at once, evaluated once."""
     t1 = time.time()
     ds = concat([encode(model, load_examples(args, n, "train"), tok, template, args, i) for i, n in enumerate(names)])
-    cmoe.init_experts(model.llm, args.moelora_experts, generator=torch.Generator().manual_seed(args.seed))
+    cmoe.init_experts(model.llm, args.moelora_experts, generator=stage_rng(args, 0, "init"))
     trainable_cl(model)
     trainable, added = cmoe.count_params(model)
     train_stage(model, ds, args, args.steps * len(names), args.lr, 0, "joint", log, task_ids_fixed=0)

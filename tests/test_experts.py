@@ -178,6 +178,51 @@ def test_zero_experts_is_the_base_ffn_and_model():
     torch.testing.assert_close(grown, base, atol=1e-6, rtol=1e-6)
 
 
+def test_pgke_grows_a_layer_by_a_copy_of_its_most_used_expert():
+    cfg = LlamaConfig(vocab_size=32, dim=D, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=FF)
+    llm = Llama(cfg, ExpertConfig(rank=R, alpha=8, top_k=1))
+    g = torch.Generator().manual_seed(0)
+    cmoe.init_experts(llm, 3, generator=g)
+    for ffn in llm.expert_ffns():
+        with torch.no_grad():  # distinct non-zero experts, so a copy of the wrong one shows
+            for name in ("B_gate", "B_up", "B_down"):
+                getattr(ffn, f"train_{name}").normal_(generator=g)
+        ffn.freeze()
+    cmoe.probe_start(llm, generator=g)
+    assert [f.n_experts for f in llm.expert_ffns()] == [4, 4] and [len(f.routers) for f in llm.expert_ffns()] == [2, 2]
+    cmoe.set_counting(llm, True)
+    # hand-made top-1 assignments, one token per row; the first token is padding and must not count
+    valid = torch.tensor([[False, True, True, True, True]])
+    hits = {0: [0, 2, 2, 1, 3], 1: [0, 1, 2, 3, 3]}  # layer 0: expert 2 wins; layer 1: experts 1 and 2 tie
+    for layer, ids in hits.items():
+        llm.layers[layer].ffn.count(F.one_hot(torch.tensor([ids]), 4).float(), valid)
+    assert llm.layers[0].ffn.usage.tolist() == [0, 1, 2, 1]
+    assert cmoe.probe_frequencies(llm) == [0.25, 0.5]
+    probe_router = [f.routers[-1].detach().clone() for f in llm.expert_ffns()]
+    sources, routers = cmoe.probe_end(llm)
+    assert sources == [2, 1]  # most-used old expert; a tie goes to the lowest index
+    assert [f.n_experts for f in llm.expert_ffns()] == [3, 3] and [len(f.routers) for f in llm.expert_ffns()] == [1, 1]
+    cmoe.expand(llm, [True, False], sources, routers, n_new=1)
+    grown, kept = llm.expert_ffns()
+    assert grown.n_experts == 4 and kept.n_experts == 3 and grown.n_frozen == 3
+    for name in ("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"):
+        assert torch.equal(grown.bank(name)[3], grown.bank(name)[2]), name
+    # one router per task, probes gone; the new router starts from the probe router, the grown row from the probe's
+    assert [len(f.routers) for f in llm.expert_ffns()] == [2, 2]
+    assert torch.equal(grown.routers[1], torch.cat([probe_router[0][:3], probe_router[0][3:]]))
+    assert torch.equal(kept.routers[1], probe_router[1][:3])
+    assert grown.routers[1].requires_grad and not grown.routers[0].requires_grad
+
+
+def test_probe_end_refuses_a_layer_without_counts():
+    llm = Llama(LlamaConfig(vocab_size=32, dim=D, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FF))
+    cmoe.init_experts(llm, 2, generator=torch.Generator().manual_seed(0))
+    llm.layers[0].ffn.freeze()
+    cmoe.probe_start(llm, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="layer 0 has no usage counts"):
+        cmoe.probe_end(llm)
+
+
 @pytest.mark.parametrize("mode,batch", [("dense", 2), ("sparse", 2), ("sparse", 1)])
 def test_compiled_fused_matches_loop_without_recompiles(mode, batch):
     torch._dynamo.reset()

@@ -51,6 +51,9 @@ def test_quick_run_writes_the_run_folder(oracle_run):
     # the recorded decision follows the rule on the recorded frequencies
     assert m["pgke"][0]["expand"] == cmoe.pgke_decide(m["pgke"][0]["freq"], 1.0)[0]
     grown = sum(m["pgke"][0]["expand"])
+    # every grown layer names the expert it copied (an old one: task 1 had 2 per layer), the others name none
+    for grow, src in zip(m["pgke"][0]["expand"], m["pgke"][0]["copied_from"]):
+        assert (src in (0, 1)) if grow else src is None
     assert sum(m["experts_per_layer"][1]) == sum(m["experts_per_layer"][0]) + grown
     assert not list(out.glob("task_*/partial*")), "partial checkpoints are removed when a task finishes"
 
@@ -155,3 +158,54 @@ def test_eval_rejects_checkpoint_from_another_config(ptl_run, tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="field 'method'"):
         train.reevaluate(str(out))
+
+
+# Real kills (SIGKILL from inside a subprocess, at exact points chosen by tests/killrun.py), chained in one run
+# folder: each --resume goes on to the next kill point; the end result must equal the uninterrupted run's.
+def _exists(*names):
+    return lambda out: all((out / n).exists() for n in names)
+
+
+def _absent(*names):
+    return lambda out: not any((out / n).exists() for n in names)
+
+
+KILL_CHAIN = [  # (kill point, what the folder holds right after it)
+    ("before:task_0/meta.json:1", _absent("task_0/meta.json", "state.json")),  # task 1's checkpoint half-written
+    ("before:state.json:1", _exists("task_0/meta.json")),  # task 1's checkpoint done, its progress marker not yet
+    ("log:^probe1 step:2", _exists("state.json")),  # during the probe of task 2
+    ("log:^PGKE task 1:1", _absent("task_1/partial.json")),  # layers grown, task 2 not trained yet
+    ("after:task_1/partial.json:1", _exists("task_1/partial.json")),  # right after task 2's first mid-task save
+    ("after:predictions/sqa.jsonl:1", lambda out: _stages(out, "sqa") == {0, 1} and _stages(out, "cls") == {0}),
+]  # the last one: in the middle of task 2's evaluation (sqa scored, cls not yet)
+
+
+def _stages(out, task):
+    return {json.loads(line)["stage"] for line in (out / f"predictions/{task}.jsonl").read_text().splitlines()}
+
+
+def test_real_kills_then_resume_reproduce_the_uninterrupted_run(tmp_path, base_dir, ptl_run):
+    import subprocess
+    import sys
+    ref_out, ref = ptl_run
+    out = tmp_path / "killed"
+    script = os.path.join(os.path.dirname(__file__), "killrun.py")
+    for k, (point, holds) in enumerate(KILL_CHAIN):
+        argv = TINY + ["--out", str(out), "--base-dir", base_dir] + (["--resume"] if k else [])
+        p = subprocess.run([sys.executable, script, point, "--", *argv], capture_output=True, text=True, timeout=120)
+        assert p.returncode == -9, f"kill point {point!r} was never reached (exit {p.returncode}): {p.stderr[-2000:]}"
+        assert holds(out), f"after kill point {point!r} the run folder is not in the expected state"
+    M = run(out, base_dir, "--resume")
+    for key in ("acc", "pgke", "locator", "params", "experts_per_layer", "last", "avg", "bwt"):
+        assert M[key] == ref[key], key
+    for t in (0, 1):
+        a = load_file(str(ref_out / f"task_{t}/model.safetensors"))
+        b = load_file(str(out / f"task_{t}/model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (t, k)
+    for task in ("sqa", "cls"):
+        assert (out / f"predictions/{task}.jsonl").read_text() == (ref_out / f"predictions/{task}.jsonl").read_text()
+    log = (out / "log.txt").read_text()
+    assert log.count("resume:") == len(KILL_CHAIN) - 2  # the first two kills left no progress marker to resume from
+    assert not list(out.glob("task_*/partial*")), "partial checkpoints are removed when a task finishes"
