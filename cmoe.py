@@ -511,12 +511,21 @@ class LLaVA(nn.Module):
         """Replace each row's single IMAGE_TOKEN_ID by the P projected patch features (static shapes:
         S = T - 1 + P, built with gathers so it compiles without data-dependent shapes). `images` is
         pixel_values [B,3,H,W] or precomputed image features [B,P,D] (the tower is frozen in continual
-        learning, so train.py computes them once per dataset)."""
+        learning, so train.py computes them once per dataset).
+        A row without IMAGE_TOKEN_ID is text-only and may share the batch: it still gets P image slots (static
+        shapes), put in place of one padding token (the first when the row starts with padding, i.e. a left-padded
+        prompt; else the last, i.e. a right-padded training row, which must end in padding) and marked invalid. So
+        they are out of the attention keys where a mask is used (generation, features), after every real token of a
+        causal right-padded row (training), out of the routing statistics, and never labelled: the real tokens see
+        the text alone, at the positions they would have without an image."""
         img_BPD = self.image_features(images) if images.dim() == 4 else images
         B, T = input_ids_BT.shape
         P = img_BPD.shape[1]
         S = T - 1 + P
-        p_B1 = (input_ids_BT == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
+        is_ph_BT = input_ids_BT == IMAGE_TOKEN_ID
+        has_img_B1 = is_ph_BT.any(1, keepdim=True)
+        blank_B1 = torch.where(input_ids_BT[:, :1] == self.pad_id, 0, T - 1)  # text-only rows: where the slots go
+        p_B1 = torch.where(has_img_B1, is_ph_BT.int().argmax(1, keepdim=True), blank_B1)
         j_1S = torch.arange(S, device=input_ids_BT.device)[None]
         rel_BS = j_1S - p_B1
         is_img_BS = (rel_BS >= 0) & (rel_BS < P)
@@ -524,8 +533,8 @@ class LLaVA(nn.Module):
         ids_BS = input_ids_BT.gather(1, src_BS)
         tok_BSD = self.llm.embed_tokens(ids_BS.clamp(min=0))
         img_BSD = img_BPD.gather(1, rel_BS.clamp(0, P - 1)[..., None].expand(B, S, img_BPD.shape[-1]))
-        x_BSD = torch.where(is_img_BS[..., None], img_BSD.to(tok_BSD.dtype), tok_BSD)
-        valid_BS = is_img_BS | (ids_BS != self.pad_id)
+        x_BSD = torch.where((is_img_BS & has_img_B1)[..., None], img_BSD.to(tok_BSD.dtype), tok_BSD)
+        valid_BS = torch.where(is_img_BS, has_img_B1, ids_BS != self.pad_id)
         lab_BS = None
         if labels_BT is not None:
             lab_BS = labels_BT.gather(1, src_BS).masked_fill(is_img_BS, IGNORE_INDEX)
@@ -541,8 +550,9 @@ class LLaVA(nn.Module):
         return logits, loss, aux
 
     def _left_pad(self, prompts, device):
-        """Left-pad prompts to one length: generation then appends at the same index for every row."""
-        T = max(len(p) for p in prompts)
+        """Left-pad prompts to one length: generation then appends at the same index for every row. A text-only
+        prompt (no IMAGE_TOKEN_ID) keeps at least one padding token in front: splice puts its masked image slots there."""
+        T = max(len(p) + (IMAGE_TOKEN_ID not in p) for p in prompts)
         ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):] = torch.tensor(p)
@@ -569,7 +579,8 @@ class LLaVA(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, images, task_ids=None, max_new_tokens=16, stop_ids=(), use_cache=True):
-        """Greedy decoding of a batch of prompts (lists of ids, one IMAGE_TOKEN_ID each) -> new ids per row."""
+        """Greedy decoding of a batch of prompts (lists of ids, one IMAGE_TOKEN_ID each, or none in a text-only
+        prompt) -> new ids per row."""
         dev = images.device
         ids = self._left_pad(prompts, dev)
         x, valid, _ = self.splice(ids, images)

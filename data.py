@@ -10,6 +10,7 @@ import argparse
 import base64
 import binascii
 import collections
+import hashlib
 import json
 import os
 import re
@@ -93,11 +94,17 @@ def _atomic_write(path, data: bytes):
 def minicoin_corpus(per_task=40, seed=0):
     """MiniCoIN text (prompts and answers of the train split, all tasks + captions) to train the BPE on."""
     texts = []
-    for task in MINICOIN_TASKS + ("caption",):
+    for task in MINICOIN_TASKS + tuple(BASE_SETS):
         for i in range(per_task):
             for user, asst in minicoin_sample(task, "train", i, seed, render=False).turns:
                 texts += [user.replace("<image>", ""), asst]
     return "\n".join(texts)
+
+
+def minicoin_tokenizer_path(folder, vocab_size=MINICOIN_VOCAB):
+    """Cache file of the MiniCoIN BPE, named by a hash of the text it is trained on (never a stale file)."""
+    digest = hashlib.sha1(f"{vocab_size}\n{minicoin_corpus()}".encode()).hexdigest()[:10]
+    return os.path.join(folder, f"minicoin-tokenizer-{digest}.model")
 
 
 def build_minicoin_tokenizer(path, vocab_size=MINICOIN_VOCAB):
@@ -126,8 +133,8 @@ def pad_id(tok):
 
 @dataclass
 class Example:
-    image: object  # PIL.Image or a path str
-    turns: list  # [(user, assistant), ...]; the first user text holds exactly one "<image>"
+    image: object  # PIL.Image, a path str, or None (text-only, e.g. CoIN's ScienceQA without a picture; or not rendered)
+    turns: list  # [(user, assistant), ...]; the first user text holds exactly one "<image>"; none at all: text-only
     task: str = ""
     answers: list = None  # VQA soft-accuracy answer list (10 human answers), else None
     meta: dict = field(default_factory=dict)
@@ -174,10 +181,18 @@ LLAMA3 = ChatTemplate("llama3", "<|begin_of_text|>", "<|start_header_id|>user<|e
 COMPACT = ChatTemplate("compact", "<|begin_of_text|>", "{}", "<|start_header_id|>", "<|eot_id|>")  # 1 token per role
 
 
+def _text_only(ex):
+    """No "<image>" in any turn and no image: the model masks this example's image slots out."""
+    return ex.image is None and not any("<image>" in u for u, _ in ex.turns)
+
+
 def _check_image_tokens(ex):
     counts = [u.count("<image>") for u, _ in ex.turns]
+    if counts and _text_only(ex):
+        return
     if not counts or counts[0] != 1 or sum(counts) != 1:
-        raise ValueError(f"example {ex.meta}: the first user turn must hold exactly one '<image>' (found {counts})")
+        raise ValueError(f"example {ex.meta}: the first user turn must hold exactly one '<image>' (found {counts}; "
+                         f"none at all only in a text-only example, whose image is None)")
 
 
 def _segments(tok, ex, template, with_final_answer):
@@ -210,9 +225,11 @@ def _truncate(segs, max_len):
 def encode(tok, ex, template, max_len):
     """(ids, labels) of a whole conversation, or None if the answers alone do not fit in max_len.
     labels = ids on every assistant answer (+ its end token), IGNORE_INDEX elsewhere; not shifted (the model shifts).
-    max_len counts text tokens; the image placeholder counts as 1."""
+    max_len counts text tokens; the image placeholder counts as 1. A text-only example (no image, no "<image>") has no
+    placeholder but keeps its slot free (max_len - 1 text tokens at most): the model puts its (masked) image slots
+    there, so every row of a batch has the same spliced length."""
     segs = _segments(tok, ex, template, with_final_answer=True)
-    if not _truncate(segs, max_len):
+    if not _truncate(segs, max_len - _text_only(ex)):
         return None
     ids, labels = [], []
     for s, kind in segs:
@@ -224,7 +241,7 @@ def encode(tok, ex, template, max_len):
 def encode_prompt(tok, ex, template, max_len=None):
     """ids for generation: the conversation up to where the final answer starts (earlier answers included)."""
     segs = _segments(tok, ex, template, with_final_answer=False)
-    if max_len is not None and not _truncate(segs, max_len):
+    if max_len is not None and not _truncate(segs, max_len - _text_only(ex)):  # as encode: one slot kept free
         raise ValueError(f"example {ex.meta}: prompt cannot fit in max_len={max_len} even with its text truncated")
     return [t for s, _ in segs for t in s]
 
@@ -239,7 +256,8 @@ def stop_ids(tok, template):
 
 def encode_dataset(examples, tok, template, max_len, image_size, task_id):
     """Pre-encode once: input_ids/labels [N,T] right-padded to max_len, pixel_values [N,3,S,S], task_ids [N],
-    index [N] (row -> position in `examples`), skipped (int: examples whose answers do not fit)."""
+    index [N] (row -> position in `examples`), skipped (int: examples whose answers do not fit). A text-only example
+    gets zero pixels and ids without IMAGE_TOKEN_ID (LLaVA.splice masks its image slots out)."""
     rows, skipped = [], 0
     for i, ex in enumerate(examples):
         enc = encode(tok, ex, template, max_len)
@@ -254,8 +272,9 @@ def encode_dataset(examples, tok, template, max_len, image_size, task_id):
     for r, (i, ex, ids, lab) in enumerate(rows):
         input_ids[r, :len(ids)] = torch.tensor(ids)
         labels[r, :len(lab)] = torch.tensor(lab)
-        img = ex.image if isinstance(ex.image, Image.Image) else load_image(ex.image)
-        pixel_values[r] = preprocess(img, image_size)
+        if ex.image is not None:
+            img = ex.image if isinstance(ex.image, Image.Image) else load_image(ex.image)
+            pixel_values[r] = preprocess(img, image_size)
     return dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values,
                 task_ids=torch.full((N,), task_id, dtype=torch.long),
                 index=torch.tensor([i for i, *_ in rows], dtype=torch.long), skipped=skipped)
@@ -277,10 +296,15 @@ def batches(ds, batch_size, shuffle=False, seed=0, drop_last=None):
 
 
 # -----------------------------------------------------------------------------
-# CoIN / LLaVA JSON
+# CoIN / LLaVA JSON, as CoIN ships it (github.com/zackschen/CoIN): Instructions_Original/<Task>/ (or
+# Instruction_Type2/<Task>/) with train.json and a test file; image paths relative to CoIN's cl_dataset/ folder.
 
-COIN_TASKS = [("ScienceQA", "letter"), ("TextVQA", "vqa"), ("ImageNet", "substring"), ("GQA", "exact"),
-              ("VizWiz", "vqa"), ("Grounding", "iou"), ("VQAv2", "vqa"), ("OCR-VQA", "exact")]
+COIN_TASKS = [("ScienceQA", "coin-sqa"), ("TextVQA", "coin-textvqa"), ("ImageNet", "coin-imagenet"), ("GQA", "coin-gqa"),
+              ("VizWiz", "coin-vizwiz"), ("Grounding", "coin-grounding"), ("VQAv2", "coin-vqav2"),
+              ("OCR-VQA", "coin-ocrvqa")]  # CoIN's order; metric = CoIN's own eval script's rule (see "scoring")
+COIN_FOLDER = {"OCR-VQA": "OCRVQA"}  # task -> its folder in Instructions_Original/ (and in CoIN's results/); else the name
+COIN_TEST_FILE = {"TextVQA": "val.json", "VizWiz": "val.json", "VQAv2": "val.json"}  # the others: test.json
+COIN_ANNOTATIONS = {"TextVQA": "TextVQA/TextVQA_0.5.1_val.json"}  # scoring files the test records lack, under cl_dataset/
 
 
 def task_metric(task):
@@ -289,6 +313,27 @@ def task_metric(task):
     if task not in table:
         raise ValueError(f"unknown task {task!r}; known: MiniCoIN {list(TASK_METRIC)}, CoIN {[n for n, _ in COIN_TASKS]}")
     return table[task]
+
+
+def coin_folder(task):
+    return COIN_FOLDER.get(task, task)
+
+
+def coin_files(root, task):
+    """(train.json, test file) of a CoIN task under `root` (CoIN's Instructions_Original/ or Instruction_Type2/):
+    <root>/<folder>/train.json and test.json, or val.json for TextVQA, VizWiz and VQAv2; the OCR-VQA folder is OCRVQA.
+    A missing folder or file is an error naming it."""
+    task_metric(task)
+    folder = os.path.join(root, coin_folder(task))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"CoIN task {task}: folder {folder} not found (the CoIN root should hold CoIN's task "
+                                f"folders: {', '.join(coin_folder(t) for t, _ in COIN_TASKS)})")
+    paths = (os.path.join(folder, "train.json"), os.path.join(folder, COIN_TEST_FILE.get(task, "test.json")))
+    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"CoIN task {task}: folder {folder} lacks {' and '.join(missing)} "
+                                f"(it holds {sorted(os.listdir(folder))})")
+    return paths
 
 
 class ExampleList(list):
@@ -354,28 +399,37 @@ def _image_problem(path, decode=False):
 def _check_images(examples, source, bad_images, decode):
     if bad_images not in ("fail", "skip"):
         raise ValueError(f"bad_images must be 'fail' or 'skip', got {bad_images!r}")
-    paths = sorted({ex.image for ex in examples})
+    paths = sorted({ex.image for ex in examples if ex.image is not None})  # None: a text-only record
     with ThreadPoolExecutor(8) as pool:  # file I/O bound: threads overlap the disk waits
         bad = {p: why for p, why in zip(paths, pool.map(lambda p: _image_problem(p, decode), paths)) if why}
-    out = ExampleList(ex for ex in examples if ex.image not in bad)
+    out = ExampleList(ex for ex in examples if ex.image is None or ex.image not in bad)
     out.skipped = len(examples) - len(out)
     if bad and bad_images == "fail":
+        first = {}
+        for ex in examples:
+            if ex.image in bad and ex.image not in first:
+                first[ex.image] = ex.meta
+        where = lambda m: f"record {m.get('index')}" + "".join(  # noqa: E731
+            f" ({k} {m[k]!r})" for k in ("id", "question_id") if k in m) + ", field 'image'"
         raise ValueError(f"{source}: {len(bad)} bad image file(s) (pass bad_images='skip' to drop their records):\n"
-                         + "\n".join(f"  {p}: {why}" for p, why in bad.items()))
+                         + "\n".join(f"  {p}: {why} (first used by {where(first[p])})" for p, why in bad.items()))
     if bad:
         warnings.warn(f"{source}: skipped {out.skipped} record(s) with {len(bad)} bad image file(s), e.g. "
                       + "; ".join(f"{p}: {why}" for p, why in list(bad.items())[:3]))
     return out
 
 
-def load_coin_train(json_path, image_root, bad_images="fail", task="", decode=False):
-    """LLaVA conversation records {id, image, conversations: [{from: human|gpt, value}, ...]} -> Examples."""
+def load_coin_train(json_path, image_root, bad_images="fail", task="", decode=False, n=None):
+    """LLaVA conversation records {id, image?, conversations: [{from: human|gpt, value}, ...]} -> Examples.
+    A record without 'image' is text-only (LLaVA's ScienceQA converter writes such records): Example.image is None and
+    its text must hold no '<image>'. A record with an image but no '<image>' gets "<image>\n" at the front of its first
+    turn, where LLaVA puts it. n: only the first n records (before their images are checked)."""
     if task:
         task_metric(task)
     examples = []
-    for i, rec in enumerate(_read_records(json_path)):
+    for i, rec in enumerate(_read_records(json_path)[:n]):
         name = _record(json_path, i, rec, "id")
-        image = _require(name, rec, "image")
+        image = _require(name, rec, "image") if "image" in rec else None
         conv = _require(name, rec, "conversations", list)
         if not conv or len(conv) % 2:
             raise ValueError(f"{name}: 'conversations' must hold human/gpt pairs, found {len(conv)} messages")
@@ -385,47 +439,124 @@ def load_coin_train(json_path, image_root, bad_images="fail", task="", decode=Fa
                 raise ValueError(f"{name}: message {j} should be {{'from': {roles[0]!r}, 'value': <str>}}, got {m!r:.80}")
         turns = [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
         counts = [u.count("<image>") for u, _ in turns]
-        if counts[0] != 1 or sum(counts) != 1:
+        if image is None and sum(counts):
+            raise ValueError(f"{name}: no 'image' (a text-only record) but its text holds '<image>' (per turn: {counts})")
+        if image is not None and sum(counts) == 0:
+            turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
+        elif image is not None and (counts[0] != 1 or sum(counts) != 1):
             raise ValueError(f"{name}: the first human turn must hold exactly one '<image>' (per turn: {counts})")
-        examples.append(Example(os.path.join(image_root, image), turns, task, None, {"id": rec.get("id", i), "index": i}))
+        examples.append(Example(None if image is None else os.path.join(image_root, image), turns, task, None,
+                                {"id": rec.get("id", i), "index": i}))
     return _check_images(examples, json_path, bad_images, decode)
 
 
 def _box_text(box):
-    return "[" + ", ".join(f"{float(v):.2f}" for v in box) + "]"
+    return "[" + ", ".join(str(float(v)) for v in box) + "]"  # full precision: the scorer reads these numbers
 
 
-def load_coin_test(json_path, image_root, bad_images="fail", task="", decode=False):
-    """CoIN/LLaVA question records {question_id, image, text, answer | answer_bbox | answers} -> Examples.
-    "<image>\\n" is prepended to the text when absent (as LLaVA's eval scripts do); meta holds question_id."""
+def coin_gold_box(text):
+    """A Grounding reference box as eval_grounding.py reads 'answer_bbox': brackets removed, split on ',', floats."""
+    return [float(v) for v in str(text).replace("[", "").replace("]", "").split(",")]
+
+
+def load_coin_annotations(path):
+    """{str(question_id): answers} from TextVQA's own annotation file (TextVQA_0.5.1_val.json: {"data": [{question_id,
+    answers: 10 strings, ...}]}), the answers CoIN's eval_textvqa.py scores against; errors name file and record."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("data"), list):
+        raise ValueError(f"{path}: expected an object with a 'data' list (TextVQA's annotation layout)")
+    out = {}
+    for i, rec in enumerate(d["data"]):
+        name = _record(path, i, rec, "question_id")
+        qid = _require(name, rec, "question_id", (str, int))
+        answers = _require(name, rec, "answers", list)
+        if len(answers) != 10 or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{name}: 'answers' should be 10 strings (m4c's VQA accuracy), got {answers!r:.80}")
+        out[str(qid)] = answers  # eval_textvqa.py keys both sides by str(question_id)
+    return out
+
+
+def load_coin_test(json_path, image_root, bad_images="fail", task="", decode=False, require_answer=True,
+                   annotations=None, n=None):
+    """CoIN question records {question_id, image?, text, answer} (Grounding: answer_bbox and size) -> Examples.
+    question_id is kept as the record has it (str or int): CoIN's scripts match answer lines on it. A record with an
+    image gets "<image>\n" in front of its text (as CoIN's model_vqa*.py do) unless the text already holds one; a
+    record without one is text-only (Example.image None). The reference is 'answer_bbox' or 'answer', else the most
+    common of LLaVA-style 'answers'; a record with none is an error unless require_answer=False (prediction-only
+    runs: Example.answer ""). Example.answers: the 10 human answers TextVQA is scored on, from `annotations` (the path
+    of TextVQA_0.5.1_val.json) or else the record's own 'answers' (kept only for TextVQA when `task` is given: the
+    other CoIN scripts never read them). meta: question_id, index, and size ([w, h]) where the record has it.
+    n: only the first n records (before their images are checked)."""
     if task:
         task_metric(task)
+    ann = load_coin_annotations(annotations) if annotations else None
     examples = []
-    for i, rec in enumerate(_read_records(json_path)):
+    for i, rec in enumerate(_read_records(json_path)[:n]):
         name = _record(json_path, i, rec, "question_id")
-        _require(name, rec, "question_id", (str, int))
-        image, text = _require(name, rec, "image"), _require(name, rec, "text")
+        qid = _require(name, rec, "question_id", (str, int))
+        image = _require(name, rec, "image") if "image" in rec else None
+        text = _require(name, rec, "text")
         n_img = text.count("<image>")
         if n_img > 1:
             raise ValueError(f"{name}: the question holds {n_img} '<image>' tokens (at most one allowed)")
+        if n_img and image is None:
+            raise ValueError(f"{name}: no 'image' (a text-only question) but 'text' holds '<image>'")
         answers = rec.get("answers")
         if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
             raise ValueError(f"{name}: 'answers' should be a list of strings")
-        answer = rec.get("answer_bbox", rec.get("answer"))
-        if isinstance(answer, list):  # a box given as numbers
+        field_ = "answer_bbox" if "answer_bbox" in rec else "answer"
+        answer = rec.get(field_)
+        if isinstance(answer, list) and field_ == "answer_bbox":  # a box given as numbers
             answer = _box_text(answer)
+        if answer is None and answers:
+            answer = collections.Counter(answers).most_common(1)[0][0]
         if answer is None:
-            answer = collections.Counter(answers).most_common(1)[0][0] if answers else ""
+            if require_answer:
+                raise ValueError(f"{name}: no 'answer' (nor 'answer_bbox' / 'answers'); a test record needs its "
+                                 f"reference answer (or run in prediction-only mode)")
+            answer = ""
         if not isinstance(answer, str):
-            raise ValueError(f"{name}: 'answer' should be a string, got {type(answer).__name__}")
-        prompt = text if n_img else "<image>\n" + text
-        examples.append(Example(os.path.join(image_root, image), [(prompt, answer)], task, answers or None,
-                                {"question_id": rec["question_id"], "index": i}))
+            raise ValueError(f"{name}: '{field_}' should be a string, got {type(answer).__name__}")
+        if task == "ScienceQA" and answer and coin_letter(answer) not in SQA_OPTIONS:
+            raise ValueError(f"{name}: 'answer' should be an option letter A-E, got {answer!r:.60}")
+        meta = {"question_id": qid, "index": i}
+        if task == "Grounding" or field_ == "answer_bbox":
+            if answer:
+                try:
+                    box = coin_gold_box(answer)
+                except ValueError:
+                    box = []
+                if len(box) != 4:
+                    raise ValueError(f"{name}: '{field_}' should be a box '[x1, y1, x2, y2]', got {answer!r:.80}")
+            size = rec.get("size")
+            if size is not None or task == "Grounding":
+                if not (isinstance(size, list) and len(size) == 2 and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size)):
+                    raise ValueError(f"{name}: 'size' should be the image's [width, height], got {size!r:.60}")
+                meta["size"] = size
+        if ann is not None:
+            if str(qid) not in ann:
+                raise ValueError(f"{name}: question_id {qid!r} is not in the annotation file {annotations}")
+            answers = ann[str(qid)]
+        elif task and task != "TextVQA":
+            answers = None
+        elif task == "TextVQA" and answers and len(answers) != 10:
+            raise ValueError(f"{name}: 'answers' should be TextVQA's 10 human answers, got {len(answers)}")
+        prompt = text if (n_img or image is None) else "<image>\n" + text
+        examples.append(Example(None if image is None else os.path.join(image_root, image), [(prompt, answer)], task,
+                                answers or None, meta))
     return _check_images(examples, json_path, bad_images, decode)
 
 
 # -----------------------------------------------------------------------------
-# scoring (CoIN protocol)
+# scoring. Two families, never mixed:
+# - CoIN ("coin-*" metrics of COIN_TASKS): exactly what CoIN's own ETrain/Eval/LLaVA/CoIN/eval_*.py compute, quirks
+#   included, so a number stands next to a published one. Written here from those scripts' rules (see coin_score).
+# - lenient ("letter", "exact", "substring", "iou", "vqa"): the project's normalised scorer, for MiniCoIN only.
 
 
 def _norm(s):
@@ -479,15 +610,29 @@ def _vqa_norm(s):
     return " ".join(_NUMBER_WORDS.get(w, w) for w in s.split() if w not in ("a", "an", "the"))
 
 
-def score(metric, prediction, answer):
-    """Score in [0,1]. answer: the reference string, or a list (VQA: the human answers, min(#matches/3, 1);
-    other metrics: best over the list). VQA with a single reference string is a normalised exact match."""
+LENIENT_METRICS = ("letter", "exact", "substring", "iou", "vqa")
+
+
+def score(metric, prediction, answer, size=None):
+    """Score in [0,1] of one prediction: a CoIN metric (COIN_METRICS) scores as CoIN's script does (coin_score; a
+    list `answer` is TextVQA's human answers, `size` Grounding's image [w, h]); the others with score_lenient."""
+    if metric in COIN_METRICS:
+        listed = isinstance(answer, (list, tuple)) and metric == "coin-textvqa"
+        return coin_score(metric, prediction, None if listed else answer, answers=answer if listed else None, size=size)
+    return score_lenient(metric, prediction, answer)
+
+
+def score_lenient(metric, prediction, answer):
+    """MiniCoIN's lenient normalised scorer, in [0,1]. answer: the reference string, or a list (VQA: the human answers,
+    min(#matches/3, 1); other metrics: best over the list). VQA with a single reference string is a normalised exact
+    match. Not CoIN's rules: CoIN tasks are scored with coin_score."""
     answers = list(answer) if isinstance(answer, (list, tuple)) else [answer]
     if metric == "vqa":
         p, refs = _vqa_norm(prediction), [_vqa_norm(a) for a in answers]
         return float(refs.count(p) >= 1) if len(refs) == 1 else min(refs.count(p) / 3.0, 1.0)
-    if metric not in ("letter", "exact", "substring", "iou"):
-        raise ValueError(f"unknown metric {metric!r}; known: letter, exact, substring, iou, vqa")
+    if metric not in LENIENT_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(LENIENT_METRICS)} (MiniCoIN), "
+                         f"{', '.join(COIN_METRICS)} (CoIN)")
     return max(_score1(metric, str(prediction), a) for a in answers)
 
 
@@ -504,15 +649,194 @@ def _score1(metric, pred, ans):
     return float(p is not None and a is not None and box_iou(p, a) > 0.5)
 
 
+# CoIN's rules, script by script. Every "quirk" line is CoIN's own behaviour, reproduced on purpose.
+
+COIN_METRICS = {m: t for t, m in COIN_TASKS}  # metric -> task
+COIN_RULES = {
+    "coin-sqa": "eval_science_qa.py: the parsed option letter equals the reference letter; every test question "
+                "counts, an unanswered one is wrong",
+    "coin-textvqa": "eval_textvqa.py + m4c_evaluator.py: VQA accuracy (leave-one-out min(1, matches/3) averaged over "
+                    "the 10 human answers) after m4c's answer normalisation",
+    "coin-imagenet": "eval_ImagetNet.py: reference in prediction or prediction in reference (case-sensitive); answer "
+                     "lines paired with test records by position",
+    "coin-gqa": "convert_gqa_for_eval.py + eval_gqa.py: prediction.rstrip('.').lower() equals the reference",
+    "coin-vizwiz": "eval_vizwiz.py: case-insensitive exact match (upper() on both)",
+    "coin-vqav2": "eval_vqav2.py: case-insensitive exact match (upper() on both)",
+    "coin-ocrvqa": "eval_ocrvqa.py: lower-case exact match; a prediction holding 'Unanswerable' is wrong",
+    "coin-grounding": "eval_grounding.py: IoU > 0.5 after its own parse of the predicted box text, boxes scaled by "
+                      "max(size)",
+}
+TEXTVQA_FALLBACK = ("FALLBACK, not CoIN's number: m4c-normalised exact match against each record's single 'answer' (CoIN "
+                    "scores TextVQA over the 10 human answers of cl_dataset/TextVQA/TextVQA_0.5.1_val.json: pass "
+                    "--coin-annotations DIR)")
+
+
+def coin_rule(metric, has_answers=True):
+    """One line naming the rule `metric` scores with; TextVQA without its 10 answers per question says it fell back."""
+    if metric == "coin-textvqa" and not has_answers:
+        return TEXTVQA_FALLBACK
+    return COIN_RULES[metric]
+
+
+SQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's --options
+
+
+def coin_letter(text):
+    """ScienceQA's answer parse (eval_science_qa.py), in order: the text if it is exactly one option letter A-E; its
+    first character if that is an option letter followed by ". "; the first one-character word (one word character
+    between word boundaries), upper-cased; else "FAILED". No stripping.
+    Quirk: a lone lower-case letter or the article "a" reads as an option ("a cat" -> "A").
+    Quirk: "It's B" -> "S" (the s after the apostrophe is a one-character word).
+    Quirk: "(F)" -> "F", not an option: wrong."""
+    t = str(text)
+    if t in SQA_OPTIONS:
+        return t
+    if len(t) >= 3 and t[0] in SQA_OPTIONS and t[1:3] == ". ":
+        return t[0]
+    m = re.search(r"\b\w\b", t)
+    return m.group(0).upper() if m else "FAILED"
+
+
+# m4c_evaluator.py's EvalAIAnswerProcessor (the VQA answer normalisation), as data and rules:
+# Contractions: each listed form is the expansion of its spellings with one apostrophe dropped (all dropped when it
+# has one; any single one when it has several: "couldn'tve", "couldnt've", never "couldntve").
+# Quirk: "somebody'd" maps the other way, to "somebodyd".
+# Quirk: its capitalised keys (Im, Ive, Id've, I'dve) never match the lower-cased text, so they are left out here.
+_M4C_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+    "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
+    "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
+    "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
+    "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've "
+    "weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll "
+    "why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're "
+    "you've").split()
+
+
+def _spellings(c):
+    cuts = [i for i, ch in enumerate(c) if ch == "'"]
+    return [c.replace("'", "")] if len(cuts) == 1 else [c[:i] + c[i + 1:] for i in cuts]
+
+
+M4C_CONTRACTIONS = {k: c for c in _M4C_CONTRACTED for k in _spellings(c)}
+M4C_CONTRACTIONS["somebody'd"] = "somebodyd"
+M4C_NUMBERS = {**{w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())},
+               "none": "0"}
+M4C_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
+
+
+def m4c_normalize(answer):
+    """m4c's answer normalisation: lower-case; drop ',' and '?'; "'s" -> " 's"; newlines and tabs to spaces; strip; each
+    of M4C_PUNCT deleted where the text has it next to a space, else replaced by a space; '.' not before a digit
+    deleted; number words zero..ten and "none" -> digits; articles a/an/the dropped; contractions expanded.
+    Quirk: its digit,digit comma test never fires (commas are already gone), so "3,000" -> "3000".
+    Quirk: at most 32 periods are deleted (re.UNICODE is passed where sub() takes its count).
+    Quirk: "none" -> "0"."""
+    s = str(answer).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    s = s.replace("\n", " ").replace("\t", " ").strip()
+    out = s
+    for p in M4C_PUNCT:  # the test looks at the text before any replacement
+        out = out.replace(p, "" if (p + " " in s or " " + p in s) else " ")
+    out = re.sub(r"\.(?!\d)", "", out, count=32)
+    words = [M4C_NUMBERS.get(w, w) for w in out.split()]
+    return " ".join(M4C_CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def vqa_accuracy(prediction, answers):
+    """m4c's TextVQA accuracy of one prediction against the 10 human answers (both normalised): for each of the 10,
+    min(1, matches among the other 9 / 3), averaged. By hand: an answer given by c of the 10 scores
+    (c * min(1, (c-1)/3) + (10-c) * min(1, c/3)) / 10, i.e. 0.3, 0.6, 0.9, 1.0 for c = 1, 2, 3, >= 4."""
+    if len(answers) != 10:
+        raise ValueError(f"TextVQA accuracy needs the 10 human answers, got {len(answers)}")
+    p = m4c_normalize(prediction)
+    gts = [m4c_normalize(a) for a in answers]
+    c = gts.count(p)
+    return sum(min(1, float(c - (g == p)) / 3) for g in gts) / len(gts) if c else 0.0
+
+
+def coin_pred_box(text):
+    """A predicted box as eval_grounding.py reads it: '[' and ']' removed, then split on ',' and float() each part;
+    None (scored wrong) unless that gives 4 numbers.
+    Quirk: after removing the brackets it also drops the first and last characters, so "[0.1, 0.2, 0.3, 0.45]" reads
+    [0.1, 0.2, 0.3, 0.4] and "[0.1, 0.2, 0.3, 0.4]" reads [0.1, 0.2, 0.3, 0.0]."""
+    try:
+        box = [float(v) for v in str(text).replace("[", "").replace("]", "")[1:-1].split(",")]
+    except ValueError:
+        return None
+    return box if len(box) == 4 else None
+
+
+def coin_iou(a, b):
+    """eval_grounding.py's IoU of two [x1, y1, x2, y2] boxes.
+    Quirk: no clipping and no check of x1 < x2: an inverted box has a negative area; a union <= 0 gives 0."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0
+
+
+def coin_score(metric, prediction, answer, answers=None, size=None):
+    """One answer line scored by CoIN's rule for `metric`, in [0,1]; prediction None = no answer line (0).
+    answer: the test record's reference; answers: TextVQA's 10 human answers (without them: TEXTVQA_FALLBACK);
+    size: Grounding's image [w, h] (boxes are scaled by max(size) before the IoU, as CoIN does)."""
+    if metric not in COIN_METRICS:
+        raise ValueError(f"unknown CoIN metric {metric!r}; known: {', '.join(COIN_METRICS)}")
+    if prediction is None:
+        return 0.0
+    p, a = str(prediction), answer
+    if metric == "coin-sqa":
+        gold = coin_letter(a)  # the reference read with the same parse (CoIN reads it from problems.json: a letter)
+        return float(gold in SQA_OPTIONS and coin_letter(p) == gold)
+    if metric == "coin-textvqa":
+        return vqa_accuracy(p, answers) if answers else float(m4c_normalize(p) == m4c_normalize(a))
+    if metric == "coin-imagenet":  # Quirk: an empty prediction is in every reference: right
+        return float(a in p or p in a)
+    if metric == "coin-gqa":  # the reference is not lower-cased (GQA's answers are)
+        return float(p.rstrip(".").lower() == a)
+    if metric in ("coin-vizwiz", "coin-vqav2"):  # no strip: " yes" != "yes"
+        return float(p.upper() == a.upper())
+    if metric == "coin-ocrvqa":  # Quirk: 'Unanswerable' (case-sensitive) anywhere in the prediction is wrong
+        return float("Unanswerable" not in p and p.lower() == a.lower())
+    box = coin_pred_box(p)
+    if box is None:
+        return 0.0
+    s = max(size) if size else 1  # without a size: unscaled (IoU is scale-free up to float rounding)
+    return float(coin_iou([v * s for v in box], [v * s for v in coin_gold_box(a)]) > 0.5)
+
+
+def coin_accuracy(metric, rows):
+    """Percent of one task's test questions (rows in test order: 'prediction' (None: no answer line), 'answer',
+    optional 'answers' and 'size'), aggregated as CoIN's script does; None when there is nothing to divide by.
+    Quirk: ScienceQA divides by every test question; the other scripts divide by the answer lines.
+    Quirk: ImageNet pairs the k-th answer line with the k-th test record, whatever the question_ids."""
+    answered = [r for r in rows if r.get("prediction") is not None]
+    if metric == "coin-sqa":
+        correct = sum(coin_score(metric, r.get("prediction"), r["answer"]) for r in rows)
+        return correct / len(rows) * 100 if rows else None
+    if not answered:
+        return None
+    if metric == "coin-imagenet":
+        golds = [r["answer"] for r in rows]
+        right = sum(coin_score(metric, r["prediction"], g) for r, g in zip(answered, golds))
+        return 100. * right / len(answered)
+    sc = [coin_score(metric, r["prediction"], r.get("answer"), r.get("answers"), r.get("size")) for r in answered]
+    if metric == "coin-textvqa":
+        return 100. * (sum(sc) / len(sc))
+    if metric == "coin-gqa":
+        return float(sum(sc)) / len(sc) * 100
+    return 100. * sum(sc) / len(sc)
+
+
 # -----------------------------------------------------------------------------
 # MiniCoIN: procedurally generated scenes on a 3x3 grid of 16 px cells (2x2 ViT patches each)
 
 MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
 TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exact", "count": "exact", "ground": "iou",
-               "caption": "exact"}
+               "caption": "exact", "instruct": "exact"}
 IMAGE_SIZE = 48
 MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33
-N_TRAIN, N_TEST, N_CAPTION = 1000, 100, 4000  # default sizes per task (N_CAPTION: base-model pretraining set)
+MINICOIN_VERSION = 2  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
+N_TRAIN, N_TEST = 1000, 100  # default sizes per task
+BASE_SETS = {"caption": 4000, "instruct": 8000}  # stage 0 of the tiny base: caption pretraining, instruction tuning
 TEST_EVERY = 10  # a scene is test-only iff crc32(scene key) % TEST_EVERY == 0: splits can never share a scene
 COLORS = {"red": (230, 45, 45), "green": (40, 190, 70), "blue": (50, 100, 255), "yellow": (240, 215, 40),
           "white": (235, 235, 235)}
@@ -531,14 +855,14 @@ LETTERS = "".join(GLYPHS)
 BACKGROUND = (0, 0, 0)
 
 
-def _obj_scene(rng, n, unique):
+def _obj_scene(rng, n, unique, size=(10, 13)):
     """n objects in distinct grid cells; unique=True: distinct shapes and colours (so each is nameable)."""
     cells = rng.choice(9, n, replace=False)
     shapes = rng.choice(len(SHAPES), n, replace=not unique)
     colors = rng.choice(len(COLORS), n, replace=not unique)
     objs = []
     for cell, s_i, c_i in zip(cells, shapes, colors):
-        s = int(rng.integers(10, 13))  # side 10..12 px inside a 16 px cell, >= 1 px margin
+        s = int(rng.integers(*size))  # side in px (default 10..12) inside a 16 px cell, >= 1 px margin
         x, y = (cell % 3) * 16 + int(rng.integers(1, 16 - s)), (cell // 3) * 16 + int(rng.integers(1, 16 - s))
         objs.append(dict(shape=SHAPES[s_i], color=list(COLORS)[c_i], x=x, y=y, s=s, cell=int(cell)))
     return dict(objs=sorted(objs, key=lambda o: o["cell"]), text=None)
@@ -553,7 +877,7 @@ def _single_scene(rng):
 
 
 def _text_scene(rng):
-    n = int(rng.integers(2, 5))
+    n = int(rng.integers(2, 4))
     text = "".join(rng.choice(list(LETTERS), n))
     w = n * 10 + (n - 1) * 2
     return dict(objs=[], text=dict(text=text, color=list(COLORS)[rng.integers(5)],
@@ -623,8 +947,20 @@ def _related(o, anchor, rel):
     return (ro == ra and (co - ca) * dc > 0) if dc else (co == ca and (ro - ra) * dr > 0)
 
 
+# CoIN's own instruction suffixes: the VQA-like tasks share one, as TextVQA / GQA / VQAv2 do in CoIN, so the
+# locator meets CoIN's hard case (same suffix, different task)
+SUFFIX_LETTER = "Answer with the option's letter from the given choices directly."
+SUFFIX_SHORT = "Answer the question using a single word or phrase."
+GROUND_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
+
+
+def box_text(box):
+    """LLaVA's grounding answer: [x1, y1, x2, y2] with two decimals, normalised to the (square) image."""
+    return "[" + ", ".join(f"{float(v):.2f}" for v in box) + "]"
+
+
 def _make(task, rng):
-    """(scene, user text, answer) for one draw of `task`."""
+    """(scene, user text, answer) for one draw of a continual task."""
     if task == "sqa":
         scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
         o = scene["objs"][rng.integers(len(scene["objs"]))]
@@ -634,14 +970,14 @@ def _make(task, rng):
             q, right, pool = f"Which shape is {o['color']}?", o["shape"], list(SHAPES)
         opts = [right] + list(rng.choice([p for p in pool if p != right], int(rng.integers(1, 4)), replace=False))
         opts = [opts[i] for i in rng.permutation(len(opts))]
-        options = " ".join(f"{'ABCD'[i]}. {p}" for i, p in enumerate(opts))
-        return scene, f"<image>\n{q} {options}. Answer with the letter.", "ABCD"[opts.index(right)]
+        options = "\n".join(f"{'ABCD'[i]}. {p}" for i, p in enumerate(opts))
+        return scene, f"<image>\n{q}\n{options}\n{SUFFIX_LETTER}", "ABCD"[opts.index(right)]
     if task == "ocr":
         scene = _text_scene(rng)
-        return scene, "<image>\nWhat text is written in the image?", scene["text"]["text"]
+        return scene, f"<image>\nWhat is written in the image?\n{SUFFIX_SHORT}", scene["text"]["text"]
     if task == "cls":
         scene = _single_scene(rng)
-        return scene, "<image>\nWhat is the object in the image? Answer with its class name.", scene["objs"][0]["shape"]
+        return scene, f"<image>\nWhat is the object in the image?\n{SUFFIX_SHORT}", scene["objs"][0]["shape"]
     if task == "gqa":
         while True:  # redraw until some (anchor, relation) picks out exactly one object
             scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
@@ -652,24 +988,96 @@ def _make(task, rng):
                 break
         a, rel, o = cands[rng.integers(len(cands))]
         attr = "color" if rng.random() < 0.5 else "shape"
-        return scene, f"<image>\nWhat {attr} is the object {rel} the {a['shape']}? Answer in one word.", o[attr]
+        return scene, f"<image>\nWhat {attr} is the object {rel} the {a['shape']}?\n{SUFFIX_SHORT}", o[attr]
     if task == "count":
         scene = _count_scene(rng)
         shape = scene["objs"][rng.integers(len(scene["objs"]))]["shape"]
         n = sum(o["shape"] == shape for o in scene["objs"])
-        return scene, f"<image>\nHow many {PLURAL[shape]} are there? Answer with a number.", str(n)
-    if task == "ground":
-        scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+        return scene, f"<image>\nHow many {PLURAL[shape]} are there?\n{SUFFIX_SHORT}", str(n)
+    if task == "ground":  # objects nearly fill their cell, so a box from the right cell has IoU > 0.5
+        scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True, size=(13, 15))
         o = scene["objs"][rng.integers(len(scene["objs"]))]
-        box = [o["x"], o["y"], o["x"] + o["s"], o["y"] + o["s"]]
-        return scene, f"<image>\nGive the bounding box of the {o['color']} {o['shape']}.", \
-            "[" + ",".join(f"{v / IMAGE_SIZE:.2f}" for v in box) + "]"
-    if task == "caption":  # every kind of scene the tasks use, so pretraining teaches all the features they need
-        kind = rng.integers(4)
-        scene = (_obj_scene(rng, int(rng.integers(2, 5)), unique=True) if kind == 0 else _count_scene(rng)
-                 if kind == 1 else _single_scene(rng) if kind == 2 else _text_scene(rng))
+        box = [v / IMAGE_SIZE for v in (o["x"], o["y"], o["x"] + o["s"], o["y"] + o["s"])]
+        return scene, f"<image>\n{GROUND_PROMPT}{o['color']} {o['shape']}.", box_text(box)
+    if task == "caption":  # stage 0, part 1: every kind of scene the tasks use, described in full
+        scene = _any_scene(rng)
         return scene, "<image>\nDescribe the image.", _caption(scene)
-    raise ValueError(f"unknown MiniCoIN task {task!r}; known: {list(MINICOIN_TASKS) + ['caption']}")
+    raise ValueError(f"unknown MiniCoIN task {task!r}; known: {list(MINICOIN_TASKS) + list(BASE_SETS)}")
+
+
+def _any_scene(rng):
+    kind = rng.integers(4)
+    return (_obj_scene(rng, int(rng.integers(2, 5)), unique=True) if kind == 0 else _count_scene(rng)
+            if kind == 1 else _single_scene(rng) if kind == 2 else _text_scene(rng))
+
+
+# MiniCoIN-Instruct: stage 0, part 2, the miniature of LLaVA's general visual instruction tuning. Other question
+# kinds and phrasings about the same kinds of scenes (existence, position, text colour, first letter, letter
+# count, descriptions; some multi-turn) and plain-text turns (a blank image) whose answers are every token form
+# the tasks answer with: bare colour and shape words, option letters, digits, letter strings, bracketed
+# decimals. None of it uses a task's prompt or a task's question -> answer pairing (tests/test_data.py checks
+# the prompts), so the tasks stay new to the base, as CoIN's are to LLaVA; but no answer token is untrained.
+INSTRUCT_KINDS = ("exists", "where", "text_color", "first_letter", "letters", "describe", "multi",
+                  "sum", "next_letter", "repeat", "list", "pick_word")
+
+
+def _instruct_turn(kind, rng, scene):
+    """One (question, answer) turn of an instruct kind about `scene` (None: the kind draws its own)."""
+    objs = scene["objs"] if scene else []
+    if kind == "exists":
+        o = objs[rng.integers(len(objs))]
+        if rng.random() < 0.5:
+            return f"Is there a {o['color']} {o['shape']} in the image?", "yes"
+        present = {(p["color"], p["shape"]) for p in objs}
+        absent = [(c, sh) for c in COLORS for sh in SHAPES if (c, sh) not in present]
+        c, sh = absent[rng.integers(len(absent))]
+        return f"Is there a {c} {sh} in the image?", "no"
+    if kind == "where":
+        o = objs[rng.integers(len(objs))]
+        return f"Where is the {o['color']} {o['shape']}?", POSITIONS[o["cell"]]
+    if kind == "text_color":
+        return "What color is the text?", scene["text"]["color"]
+    if kind == "first_letter":
+        return "What is the first letter of the text?", scene["text"]["text"][0]
+    if kind == "letters":
+        return "How many letters does the text have?", str(len(scene["text"]["text"]))
+    if kind == "describe":
+        return ("Describe the image." if rng.random() < 0.5 else "What do you see?"), _caption(scene)
+    if kind == "sum":
+        a, b = (int(v) for v in rng.integers(0, 5, size=2))
+        return f"What is {a} plus {b}?", str(a + b)
+    if kind == "next_letter":
+        k = int(rng.integers(0, 25))
+        return f"Which letter comes after {chr(65 + k)}?", chr(66 + k)
+    if kind == "repeat":
+        word = "".join(rng.choice(list(LETTERS), int(rng.integers(2, 4))))
+        return f"Repeat the letters: {word}", word
+    if kind == "list":
+        vals = sorted(rng.integers(0, 101, size=4) / 100)
+        return "Write these numbers as a list: " + " ".join(f"{v:.2f}" for v in vals), box_text(vals)
+    if kind == "pick_word":
+        c, sh = list(COLORS)[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
+        want = "color" if rng.random() < 0.5 else "shape"
+        pair = [c, sh] if rng.random() < 0.5 else [sh, c]
+        return f"Which of these words is a {want}: {pair[0]} or {pair[1]}?", c if want == "color" else sh
+    raise ValueError(f"unknown instruct kind {kind!r}")
+
+
+def _make_instruct(rng):
+    kind = INSTRUCT_KINDS[rng.integers(len(INSTRUCT_KINDS))]
+    if kind in ("sum", "next_letter", "repeat", "list", "pick_word"):  # plain text: the image is blank
+        scene = dict(objs=[], text=None)
+        return scene, [_instruct_turn(kind, rng, None)]
+    if kind in ("text_color", "first_letter", "letters"):
+        scene = _text_scene(rng)
+        return scene, [_instruct_turn(kind, rng, scene)]
+    if kind == "describe":
+        scene = _any_scene(rng)
+        return scene, [_instruct_turn(kind, rng, scene)]
+    scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+    if kind == "multi":  # two turns about one image
+        return scene, [_instruct_turn(k, rng, scene) for k in ("exists", "where")]
+    return scene, [_instruct_turn(kind, rng, scene)]
 
 
 def minicoin_sample(task, split, index, seed=0, render=True):
@@ -678,21 +1086,25 @@ def minicoin_sample(task, split, index, seed=0, render=True):
         raise ValueError(f"unknown split {split!r}; known: train, test")
     rng = np.random.default_rng([zlib.crc32(f"{task}/{split}".encode()), index, seed])  # stable across runs/machines
     while True:  # rejection sampling keeps train and test scenes disjoint whatever n and seed are
-        scene, user, answer = _make(task, rng)
+        if task == "instruct":
+            scene, turns = _make_instruct(rng)
+        else:
+            scene, user, answer = _make(task, rng)
+            turns = [(user, answer)]
         key = _scene_key(scene)
-        if (zlib.crc32(key.encode()) % TEST_EVERY == 0) == (split == "test"):
+        if not key or (zlib.crc32(key.encode()) % TEST_EVERY == 0) == (split == "test"):  # (no key: blank image)
             break
+    turns[0] = (turns[0][0] if turns[0][0].startswith("<image>") else "<image>\n" + turns[0][0], turns[0][1])
     img = draw_scene(scene) if render else None  # render=False: text only (tokenizer corpus)
-    return Example(img, [(user, answer)], task, None, {"index": index, "split": split, "seed": seed, "scene": key})
-
+    return Example(img, turns, task, None, {"index": index, "split": split, "seed": seed, "scene": key})
 
 
 def minicoin(task, split, n=None, seed=0):
-    """n Examples (default N_TRAIN / N_TEST, N_CAPTION for caption training) of a MiniCoIN task."""
+    """n Examples (default N_TRAIN / N_TEST; BASE_SETS for the stage-0 sets) of a MiniCoIN task."""
     if task not in TASK_METRIC:
         raise ValueError(f"unknown MiniCoIN task {task!r}; known: {list(TASK_METRIC)}")
     if n is None:
-        n = N_TEST if split == "test" else N_CAPTION if task == "caption" else N_TRAIN
+        n = N_TEST if split == "test" else BASE_SETS.get(task, N_TRAIN)
     return [minicoin_sample(task, split, i, seed) for i in range(n)]
 
 
@@ -704,7 +1116,7 @@ def contact_sheet(path, per_task=4, seed=0, zoom=4):
     from PIL import ImageFont
     import textwrap
     font = ImageFont.load_default()
-    tasks = MINICOIN_TASKS + ("caption",)
+    tasks = MINICOIN_TASKS + tuple(BASE_SETS)
     cw, ch = IMAGE_SIZE * zoom + 16, IMAGE_SIZE * zoom + 110
     sheet = Image.new("RGB", (cw * per_task, ch * len(tasks)), (255, 255, 255))
     d = ImageDraw.Draw(sheet)

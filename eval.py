@@ -40,13 +40,14 @@ def continual_metrics(acc, joint=None):
         joint = len(a) == 1
     if joint:
         m = _mean(a[-1])
-        return dict(last=m, avg=m, bwt=None, fwt=None)
+        return dict(last=m, avg=m, bwt=None, fwt=None, plasticity=None)
     R = len(a)  # tasks trained so far (== T for a finished run)
+    plasticity = [a[i][i] for i in range(R)]  # accuracy on a task right after training it
     last = _mean(a[R - 1][:R])
     avg = _mean([_mean(a[j][: j + 1]) for j in range(R)])
     bwt = _mean([a[R - 1][i] - a[i][i] for i in range(R - 1) if a[R - 1][i] is not None and a[i][i] is not None])
     fwt = _mean([a[i - 1][i] for i in range(1, min(R + 1, T))])  # a[R-1][R] is a valid zero-shot too
-    return dict(last=last, avg=avg, bwt=bwt if R > 1 else None, fwt=fwt)
+    return dict(last=last, avg=avg, bwt=bwt if R > 1 else None, fwt=fwt, plasticity=plasticity)
 
 def locator_accuracy(confusion):
     """confusion[true][chosen] counts -> percent of samples routed to their own task (None when empty)."""
@@ -154,6 +155,9 @@ def recompute(run_dir, score=None):
                 conf[t][c] += 1
                 located_any = True
         for j, rs in stages.items():
+            if j < 0:  # stage -1: the frozen base before task 1 (row 0, zero-shot)
+                m.setdefault("zero_shot", [None] * T)[i] = 100.0 * _mean(rescore(rs, metric, score))
+                continue
             while len(acc) <= j:
                 acc.append([None] * T)  # predictions written before metrics.json caught up
             acc[j][i] = 100.0 * _mean(rescore(rs, metric, score))
@@ -344,13 +348,15 @@ def write_report(run_dir, metrics):
     """report.md + figures/*.png for one run; metrics.json is refreshed with the recomputed summary."""
     m = dict(metrics)
     s = summarize(m)
-    m.update(last=s["last"], avg=s["avg"], bwt=s["bwt"], fwt=s["fwt"])
+    m.update(last=s["last"], avg=s["avg"], bwt=s["bwt"], fwt=s["fwt"], plasticity=s["plasticity"])
     if m.get("locator") is not None:
         m["locator"] = dict(m["locator"], acc=s["locator_acc"])
     _atomic_write(os.path.join(run_dir, "metrics.json"), json.dumps(m, indent=1) + "\n")
     tasks, joint = m["tasks"], m.get("method") == "joint"
     acc = m["acc"] if joint else m["acc"][: m["finished_tasks"]]
     rows = ["joint"] if joint else [f"after {tasks[j]}" for j in range(len(acc))]
+    if m.get("zero_shot"):  # row 0: the frozen base before any task
+        acc, rows = [m["zero_shot"], *acc], ["base (zero-shot)", *rows]
     figs = os.path.join(run_dir, "figures")
     name = os.path.basename(os.path.normpath(run_dir))
     draw_heatmap(os.path.join(figs, "acc_matrix.png"), acc, rows, tasks, f"{name}: accuracy (%)",
@@ -363,7 +369,9 @@ def write_report(run_dir, metrics):
           "`Last = mean_i a[T][i]`, `Avg = mean_j mean_{i<=j} a[j][i]`, `BWT = mean_{i<T}(a[T][i] - a[i][i])`, "
           "`FWT = mean_i a[i-1][i]` (zero-shot on the next task, before training it).\n",
           "## Accuracy matrix (%)\n", "Row j: after training task j; column i: evaluated task i.\n",
-          _table(["", *tasks], [[r, *[_f(v) for v in row]] for r, row in zip(rows, acc)]),
+          _table(["", *tasks], [[r, *[_f(v) for v in row]] for r, row in zip(rows, acc)]
+                 + ([["plasticity a_ii", *[_f(v) for v in s["plasticity"]]]] if s["plasticity"] else [])),
+          "Plasticity: the accuracy on a task right after training it.\n" if s["plasticity"] else "",
           "![accuracy matrix](figures/acc_matrix.png)\n"]
     conf = (m.get("locator") or {}).get("confusion")
     if conf:

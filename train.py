@@ -52,7 +52,8 @@ def parse_args(argv=None):
     a("--tokenizer", help="Llama-3 tokenizer.model (tiktoken BPE file)")
     a("--align-json", help="LLaVA-format caption json for projector alignment (real models, no --projector)")
     a("--base-dir", default="out/base", help="cache of pretrained tiny base models")
-    a("--base-steps", type=int, default=1500, help="caption pretraining steps of the tiny base")
+    a("--base-steps", type=int, default=600, help="tiny base, stage 0a: caption pretraining steps")
+    a("--instruct-steps", type=int, default=1000, help="tiny base, stage 0b: MiniCoIN-Instruct tuning steps")
     # experts / method
     a("--rank", type=int, default=8)
     a("--lora-alpha", type=float, default=16.0)
@@ -77,20 +78,27 @@ def parse_args(argv=None):
     # data
     a("--train-n", type=int, default=None, help="training examples per task (default: 1000 on MiniCoIN, all on CoIN)")
     a("--test-n", type=int, default=None, help="test examples per task (default: 100 on MiniCoIN, all on CoIN)")
-    a("--caption-n", type=int, default=4000)
+    a("--caption-n", type=int, default=data.BASE_SETS["caption"], help="stage 0a examples (tiny base)")
+    a("--instruct-n", type=int, default=data.BASE_SETS["instruct"], help="stage 0b examples (tiny base)")
     a("--max-len", type=int, default=48, help="text tokens per sample (the image placeholder counts as one)")
     a("--max-new-tokens", type=int, default=16)
     a("--eval-batch", type=int, default=128)
     a("--locator-n", type=int, default=400, help="training features per task for its VAE")
-    a("--coin-root", help="CoIN folder: <Task>/train.json and <Task>/test.json")
-    a("--image-root", help="root the CoIN image paths are relative to")
+    a("--coin-root", help="CoIN's Instructions_Original/ (or Instruction_Type2/): <Task>/train.json and test.json "
+      "(val.json for TextVQA, VizWiz, VQAv2; OCR-VQA's folder is OCRVQA)")
+    a("--image-root", help="root the CoIN image paths are relative to (CoIN's cl_dataset/)")
+    a("--coin-annotations", help="folder laid out as CoIN's cl_dataset/ holding the scoring files CoIN's test records "
+      "lack: TextVQA/TextVQA_0.5.1_val.json (the 10 human answers); without it TextVQA's score falls back (logged)")
+    a("--predict-only", action="store_true", help="CoIN: test records may lack answers; write the answer files, "
+      "report no accuracy")
     a("--bad-images", default="fail", choices=["fail", "skip"])
     # testing hooks (hidden): simulate a crash / a NaN
     a("--crash-at", default="", help=argparse.SUPPRESS)  # "STAGE:STEP", e.g. task1:cls:8
     a("--nan-at", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        for k, v in dict(base_steps=150, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
+        for k, v in dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24,
+                         caption_n=512, instruct_n=512,
                          batch_size=16, locator_n=96, save_every=20, warmup=5).items():
             if p.get_default(k) == getattr(args, k):
                 setattr(args, k, v)
@@ -127,7 +135,8 @@ def task_list(args):
                 raise SystemExit(f"unknown MiniCoIN task '{n}'; known: {', '.join(data.MINICOIN_TASKS)}")
         return names, {n: data.TASK_METRIC[n] for n in names}
     known = dict(data.COIN_TASKS)
-    names = args.tasks.split(",") if args.tasks else [n for n, _ in data.COIN_TASKS]
+    alias = {data.coin_folder(n): n for n in known}  # CoIN's folder names work too (OCRVQA)
+    names = [alias.get(n, n) for n in args.tasks.split(",")] if args.tasks else [n for n, _ in data.COIN_TASKS]
     for n in names:
         if n not in known:
             raise SystemExit(f"unknown CoIN task '{n}'; known: {', '.join(known)}")
@@ -140,20 +149,23 @@ def load_examples(args, task, split):
         return data.minicoin(task, split, n, seed=args.seed)
     if not args.coin_root:
         raise SystemExit("--benchmark coin needs --coin-root (and --image-root)")
-    path = os.path.join(args.coin_root, task, f"{split}.json")
+    train_path, test_path = data.coin_files(args.coin_root, task)
     root = args.image_root or args.coin_root
-    load = data.load_coin_train if split == "train" else data.load_coin_test
-    exs = load(path, root, bad_images=args.bad_images)
-    n = args.train_n if split == "train" else args.test_n
-    return exs if n is None else exs[:n]
+    if split == "train":
+        return data.load_coin_train(train_path, root, bad_images=args.bad_images, task=task, n=args.train_n)
+    ann = data.COIN_ANNOTATIONS.get(task)
+    ann = os.path.join(args.coin_annotations, ann) if ann and args.coin_annotations else None
+    if ann and not os.path.isfile(ann):
+        raise FileNotFoundError(f"--coin-annotations {args.coin_annotations}: {data.COIN_ANNOTATIONS[task]} not found "
+                                f"(CoIN scores {task} against it; leave the flag out to use the logged fallback)")
+    return data.load_coin_test(test_path, root, bad_images=args.bad_images, task=task, n=args.test_n,
+                               require_answer=not args.predict_only, annotations=ann)
 
 
 def get_tokenizer(args):
     if args.tokenizer:
         return data.load_tokenizer(args.tokenizer), data.LLAMA3
-    path = os.path.join(args.base_dir, "minicoin-tokenizer.model")
-    data.build_minicoin_tokenizer(path)
-    return data.load_tokenizer(path), data.COMPACT
+    return data.build_minicoin_tokenizer(data.minicoin_tokenizer_path(args.base_dir)), data.COMPACT
 
 
 @torch.no_grad()
@@ -233,19 +245,26 @@ def build_base(args, tok, template, log) -> LLaVA:
             model.projector.requires_grad_(True)
             train_stage(model, ds, args, args.base_steps, args.base_lr, 0, "align", log, experts=False)
         return model
-    # tiny MiniCoIN base: pretrain on captions once, cache by everything that shapes it
-    key = hashlib.sha1(json.dumps([args.base_steps, args.caption_n, args.seed, args.max_len, args.base_lr,
-                                   args.batch_size, tok.n_vocab, data.IMAGE_SIZE]).encode()).hexdigest()[:10]
-    folder = os.path.join(args.base_dir, f"minicoin-{key}")
-    if os.path.isfile(os.path.join(folder, "meta.json")):
-        log(f"base: reusing {folder}")
-        return load_base(folder).to(args.device)
-    torch.manual_seed(args.seed)
-    model = tiny_base(tok.n_vocab, pad).to(args.device)
-    log(f"base: pretraining the tiny LLaVA on {args.caption_n} MiniCoIN captions for {args.base_steps} steps")
-    ds = encode(model, data.minicoin("caption", "train", args.caption_n, seed=args.seed), tok, template, args, 0, feats=False)
-    train_stage(model, ds, args, args.base_steps, args.base_lr, 0, "base", log, experts=False)
-    save_base(model, folder)
+    # tiny MiniCoIN base, made the way LLaVA is (captions, then general instructions); each stage's result is
+    # cached under a key of everything that shaped it, so changing stage 0b reuses stage 0a
+    stages = [("base", "caption", args.caption_n, args.base_steps), ("instruct", "instruct", args.instruct_n,
+                                                                     args.instruct_steps)]
+    shaped_by = [args.seed, args.max_len, args.base_lr, args.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE]
+    model = None
+    for k, (tag, task, n, steps) in enumerate(stages):
+        key = hashlib.sha1(json.dumps(shaped_by + stages[: k + 1]).encode()).hexdigest()[:10]
+        folder = os.path.join(args.base_dir, f"minicoin-{tag}-{key}")
+        if os.path.isfile(os.path.join(folder, "meta.json")):
+            log(f"base: stage 0 '{tag}' reused from {folder}")
+            model = load_base(folder).to(args.device)
+            continue
+        if model is None:
+            torch.manual_seed(args.seed)
+            model = tiny_base(tok.n_vocab, pad).to(args.device)
+        log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
+        ds = encode(model, data.minicoin(task, "train", n, seed=args.seed), tok, template, args, 0, feats=False)
+        train_stage(model, ds, args, steps, args.base_lr, 0, tag, log, experts=False)
+        save_base(model, folder)
     return model
 
 
@@ -373,27 +392,48 @@ def predict(model: LLaVA, locator, examples, tok, template, args, true_task, see
                          "located": int(tids[j]) if fixed_task is None else None})
             if "question_id" in ex.meta:  # CoIN test record: keep its id for the CoIN-format answer file
                 rows[-1].update(question_id=ex.meta["question_id"], prompt=ex.turns[-1][0])
+            if "size" in ex.meta:  # CoIN Grounding: boxes are scaled by the image size before the IoU
+                rows[-1]["size"] = ex.meta["size"]
         chosen += tids.tolist()
     return rows, chosen
 
 
-def save_predictions(out, task, stage, rows):
+def save_predictions(out, task, stage, rows, trained=None):
     """predictions/<task>.jsonl holds every stage's rows (field "stage"); rows of this stage or later
-    (left by an interrupted run) are replaced."""
+    (left by an interrupted run) are replaced. CoIN test rows also go to answer files CoIN's eval scripts read as they
+    are (one line per test question, in test order, question_id as the record has it): predictions/<task>.coin.jsonl
+    (the latest stage) and, when `trained` names the task just trained, predictions/CoIN/<folder>/<STAGE>/merge.jsonl,
+    CoIN's results/CoIN/LLaVA/<folder>/<STAGE>/merge.jsonl layout (STAGE: Finetune for the task itself, else the
+    trained task's folder name, as scripts/LLaVA/Eval/Eval_all.sh names them)."""
     path = os.path.join(out, "predictions", f"{task}.jsonl")
     old = [r for r in ev.read_predictions(path) if r["stage"] < stage] if os.path.exists(path) else []
     ev.write_predictions(path, old + [{**r, "stage": stage} for r in rows])
     if rows and "question_id" in rows[0]:  # the answer-file layout CoIN's / LLaVA's eval scripts read
-        ev.write_predictions(os.path.join(out, "predictions", f"{task}.coin.jsonl"), [
-            {"question_id": r["question_id"], "prompt": r["prompt"], "text": r["prediction"],
-             "answer_id": f"stage{stage}-{r['index']}", "model_id": "cmoe", "metadata": {}} for r in rows])
+        lines = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["prediction"],
+                  "answer_id": f"stage{stage}-{r['index']}", "model_id": "cmoe", "metadata": {}} for r in rows]
+        ev.write_predictions(os.path.join(out, "predictions", f"{task}.coin.jsonl"), lines)
+        if trained is not None:
+            tag = "Finetune" if trained == task else data.coin_folder(trained)
+            ev.write_predictions(os.path.join(out, "predictions", "CoIN", data.coin_folder(task), tag, "merge.jsonl"),
+                                 lines)
 
 
 def ex_pixels(ex, model):
-    return preprocess(ex.image, model.vision.cfg.image_size)
+    S = model.vision.cfg.image_size
+    return torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S)  # text-only: masked out in splice
 
 
-def accuracy(rows, metric):
+def _pct(a):
+    return "n/a" if a is None else f"{a:.1f}"
+
+
+def accuracy(rows, metric, predict_only=False):
+    """Percent for one task: CoIN metrics aggregate as CoIN's scripts do (data.coin_accuracy); MiniCoIN's lenient
+    ones are a mean of per-row scores. None in prediction-only mode (no answers to score against)."""
+    if predict_only:
+        return None
+    if metric in data.COIN_METRICS:
+        return data.coin_accuracy(metric, rows)
     return 100.0 * sum(data.score(metric, r["prediction"], r["answers"] or r["answer"]) for r in rows) / max(1, len(rows))
 
 
@@ -450,6 +490,7 @@ def run(args):
     model.llm.grad_ckpt = args.grad_ckpt
 
     tests = {n: load_examples(args, n, "test") for n in names}
+    scoring = scoring_rules(args, names, metric, tests, log)
     M = {"benchmark": args.benchmark, "method": args.method, "expand": args.expand, "locator": args.locator,
          "tasks": names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
          "locator_acc": [], "time": {"base": t_base, "tasks": []}, "finished_tasks": 0}
@@ -469,6 +510,10 @@ def run(args):
             partial = (cmoe.load_safetensors(ppath), read_json(ppath[:-len(".safetensors")] + ".json"))
         log(f"resume: {first} finished task(s){', and a partial task ' + str(first) if partial else ''}")
 
+    if "zero_shot" not in M:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
+        M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, -1, tok, template)
+        log("base zero-shot: " + " ".join(f"{n}={_pct(a)}" for n, a in zip(names, M["zero_shot"])))
+    M["scoring"] = scoring
     if args.method == "joint":
         return run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
 
@@ -537,7 +582,7 @@ def run(args):
         M["experts_per_layer"].append([f.n_experts for f in model.llm.expert_ffns()])
         M["time"]["tasks"].append(tt)
         M["finished_tasks"] = t + 1
-        log(f"after task {t + 1} ({name}): " + " ".join(f"{n}={a:.1f}" for n, a in zip(names, row))
+        log(f"after task {t + 1} ({name}): " + " ".join(f"{n}={_pct(a)}" for n, a in zip(names, row))
             + (f" | locator {M['locator_acc'][-1]:.1f}%" if args.method == "cmoe" else ""))
 
         tdir = os.path.join(args.out, f"task_{t}")
@@ -553,18 +598,38 @@ def run(args):
     return finish(args, M, log, t_start)
 
 
+def scoring_rules(args, names, metric, tests, log=print):
+    """{task: the rule its accuracy is computed with} (kept in metrics.json); CoIN's are logged, fallbacks included."""
+    if args.benchmark != "coin":
+        return {n: f"lenient normalised '{metric[n]}' (data.score_lenient, MiniCoIN)" for n in names}
+    if args.predict_only:
+        rules = {n: "prediction-only: answer files written, no accuracy" for n in names}
+    else:
+        rules = {n: data.coin_rule(metric[n], all(ex.answers for ex in tests[n])) for n in names}
+        for n in names:
+            if n in data.COIN_ANNOTATIONS and not rules[n].startswith("FALLBACK"):
+                rules[n] += (f" (answers from {os.path.join(args.coin_annotations, data.COIN_ANNOTATIONS[n])})"
+                             if args.coin_annotations else " (answers from the test records' own 'answers')")
+    for n in names:
+        log(f"scoring {n}: {rules[n]}")
+    return rules
+
+
 def evaluate_stage(model, locator, args, names, metric, tests, t, tok, template):
-    """After training task t: score every task (seen and not yet seen) with the routers chosen per sample;
-    writes predictions/<task>.jsonl; returns the accuracy row and the locator confusion (seen tasks)."""
+    """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task
+    (seen and not yet seen) with the routers chosen per sample; writes predictions/<task>.jsonl; returns the
+    accuracy row and the locator confusion (seen tasks)."""
     row, conf = [], [[0] * (t + 1) for _ in names]
+    cmoe_routed = args.method == "cmoe" and t >= 0
     for i, n in enumerate(names):
         rows, chosen = predict(model, locator, tests[n], tok, template, args, i, t + 1,
-                               use_locator=args.method == "cmoe" and args.locator == "ptl",
-                               fixed_task=None if args.method == "cmoe" else 0)
-        for c in chosen:
+                               use_locator=cmoe_routed and args.locator == "ptl",
+                               fixed_task=None if cmoe_routed else 0)
+        for c in chosen if t >= 0 else ():
             conf[i][c] += 1
-        row.append(accuracy(rows, metric[n]))
-        save_predictions(args.out, n, t, rows)
+        row.append(accuracy(rows, metric[n], args.predict_only))
+        trained = "Zero_shot" if t < 0 else "Joint" if args.method == "joint" else names[t]  # CoIN's answer-file STAGE
+        save_predictions(args.out, n, t, rows, trained if args.benchmark == "coin" else None)
     return row, conf[: t + 1]
 
 
@@ -588,6 +653,7 @@ def reevaluate(run_dir, device=None):
     set_experts(model.llm, expert_config(args))
     tests = {n: load_examples(args, n, "test") for n in names}
     stages = [0] if args.method == "joint" else range(M["finished_tasks"])  # joint: one checkpoint, one row
+    M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, -1, tok, template)  # before experts
     acc = []
     for t in stages:
         tdir = os.path.join(run_dir, f"task_{t}")
@@ -600,7 +666,7 @@ def reevaluate(run_dir, device=None):
         acc.append(row)
         if args.method == "cmoe":
             M["locator"] = {"confusion": conf, "acc": ev.locator_accuracy(conf)}
-        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={a:.1f}" for n, a in zip(names, row)))
+        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_pct(a)}" for n, a in zip(names, row)))
     M["acc"] = acc
     M.update(ev.continual_metrics(acc, joint=args.method == "joint"))
     cmoe.save_json(M, os.path.join(run_dir, "metrics.json"))
@@ -624,9 +690,11 @@ def finish(args, M, log, t_start):
     names = M["tasks"]
     log("accuracy matrix (row: after training task j; column: task i)")
     log("            " + " ".join(f"{n[:8]:>8}" for n in names))
-    for j, row in enumerate(M["acc"]):
-        label = names[j] if len(M["acc"]) > 1 else "joint"
+    labels = ["base"] + (names if M["method"] != "joint" else ["joint"])
+    for label, row in zip(labels, [M["zero_shot"]] + M["acc"]):
         log(f"{label[:10]:>10}  " + " ".join(f"{a:8.1f}" if a is not None else f"{'':>8}" for a in row))
+    if M.get("plasticity"):
+        log(f"{'plasticity':>10}  " + " ".join(f"{a:8.1f}" if a is not None else f"{'':>8}" for a in M["plasticity"]))
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     log(f"Last {fmt(M['last'])} | Avg {fmt(M['avg'])} | BWT {fmt(M['bwt'])} | FWT {fmt(M.get('fwt'))} | "
         f"locator {fmt(M['locator'].get('acc') if M.get('locator') else None)} | total {M['time']['total']:.0f}s")

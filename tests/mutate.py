@@ -1,0 +1,286 @@
+"""Mutation pass over the method code: apply one plausible one-line bug at a time to a copy of the tree, run the
+tests that should notice it, and report which bugs the suite kills.
+
+    python tests/mutate.py                 # every mutation, on the committed code (git HEAD) + untracked tests/
+    python tests/mutate.py --list          # the mutations and their test selections, nothing run
+    python tests/mutate.py --only 5 17     # a few of them (by number)
+    python tests/mutate.py --worktree      # mutate the working tree (uncommitted edits included) instead of HEAD
+    python tests/mutate.py --full          # every mutant against the whole suite (slow; default: a selection)
+    python tests/mutate.py --exclude tests/test_method.py   # what the suite kills without one test file
+
+Each mutation is (file, original text, replacement, description, tests). The original text must occur exactly
+once in its file (checked for every mutation before anything runs: a stale entry is an error, so the list cannot
+rot silently); it may span two lines to be unique, but a mutation changes one line. A mutant is killed when its
+tests fail (or error, or time out: reported as such). Plain Python + pytest, one torch thread per run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+# test selections (pytest node ids / files); the compiled-dispatch test is deselected everywhere (30 s, and the
+# eager tests next to it compare the same code against the loop)
+METHOD = ["tests/test_method.py"]
+EXPERTS = ["tests/test_experts.py"]
+TRAIN_FAST = ["tests/test_train.py::test_pgke_rule_on_hand_made_frequencies",
+              "tests/test_train.py::test_ptl_locates_separated_tasks_per_sample"]
+LLAMA = ["tests/test_llama.py"]
+EVAL = ["tests/test_eval.py"]
+DESELECT = ["tests/test_experts.py::test_compiled_fused_matches_loop_without_recompiles"]
+
+ROUTE = METHOD + EXPERTS
+PGKE = METHOD + EXPERTS + TRAIN_FAST
+PTL = METHOD + TRAIN_FAST + LLAMA
+
+MUTATIONS = [
+    # --- routing
+    ("cmoe.py", "top_BTK = top_BTK / top_BTK.sum(-1, keepdim=True)", "top_BTK = top_BTK",
+     "route: top-k weights not renormalised", ROUTE),
+    ("cmoe.py", 'logits_BTE.masked_fill(~valid_BE[:, None, :], float("-inf"))',
+     "logits_BTE.masked_fill(~valid_BE[:, None, :], 0.0)",
+     "route: experts added after a router get logit 0, not -inf", ROUTE),
+    ("cmoe.py", "probs_BTE = logits_BTE.softmax(-1)", "probs_BTE = logits_BTE.softmax(1)",
+     "route: softmax over tokens instead of experts", ROUTE),
+    ("cmoe.py", "task_ids_B = torch.full((B,), len(self.routers) - 1,", "task_ids_B = torch.full((B,), 0,",
+     "route: no task ids -> the first router instead of the latest", ROUTE),
+    # --- dispatch
+    ("cmoe.py", "rank_N = (onehot_NE.cumsum(0) * onehot_NE).sum(1) - 1",
+     "rank_N = (onehot_NE.cumsum(0) * onehot_NE).sum(1)",
+     "sparse plan: ranks from 1 (a full block spills into the next group)", ROUTE),
+    ("cmoe.py", "padded_E = (onehot_NE.sum(0) + block - 1) // block * block",
+     "padded_E = onehot_NE.sum(0) // block * block", "sparse plan: group sizes rounded down", ROUTE),
+    ("cmoe.py", "start_E = padded_E.cumsum(0) - padded_E", "start_E = padded_E.cumsum(0)",
+     "sparse plan: inclusive instead of exclusive prefix sum", ROUTE),
+    ("cmoe.py", "e_b = zeros.scatter(0, pos_N, ids_N).view(nb, block).amax(1)",
+     "e_b = zeros.scatter(0, pos_N, ids_N).view(nb, block)[:, -1]",
+     "sparse plan: a block's expert read from its last (maybe padding) row", ROUTE),
+    ("cmoe.py", "h_bLR = h_bLR * (w_M.to(h_bLR.dtype) * scale).view(nb, -1, 1)",
+     "h_bLR = h_bLR * w_M.to(h_bLR.dtype).view(nb, -1, 1)", "sparse: LoRA scale alpha/r forgotten", ROUTE),
+    ("cmoe.py", "return g_MD[pos_N].view(ctx.T, -1, g_MD.shape[-1]).sum(1), None, None",
+     "return g_MD[pos_N].view(ctx.T, -1, g_MD.shape[-1]).mean(1), None, None",
+     "sparse backward: a token's top-k row gradients averaged, not summed", ROUTE),
+    ("cmoe.py", "h_TER = h_TER * w_TE.to(h_TER.dtype)[:, :, None]",
+     "h_TER = h_TER * (w_TE > 0).to(h_TER.dtype)[:, :, None]", "dense: gated by the top-k mask, not the weights",
+     ROUTE),
+    # --- expert pools, counts, balance loss
+    ("cmoe.py", "new = self.bank(name)[copy_from].detach().clone()", "new = self.bank(name)[-1].detach().clone()",
+     "add_experts: copies the last expert, not copy_from", PGKE),
+    ("cmoe.py", "new = torch.zeros(shape, device=dev)",
+     "new = torch.randn(shape, generator=generator).to(dev) / math.sqrt(shape[1])",
+     "add_experts: fresh experts start with B != 0", PGKE),
+    ("cmoe.py", "r.requires_grad_(False)", "r.requires_grad_(True)", "freeze: routers stay trainable", PGKE),
+    ("cmoe.py", "self.count(w_BTE, valid_BT)", "self.count(w_BTE, None)",
+     "PGKE counts: padding tokens counted (mask not passed)", PGKE),
+    ("cmoe.py", "hits_E = (w_BTE > 0).float()", "hits_E = (w_BTE >= 0).float()",
+     "PGKE counts: every expert counted, not only the top-k", PGKE),
+    ("cmoe.py", "/ (n * self.ecfg.top_k)", "/ n", "balance loss: assignment fractions not divided by k", ROUTE),
+    ("cmoe.py", "prob_E = (probs_BTE * m[..., None]).sum((0, 1)) / n", "prob_E = probs_BTE.mean((0, 1))",
+     "balance loss: padding tokens in the mean router probability", ROUTE),
+    # --- PGKE
+    ("cmoe.py", "ffn.add_router(latest)", "ffn.add_router(None)",
+     "probe router starts uniform, not from the latest router", PGKE),
+    ("cmoe.py", "float(f.usage[-1] / f.usage.sum().clamp(min=1))", "float(f.usage[-1] / f.usage[:-1].sum().clamp(min=1))",
+     "probe frequency relative to the old experts' assignments only", PGKE),
+    ("cmoe.py", "[bool(x > threshold) for x in f]", "[bool(x >= threshold) for x in f]",
+     "PGKE rule: a layer at the threshold grows", PGKE),
+    ("cmoe.py", "alpha * f.std(unbiased=False)", "alpha * f.std()", "PGKE rule: sample std instead of population",
+     PGKE),
+    ("cmoe.py", "float(f.mean() - alpha", "float(f.mean() + alpha", "PGKE rule: mean + alpha*std", PGKE),
+    ("cmoe.py", "old = ffn.usage[: ffn.n_frozen].tolist()", "old = ffn.usage.tolist()",
+     "copy source chosen among old experts and the probe", PGKE),
+    ("cmoe.py", "sources.append(old.index(max(old)) if old else None)",
+     "sources.append(len(old) - 1 - old[::-1].index(max(old)) if old else None)",
+     "copy source: a tie goes to the highest index", PGKE),
+    ("cmoe.py", "ffn.routers = nn.ParameterList(list(ffn.routers)[:-1])",
+     "ffn.routers = nn.ParameterList(list(ffn.routers))", "probe_end keeps the probe router", PGKE),
+    ("cmoe.py", "init = torch.cat([pr[:n_old], pr[n_old:n_old + 1].expand(ffn.n_experts - n_old, -1)], 0)",
+     "init = pr[:n_old]", "new task's router: grown rows start at zero, not at the probe's row", PGKE),
+    ("cmoe.py", "ffn.add_experts(n_new, copy_from=src, generator=generator)",
+     "ffn.add_experts(n_new, copy_from=None, generator=generator)", "expand: fresh experts, not copies", PGKE),
+    ("cmoe.py", "        if on:\n", "        if not on:\n", "set_counting: resets when switched off, not on", PGKE),
+    ("train.py", "probe_train, probe_hold = subset(ds, perm[:n_probe - n_hold])",
+     "probe_train, probe_hold = subset(ds, perm[:n_probe])", "probe split: held-out examples also trained on",
+     PGKE),
+    ("train.py", "cmoe.set_counting(model.llm, True)", "cmoe.set_counting(model.llm, False)",
+     "probe: held-out pass not counted", PGKE),
+    ("train.py", 'model(b["input_ids"], b["images"], None, b["task_ids"])',
+     'model(b["input_ids"], b["images"], None, torch.zeros_like(b["task_ids"]))',
+     "probe: held-out pass routed by task 0's router, not the probe router", PGKE),
+    # --- PTL
+    ("cmoe.py", "(v.recon_error(f) - v.err_mean) / v.err_std", "(v.recon_error(f) - v.err_mean)",
+     "locator: z-score not divided by the error std", PTL),
+    ("cmoe.py", "return self.scores(f_BD).argmin(-1)", "return self.scores(f_BD).argmax(-1)",
+     "locator: argmax instead of argmin", PTL),
+    ("cmoe.py", "mu, _ = self.enc(x).chunk(2, -1)", "_, mu = self.enc(x).chunk(2, -1)",
+     "VAE recon error decodes the log-variance half", PTL),
+    ("cmoe.py", "vae.err_std.copy_(err.std().clamp(min=1e-6))", "vae.err_std.copy_(err.var().clamp(min=1e-6))",
+     "VAE: error variance stored as the std", PTL),
+    ("cmoe.py", "vae.feat_std.copy_(f.std(0).clamp(min=1e-4))", "vae.feat_std.copy_(f.var(0).clamp(min=1e-4))",
+     "VAE: features scaled by their variance", PTL),
+    ("cmoe.py", "mask_BTT=mask, use_experts=False, return_hidden=True)",
+     "mask_BTT=mask, use_experts=True, return_hidden=True)", "locator feature computed with experts on", PTL),
+    # --- metrics
+    ("eval.py", "a[R - 1][i] - a[i][i] for i in range(R - 1)", "a[R - 1][i] - a[i][i] for i in range(R)",
+     "BWT includes the last task", EVAL),
+    ("eval.py", "avg = _mean([_mean(a[j][: j + 1]) for j in range(R)])",
+     "avg = _mean([_mean(a[j][: j]) for j in range(R)])", "Avg drops the just-trained task", EVAL),
+    ("eval.py", "last = _mean(a[R - 1][:R])", "last = _mean(a[R - 1])", "Last includes untrained tasks", EVAL),
+    ("eval.py", "sum(confusion[t][t] for t in range(n))", "sum(confusion[t][0] for t in range(n))",
+     "locator accuracy counts choices of task 0", EVAL),
+    # --- splice
+    ("cmoe.py", "torch.where(j_1S < p_B1, j_1S, j_1S - P + 1)", "torch.where(j_1S < p_B1, j_1S, j_1S - P)",
+     "splice: text after the image shifted by one", LLAMA),
+    ("cmoe.py", "lab_BS = labels_BT.gather(1, src_BS).masked_fill(is_img_BS, IGNORE_INDEX)",
+     "lab_BS = labels_BT.gather(1, src_BS)", "splice: image slots keep labels", LLAMA),
+    ("cmoe.py", "is_img_BS = (rel_BS >= 0) & (rel_BS < P)", "is_img_BS = (rel_BS >= 0) & (rel_BS <= P)",
+     "splice: one image slot too many", LLAMA),
+    # --- checkpoints
+    ('cmoe.py', 'tmp = f"{path}.tmp{os.getpid()}"\n    save_file(', "tmp = path\n    save_file(",
+     "safetensors written in place (no temp file + rename)", METHOD),
+    ('cmoe.py', 'tmp = f"{path}.tmp{os.getpid()}"\n    with open(tmp, "w") as f:',
+     'tmp = path\n    with open(tmp, "w") as f:', "JSON sidecar written in place", METHOD),
+    ('eval.py', 'tmp = f"{path}.tmp{os.getpid()}"\n    with open(tmp, "w", encoding="utf-8") as f:',
+     'tmp = path\n    with open(tmp, "w", encoding="utf-8") as f:', "predictions/report written in place", METHOD),
+    ("cmoe.py", "requires_grad=flags[t]))", "requires_grad=True))", "load_cl_state: every router trainable", METHOD),
+    ("cmoe.py", 'r"\\.ffn\\.(frozen_|train_|routers\\.)"', 'r"\\.ffn\\.(frozen_|train_)"',
+     "checkpoint: routers not part of the continual state", METHOD),
+]
+
+
+def run(cmd, cwd, timeout=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def build_source(dest, worktree):
+    """The tree to mutate: git HEAD plus the untracked files under tests/ (new tests not committed yet), or the
+    working tree (tracked + untracked, git-ignored files excluded)."""
+    os.makedirs(dest)
+    if worktree:
+        files = run(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.split("\n")
+    else:
+        arc = os.path.join(dest, "..", "head.tar")
+        with open(arc, "wb") as f:
+            subprocess.run(["git", "-C", REPO, "archive", "HEAD"], stdout=f, check=True)
+        with tarfile.open(arc) as t:
+            t.extractall(dest, filter="data")
+        files = run(["git", "ls-files", "-o", "--exclude-standard", "tests"], REPO).stdout.split("\n")
+    for rel in filter(None, files):
+        src = os.path.join(REPO, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+
+
+def check_list(src):
+    """Every original text occurs exactly once, and every replacement differs from it."""
+    errors = []
+    for i, (path, old, new, desc, _) in enumerate(MUTATIONS, 1):
+        text = open(os.path.join(src, path)).read()
+        n = text.count(old)
+        if n != 1 or old == new:
+            errors.append(f"mutation {i} ({desc}): original text found {n} times in {path}: {old!r}")
+        elif old.count("\n") - new.count("\n") or sum(a != b for a, b in zip(old.split("\n"), new.split("\n"))) != 1:
+            errors.append(f"mutation {i} ({desc}): changes more than one line")
+    return errors
+
+
+def pytest_cmd(tests, full, exclude=()):
+    sel = ["tests"] if full else [t for t in dict.fromkeys(tests) if t.split("::")[0] not in exclude]
+    if not sel:
+        return None
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *sel,
+            *[f"--deselect={d}" for d in (DESELECT if not full else [])], *[f"--ignore={e}" for e in exclude]]
+
+
+def first_failure(out):
+    m = re.search(r"^(FAILED|ERROR) (\S+)", out, re.M)
+    return m.group(2) if m else ""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", type=int, nargs="*", help="mutation numbers to run (1-based)")
+    p.add_argument("--list", action="store_true", help="print the mutations and exit")
+    p.add_argument("--worktree", action="store_true", help="mutate the working tree instead of git HEAD")
+    p.add_argument("--full", action="store_true", help="run the whole suite per mutant")
+    p.add_argument("--exclude", nargs="*", default=[], help="leave these test files out of every selection")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per mutant (a timeout counts as killed)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary trees")
+    args = p.parse_args(argv)
+    if args.list:
+        for i, (path, old, new, desc, tests) in enumerate(MUTATIONS, 1):
+            print(f"{i:3d} {path:9s} {desc}\n      - {old.strip()!s}\n      + {new.strip()!s}\n      tests: {' '.join(tests)}")
+        return 0
+    tmp = tempfile.mkdtemp(prefix="mutate-")
+    try:
+        src = os.path.join(tmp, "src")
+        build_source(src, args.worktree)
+        errors = check_list(src)
+        if errors:
+            print("stale mutation list:\n  " + "\n  ".join(errors), file=sys.stderr)
+            return 2
+        chosen = args.only or range(1, len(MUTATIONS) + 1)
+        union = sorted({t for i in chosen for t in MUTATIONS[i - 1][4]})
+        t0 = time.time()
+        cmd = pytest_cmd(union, args.full, args.exclude)
+        base = run(cmd, src) if cmd else subprocess.CompletedProcess([], 0, "", "")
+        print(f"baseline (unmutated tree, the union of the selections): "
+              f"{'pass' if base.returncode == 0 else 'FAIL'} in {time.time() - t0:.0f}s", flush=True)
+        if base.returncode != 0:
+            print(base.stdout[-3000:] + base.stderr[-2000:], file=sys.stderr)
+            return 2
+        rows = []
+        for i in chosen:
+            path, old, new, desc, tests = MUTATIONS[i - 1]
+            tree = os.path.join(tmp, f"m{i}")
+            shutil.copytree(src, tree)
+            f = os.path.join(tree, path)
+            text = open(f).read()
+            line = text[: text.index(old)].count("\n") + 1 + next(
+                (k for k, (a, b) in enumerate(zip(old.split("\n"), new.split("\n"))) if a != b), 0)
+            open(f, "w").write(text.replace(old, new))
+            t1 = time.time()
+            try:
+                cmd = pytest_cmd(tests, args.full, args.exclude)
+                r = run(cmd, tree, timeout=args.timeout) if cmd else None
+                rc = r.returncode if r is not None else 5
+                # rc 5: no test selected (everything excluded): nothing can notice the mutant
+                # rc 4: pytest usage error, a fault of this script, not a kill
+                status = ("survived" if rc in (0, 5) else "killed" if rc == 1 else "ERROR (usage)" if rc == 4
+                          else f"killed (rc {rc})")
+                by = first_failure(r.stdout) if r is not None and rc not in (0, 5) else ""
+            except subprocess.TimeoutExpired:
+                status, by = "killed (timeout)", ""
+            dt = time.time() - t1
+            rows.append((i, f"{path}:{line}", desc, status, by, dt))
+            print(f"{i:3d} {path + ':' + str(line):13s} {status:17s} {dt:5.1f}s  {desc}" + (f"  [{by}]" if by else ""),
+                  flush=True)
+            if not args.keep:
+                shutil.rmtree(tree, ignore_errors=True)
+        killed = sum(r[3].startswith("killed") for r in rows)
+        print(f"\nmutation score: {killed}/{len(rows)} killed = {100 * killed / len(rows):.0f}% "
+              f"({time.time() - t0:.0f}s, {'HEAD' if not args.worktree else 'working tree'})")
+        survivors = [r for r in rows if r[3] == "survived"]
+        for r in survivors:
+            print(f"  survived: {r[0]} {r[1]} {r[2]}")
+        for r in rows:
+            if "timeout" in r[3] or r[3].startswith("ERROR"):
+                print(f"  {r[3]}: {r[0]} {r[1]} {r[2]}")
+        return 1 if any(r[3].startswith("ERROR") for r in rows) else 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
