@@ -7,6 +7,7 @@ K top-k, H heads, N tasks, P image patches, V vocab, Z latent.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -637,11 +638,14 @@ def probe_frequencies(llm: Llama) -> list[float]:
     return [float(f.usage[-1] / f.usage.sum().clamp(min=1)) if f.usage.numel() else 0.0 for f in llm.expert_ffns()]
 
 
+PGKE_TOL = 1e-9  # "greater" means greater by more than float rounding: equal frequencies never split
+
+
 def pgke_decide(freq, alpha: float):
     """Expand layer l iff freq_l > mean(freq) - alpha * std(freq) (population std over layers)."""
     f = torch.tensor(freq, dtype=torch.float64)
     threshold = float(f.mean() - alpha * f.std(unbiased=False))
-    return [bool(x > threshold) for x in f], threshold
+    return [bool(x > threshold + PGKE_TOL) for x in f], threshold
 
 
 def probe_end(llm: Llama):
@@ -769,17 +773,30 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with _removed_on_failure(tmp):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
 
 
 def save_json(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    with _removed_on_failure(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp):
+    """A write that fails part-way leaves neither a partial target (the rename never ran) nor its temp file."""
+    try:
+        yield
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_safetensors(path) -> dict:

@@ -1063,8 +1063,11 @@ def _instruct_turn(kind, rng, scene):
     raise ValueError(f"unknown instruct kind {kind!r}")
 
 
+INSTRUCT_WEIGHTS = np.array([3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1]) / 26  # mostly about images; a fifth plain text
+
+
 def _make_instruct(rng):
-    kind = INSTRUCT_KINDS[rng.integers(len(INSTRUCT_KINDS))]
+    kind = INSTRUCT_KINDS[rng.choice(len(INSTRUCT_KINDS), p=INSTRUCT_WEIGHTS)]
     if kind in ("sum", "next_letter", "repeat", "list", "pick_word"):  # plain text: the image is blank
         scene = dict(objs=[], text=None)
         return scene, [_instruct_turn(kind, rng, None)]

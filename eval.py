@@ -66,9 +66,14 @@ def locator_accuracy(confusion):
 def _atomic_write(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # a crash never leaves a half-written file behind
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)  # a crash never leaves a half-written file behind
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 def _save_png(img, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -109,6 +114,15 @@ def rescore(rows, metric, score=None):
             raise ValueError(f"prediction record {k} (index {r.get('index')}) needs 'prediction' and 'answer'/'answers'")
         out.append(float(score(metric, r["prediction"], r.get("answers") or r["answer"])))
     return out
+
+def task_accuracy(rows, metric, score=None):
+    """Percent for one task's prediction rows: a CoIN metric aggregates as CoIN's script does (data.coin_accuracy,
+    e.g. ScienceQA divides by every question); otherwise the mean of the per-row scores."""
+    if score is None:
+        import data  # lazy, as in rescore
+        if metric in data.COIN_METRICS:
+            return data.coin_accuracy(metric, rows)
+    return 100.0 * _mean(rescore(rows, metric, score))
 
 def load_run(run_dir):
     """metrics.json of a run folder with at least one finished task; clear errors otherwise."""
@@ -156,11 +170,11 @@ def recompute(run_dir, score=None):
                 located_any = True
         for j, rs in stages.items():
             if j < 0:  # stage -1: the frozen base before task 1 (row 0, zero-shot)
-                m.setdefault("zero_shot", [None] * T)[i] = 100.0 * _mean(rescore(rs, metric, score))
+                m.setdefault("zero_shot", [None] * T)[i] = task_accuracy(rs, metric, score)
                 continue
             while len(acc) <= j:
                 acc.append([None] * T)  # predictions written before metrics.json caught up
-            acc[j][i] = 100.0 * _mean(rescore(rs, metric, score))
+            acc[j][i] = task_accuracy(rs, metric, score)
     m["acc"] = acc
     if located_any and m.get("method", "cmoe") == "cmoe":  # baselines share one router: nothing to locate
         m["locator"] = dict(m.get("locator") or {}, confusion=conf)

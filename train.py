@@ -81,7 +81,7 @@ def parse_args(argv=None):
     a("--caption-n", type=int, default=data.BASE_SETS["caption"], help="stage 0a examples (tiny base)")
     a("--instruct-n", type=int, default=data.BASE_SETS["instruct"], help="stage 0b examples (tiny base)")
     a("--max-len", type=int, default=48, help="text tokens per sample (the image placeholder counts as one)")
-    a("--max-new-tokens", type=int, default=16)
+    a("--max-new-tokens", type=int, default=24, help="a MiniCoIN box answer is 21 tokens with its end")
     a("--eval-batch", type=int, default=128)
     a("--locator-n", type=int, default=400, help="training features per task for its VAE")
     a("--coin-root", help="CoIN's Instructions_Original/ (or Instruction_Type2/): <Task>/train.json and test.json "
@@ -432,9 +432,7 @@ def accuracy(rows, metric, predict_only=False):
     ones are a mean of per-row scores. None in prediction-only mode (no answers to score against)."""
     if predict_only:
         return None
-    if metric in data.COIN_METRICS:
-        return data.coin_accuracy(metric, rows)
-    return 100.0 * sum(data.score(metric, r["prediction"], r["answers"] or r["answer"]) for r in rows) / max(1, len(rows))
+    return ev.task_accuracy(rows, metric)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -134,8 +134,6 @@ def test_pgke_rule_ties_and_degenerate_frequencies():
 # PRODUCTION BUG (reported, not fixed here): with all-equal frequencies whose float mean does not round back to
 # the common value (six layers at 0.1: mean 0.09999999999999998), every layer is "above" the threshold and grows,
 # while six layers at 0.3 grow none. The decision on degenerate input is decided by rounding noise. Remove the
-# xfail once pgke_decide compares with a tolerance (or in exact arithmetic).
-@pytest.mark.xfail(strict=True, reason="pgke_decide: all-equal frequencies decided by float rounding (see report)")
 def test_pgke_rule_all_equal_frequencies_never_grow_whatever_the_rounding():
     for n in (2, 3, 6, 7, 9):
         for v in (0.1, 0.2, 0.3, 1 / 3, 0.7):
@@ -486,6 +484,7 @@ def test_safetensors_write_failing_part_way_keeps_the_previous_checkpoint(tmp_pa
         cmoe.save_safetensors({"w": torch.ones(64, 64)}, str(path), metadata={"step": 2})
     assert path.read_bytes() == before
     assert torch.equal(cmoe.load_safetensors(str(path))["w"], old["w"])
+    assert os.listdir(path.parent) == ["model.safetensors"]  # no partial temp file left behind
 
 
 def test_json_and_prediction_writes_failing_part_way_keep_the_previous_file(tmp_path):
@@ -503,6 +502,7 @@ def test_json_and_prediction_writes_failing_part_way_keep_the_previous_file(tmp_
     with pytest.raises(UnicodeEncodeError):  # a lone surrogate cannot be written as UTF-8
         ev.write_predictions(str(pred), [{"prediction": "B"}, {"prediction": "\ud800"}])
     assert pred.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["predictions", "state.json"] and os.listdir(pred.parent) == ["sqa.jsonl"]
 
 
 def test_continual_state_round_trip_rebuilds_pools_routers_flags_and_locator(tmp_path):
