@@ -52,8 +52,8 @@ def parse_args(argv=None):
     a("--tokenizer", help="Llama-3 tokenizer.model (tiktoken BPE file)")
     a("--align-json", help="LLaVA-format caption json for projector alignment (real models, no --projector)")
     a("--base-dir", default="out/base", help="cache of pretrained tiny base models")
-    a("--base-steps", type=int, default=600, help="tiny base, stage 0a: caption pretraining steps")
-    a("--instruct-steps", type=int, default=1000, help="tiny base, stage 0b: MiniCoIN-Instruct tuning steps")
+    a("--base-steps", type=int, default=1000, help="tiny base, stage 0a: caption pretraining steps")
+    a("--instruct-steps", type=int, default=500, help="tiny base, stage 0b: MiniCoIN-Instruct tuning steps")
     # experts / method
     a("--rank", type=int, default=8)
     a("--lora-alpha", type=float, default=16.0)
