@@ -90,7 +90,7 @@ MUTATIONS = [
      "probe router starts uniform, not from the latest router", PGKE),
     ("cmoe.py", "float(f.usage[-1] / f.usage.sum().clamp(min=1))", "float(f.usage[-1] / f.usage[:-1].sum().clamp(min=1))",
      "probe frequency relative to the old experts' assignments only", PGKE),
-    ("cmoe.py", "[bool(x > threshold) for x in f]", "[bool(x >= threshold) for x in f]",
+    ("cmoe.py", "[bool(x > threshold + PGKE_TOL) for x in f]", "[bool(x >= threshold - PGKE_TOL) for x in f]",
      "PGKE rule: a layer at the threshold grows", PGKE),
     ("cmoe.py", "alpha * f.std(unbiased=False)", "alpha * f.std()", "PGKE rule: sample std instead of population",
      PGKE),
