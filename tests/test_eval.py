@@ -28,13 +28,15 @@ def test_continual_metrics_by_hand():
     assert m["bwt"] == pytest.approx(((50 - 80) + (70 - 90)) / 2)
     # FWT: zero-shot on the next task before training it: a[0][1] and a[1][2]
     assert m["fwt"] == pytest.approx((10 + 30) / 2)
+    # plasticity: accuracy on each task right after training it, a[i][i]
+    assert m["plasticity"] == [80, 90, 100]
 
 
 def test_joint_single_row():
     m = ev.continual_metrics([[40.0, 60.0, 80.0]])
     assert m["last"] == pytest.approx((40 + 60 + 80) / 3)
     assert m["avg"] == m["last"]
-    assert m["bwt"] is None and m["fwt"] is None
+    assert m["bwt"] is None and m["fwt"] is None and m["plasticity"] is None
 
 
 def test_none_cells_and_partial_run():

@@ -141,6 +141,9 @@ def test_eval_reevaluates_run_and_writes_report(ptl_run, oracle_run, tmp_path):
     assert ev.main([str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["acc"] == M["acc"]  # regenerated from the checkpoints, same numbers as during training
+    assert m["zero_shot"] == M["zero_shot"] and len(M["zero_shot"]) == 2  # row 0 regenerated from the bare base
+    assert m["plasticity"] == [M["acc"][0][0], M["acc"][1][1]]
+    assert "| base (zero-shot) |" in (out / "report.md").read_text()
     assert m["locator"]["confusion"] == M["locator"]["confusion"]
     for f in ("report.md", "figures/acc_matrix.png", "figures/locator_confusion.png", "figures/experts_per_layer.png"):
         assert (out / f).is_file(), f
