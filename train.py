@@ -24,7 +24,8 @@ import cmoe
 import data
 import eval as ev
 from cmoe import LLaVA, Llama, LlamaConfig, ExpertConfig
-from vision import CLIPVision, Projector, VisionConfig, load_clip, load_projector, preprocess, read_json
+from vision import (CheckpointError, CLIPVision, Projector, VisionConfig, load_clip, load_projector, preprocess,
+                    read_hf_config, read_json)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,6 +93,7 @@ def parse_args(argv=None):
     a("--predict-only", action="store_true", help="CoIN: test records may lack answers; write the answer files, "
       "report no accuracy")
     a("--bad-images", default="fail", choices=["fail", "skip"])
+    plan_flags(a)
     # testing hooks (hidden): simulate a crash / a NaN
     a("--crash-at", default="", help=argparse.SUPPRESS)  # "STAGE:STEP", e.g. task1:cls:8
     a("--nan-at", default="", help=argparse.SUPPRESS)
@@ -774,8 +776,149 @@ def run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
     return finish(args, M, log, t_start)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# memory plan of a real run, from configs alone (python train.py --plan)
+
+PRESETS = {  # the published config.json fields that LlamaConfig.from_hf reads
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+}
+PLAN_MARGIN = 0.10  # share of --gpu-mem the plan leaves free: CUDA context, allocator fragmentation, backward's buffers
+
+
+def plan_flags(a):
+    a("--plan", action="store_true", help="print parameter counts, memory and the largest micro-batch that fits --gpu-mem "
+      "for the run these flags describe (model built on the meta device from --preset or the config.json of --llm and "
+      "--vision; nothing downloaded, allocated or trained), then exit; --tasks may be a number")
+    a("--preset", choices=sorted(PRESETS), help="implies --plan: a published Llama config (no folders), CLIP ViT-L/14-336")
+    a("--gpu-mem", type=float, default=80.0, help="--plan: GiB of GPU memory")
+    a("--plan-dtype", default="bf16", choices=["bf16", "fp32"], help="--plan: dtype of weights, gradients, activations")
+
+
+def plan_configs(args):
+    """(LlamaConfig, VisionConfig, what they came from): --preset, or only the config.json of --llm and --vision."""
+    if args.preset:
+        return (LlamaConfig.from_hf(PRESETS[args.preset], f"preset {args.preset}"),
+                VisionConfig.clip_vit_large_patch14_336(), f"preset {args.preset} + CLIP ViT-L/14-336")
+    if not (args.llm and args.vision):
+        raise SystemExit("--plan needs --preset, or --llm and --vision (HF folders: only their config.json is read)")
+    lpath, vpath = os.path.join(args.llm, "config.json"), os.path.join(args.vision, "config.json")
+    d = read_hf_config(args.llm)
+    arch = d.get("architectures") or ["LlamaForCausalLM"]
+    if d.get("model_type") != "llama" or "LlamaForCausalLM" not in arch:
+        raise CheckpointError(f"{lpath}: model_type {d.get('model_type')!r}, architectures {arch}: not a Llama "
+                              f"(expected model_type 'llama', LlamaForCausalLM)")
+    return LlamaConfig.from_hf(d, lpath), VisionConfig.from_hf(read_hf_config(args.vision), vpath), f"{lpath} + {vpath}"
+
+
+def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=False):
+    """Bytes autograd keeps for backward in one training step of B samples of S spliced tokens (T = B*S), tensor by
+    tensor as cmoe saves them (tests/test_plan.py measures it). dt: bytes per element of the model dtype; RMSNorm and
+    the router compute in fp32 (4 B), indices are int64 (8 B). The vision tower and projector run once per dataset
+    under no_grad (train.encode): nothing. A frozen Linear keeps only its weight. Per decoder layer:
+      norms      2 x (T*D*4: the fp32 input + T*4: rsqrt)
+      attention  4 x T*H*hd*dt (q; k, v repeated to H heads; output) + T*H*4 (logsumexp)
+      router     T*D*4 (fp32 input) + T*(E*4 probs + K*12 top-k weights, indices + 8) + B*E*D*4 (each sample's router)
+      ffn        3 x T*F*dt (gate, silu(gate), up)
+      lora       the inputs the A's gradients need: dense T*F*dt (down's) + T*D*dt (gate's, up's; fp32: the router's);
+                 sparse M*din*dt per projection (its gathered rows) + M*8 + T*K*16 (where rows go);
+                 and per projection din -> dout (gate, up, down): n*(2R + 1)*dt (rank space before / after gating,
+                 gates) + nw*R*(din + dout)*dt (the A, B the dispatch uses);
+                 dense: n = T*E, nw = E; sparse (E > 2K): n = M = T*K + E*31 rounded up to 32-row blocks, nw = M/32
+    The first layer's input needs no gradient: it keeps no norms, attention, router weights, nor gate's and up's A.
+    Once: RoPE cos, sin 2*T*hd*dt; final norm T*(4D + 4); loss (T - B)*(4V + 8) (fp32 log-probs and targets).
+    --grad-ckpt keeps each layer's input T*D*dt instead, and recomputes one layer at a time in backward (in fp32, that
+    layer's first norm keeps the saved input itself). Returns (total bytes, the terms of one layer after the first)."""
+    T, D, F, R, H, K, blk = B * S, lc.dim, lc.ffn_dim, ecfg.rank, lc.n_heads, min(ecfg.top_k, E), cmoe.BLOCK
+    sparse = E > 2 * ecfg.top_k  # ExpertFFN's "auto" dispatch
+    M = -(-(T * K + E * (blk - 1)) // blk) * blk
+    n, nw = (M, M // blk) if sparse else (T * E, E)
+    proj = ((D, F), (D, F), (F, D))
+    t = {"norms": 2 * T * (4 * D + 4), "attention": T * (4 * H * lc.head_dim * dt + 4 * H),
+         "router": T * D * 4 + T * (4 * E + 12 * K + 8) + B * E * D * 4,
+         "ffn": 3 * T * F * dt,
+         "lora": (M * 8 + T * K * 16 if sparse else T * (F + D * (dt != 4)) * dt)
+         + sum(n * (2 * R + 1) + nw * R * (i + o) + (M * i if sparse else 0) for i, o in proj) * dt}
+    layer = sum(t.values())
+    first = layer - t["norms"] - t["attention"] - B * E * D * 4 - 2 * nw * D * R * dt
+    once = 2 * T * lc.head_dim * dt + T * (4 * D + 4) + (T - B) * (4 * lc.vocab_size + 8)
+    reused = T * D * 4 if dt == 4 else 0  # --grad-ckpt, fp32: the recomputed first norm's input is the saved one
+    layers = lc.n_layers * T * D * dt + layer - reused if ckpt else first + (lc.n_layers - 1) * layer
+    return layers + once, t
+
+
+def plan(args):
+    """--plan: parameters, memory and the largest micro-batch of the run the flags describe, at the worst case of
+    --tasks (cmoe: every layer grows by --n-new experts every task). The model is built on the meta device: nothing is
+    downloaded, allocated or read but config.json. Prints; returns the numbers (bytes, counts)."""
+    lc, vc, what = plan_configs(args)
+    n_tasks = int(args.tasks) if (args.tasks or "").isdigit() else len(task_list(args)[0])
+    ecfg, dt = expert_config(args), {"bf16": 2, "fp32": 4}[args.plan_dtype]
+    with torch.device("meta"):
+        model = LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), Llama(lc))
+        freeze_base(model)
+        set_experts(model.llm, ecfg)
+        base = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("vision", "projector", "llm")}
+    cmoe.init_experts(model.llm, {"cmoe": args.n_init, "lora": 1}.get(args.method, args.moelora_experts))
+    first = cmoe.count_params(model)[0]
+    for _ in range(n_tasks - 1 if args.method == "cmoe" else 0):  # new tensors follow the weights onto meta
+        for f in model.llm.expert_ffns():
+            f.freeze()
+            f.add_experts(args.n_new)
+            f.add_router()
+    last, added = cmoe.count_params(model)
+    E, S, frozen = model.llm.layers[0].ffn.n_experts, args.max_len - 1 + vc.num_patches, sum(base.values())
+    clip_layer = sum(p.numel() for p in model.vision.encoder.layers[0].parameters())
+    mem = {"weights": (frozen + added) * dt, "gradients": max(first, last) * dt, "AdamW": max(first, last) * 8}
+    loss_peak = S * lc.vocab_size * (dt + 8)  # per sample: the logits train_stage holds, 2 fp32 grads of the log-probs
+    budget = args.gpu_mem * 2**30 * (1 - PLAN_MARGIN) - sum(mem.values())
+    act, fit, gib = {}, {}, lambda b: f"{b / 2**30:.2f} GiB"
+    for ck in (False, True):
+        a1, a65 = (activation_bytes(lc, ecfg, E, S, b, dt, ck)[0] + b * loss_peak for b in (1, 65))
+        act[ck] = ((a65 - a1) / 64, a1 - (a65 - a1) / 64)  # (per sample, per step): sparse rows come in blocks
+        b = max(0, int((budget - act[ck][1]) // act[ck][0]))
+        while b and activation_bytes(lc, ecfg, E, S, b, dt, ck)[0] + b * loss_peak > budget:
+            b -= 1
+        fit[ck] = b
+    print(f"plan: {what} (config only; model built on the meta device)\n  {args.method}, rank {ecfg.rank}, top-k "
+          f"{ecfg.top_k}, {n_tasks} task(s); S = {args.max_len - 1} text + {vc.num_patches} image = {S} tokens")
+    print(f"parameters\n  frozen base      vision {base['vision']:,} + projector {base['projector']:,} + LLM "
+          f"{base['llm']:,} = {frozen:,}\n                   (vision: {vc.run_layers} of {vc.num_hidden_layers} CLIP "
+          f"layers, no post_layernorm, as LLaVA reads layer {vc.select_layer}; CLIPVisionModel: "
+          f"{base['vision'] + (vc.num_hidden_layers - vc.run_layers) * clip_layer + 2 * vc.hidden_size:,})")
+    print(f"  trainable        task 1: {first:,}; task {n_tasks}: {last:,} (that task's experts and router)\n"
+          f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers, {E} experts per layer)")
+    print(f"memory ({args.plan_dtype} weights, gradients, activations; AdamW: fp32 m and v = 8 B per trainable "
+          f"parameter, no fp32 master copy)\n  " + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
+    terms = {k: v / 64 for k, v in activation_bytes(lc, ecfg, E, S, 64, dt)[1].items()}  # per sample, not per step
+    print(f"  activations kept for backward, per sample and decoder layer ({'sparse' if E > 2 * ecfg.top_k else 'dense'}"
+          f" expert dispatch, E = {E}):\n    " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in terms.items()) + " MiB")
+    for ck in (False, True):
+        print(f"  {'with' if ck else 'without'} --grad-ckpt: {gib(act[ck][0])} per sample (incl. loss peak "
+              f"{gib(loss_peak)}: logits + 2 fp32 log-prob gradients) + {act[ck][1] / 2**20:.1f} MiB per step")
+    print(f"fits {args.gpu_mem:g} GiB, {PLAN_MARGIN:.0%} left free: micro-batch {fit[False]} without --grad-ckpt, "
+          f"{fit[True]} with")
+    if dt == 2:
+        print(f"note: train.py keeps fp32 weights under CUDA bf16 autocast: +{gib(2 * (frozen + added))} of weights, "
+              f"and autocast's bf16 copies of the frozen LLM weights (~{gib(2 * base['llm'])}) are kept for backward")
+    return dict(base=base, first=first, last=last, added=added, experts=E, S=S, mem=mem, act=act, fit=fit)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan or args.preset:
+        try:
+            return plan(args)
+        except (CheckpointError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
     try:
         return run(args)
     except FloatingPointError as e:

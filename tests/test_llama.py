@@ -18,13 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import cmoe  # noqa: E402
 import vision  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on busy shared cores thread hand-offs dominate the time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # llama3 rule with a small original context so that a head_dim of 8 hits all three branches (kept / blended /
