@@ -94,9 +94,6 @@ def parse_args(argv=None):
       "report no accuracy")
     a("--bad-images", default="fail", choices=["fail", "skip"])
     plan_flags(a)
-    # testing hooks (hidden): simulate a crash / a NaN
-    a("--crash-at", default="", help=argparse.SUPPRESS)  # "STAGE:STEP", e.g. task1:cls:8
-    a("--nan-at", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         for k, v in dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24,
@@ -120,10 +117,6 @@ class Log:
         print(msg, flush=True)
         with open(self.path, "a") as f:
             f.write(msg + "\n")
-
-
-class CrashForTest(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,8 +303,6 @@ def train_stage(model: LLaVA, ds, args, steps, lr, task_id, tag, log, experts=Tr
             tids = b["task_ids"] if task_ids_fixed is None else torch.full_like(b["task_ids"], task_ids_fixed)
             with amp:
                 _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
-            if args.nan_at == f"{tag}:{step + 1}":
-                loss = loss * float("nan")
             total = loss + args.lambda_aux * aux
             if not torch.isfinite(total):
                 raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step {step + 1}: "
@@ -331,8 +322,6 @@ def train_stage(model: LLaVA, ds, args, steps, lr, task_id, tag, log, experts=Tr
             t_last, tok_count = time.time(), 0
         if ckpt is not None and (step + 1) % args.save_every == 0 and step + 1 < steps:
             ckpt(step + 1, optimizer_state(opt, named))
-        if args.crash_at == f"{tag}:{step + 1}":
-            raise CrashForTest(f"simulated crash after step {step + 1} of stage '{tag}'")
     model.eval()
 
 

@@ -105,11 +105,23 @@ def test_ptl_locates_separated_tasks_per_sample():
     assert torch.equal(loc.locate(f[3:4]), truth[3:4])
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path, base_dir, ptl_run):
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, base_dir, ptl_run, monkeypatch):
     ref_out, ref = ptl_run
     out = tmp_path / "crashed"
-    with pytest.raises(train.CrashForTest):
-        run(out, base_dir, "--crash-at", "task1:cls:10")
+    log = train.Log.__call__
+
+    def crash_after_step_10(self, msg):  # injected from outside: the run dies right after logging step 10
+        log(self, msg)
+        if msg.startswith("task1:cls step    10/"):
+            raise Crash(msg)
+    with monkeypatch.context() as m:
+        m.setattr(train.Log, "__call__", crash_after_step_10)
+        with pytest.raises(Crash):
+            run(out, base_dir)
     assert (out / "task_0/model.safetensors").is_file() and (out / "task_1/partial.safetensors").is_file()
     assert json.loads((out / "state.json").read_text())["finished_tasks"] == 1
     M = run(out, base_dir, "--resume")
@@ -121,11 +133,28 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, base_dir, ptl_run):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_nan_loss_stops_cleanly_and_keeps_checkpoints(tmp_path, base_dir, ptl_run, capsys):
+def test_nan_loss_stops_cleanly_and_keeps_checkpoints(tmp_path, base_dir, ptl_run, capsys, monkeypatch):
     ref_out, _ = ptl_run
     out = tmp_path / "nan"
+    train_stage = train.train_stage
+
+    def nan_at_step_3(model, ds, args, steps, lr, task_id, tag, *a, **kw):  # injected: the 3rd loss of task 2 is NaN
+        if tag != "task1:cls":
+            return train_stage(model, ds, args, steps, lr, task_id, tag, *a, **kw)
+        calls, forward = [], model.forward
+
+        def poisoned(*x, **k):
+            logits, loss, aux = forward(*x, **k)
+            calls.append(1)
+            return logits, loss * float("nan") if len(calls) == 3 else loss, aux
+        model.forward = poisoned  # nn.Module.__call__ calls the instance's forward
+        try:
+            return train_stage(model, ds, args, steps, lr, task_id, tag, *a, **kw)
+        finally:
+            del model.forward
+    monkeypatch.setattr(train, "train_stage", nan_at_step_3)
     with pytest.raises(SystemExit) as e:
-        run(out, base_dir, "--nan-at", "task1:cls:3")
+        run(out, base_dir)
     assert e.value.code == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "'task1:cls'" in err and "step 3" in err
