@@ -358,17 +358,17 @@ def load_optimizer(opt, named, tensors):
 # evaluation with the locator choosing the router per sample
 
 @torch.no_grad()
-def predict(model: LLaVA, locator, examples, tok, template, args, true_task, seen, use_locator, fixed_task=None):
-    """Greedy answers for `examples`; returns rows for predictions/<task>.jsonl and the chosen task ids."""
+def predict(model: LLaVA, locator, examples, tok, template, args, true_task, seen, use_locator, fixed_task=None,
+            images=None):
+    """Greedy answers for `examples`; returns rows for predictions/<task>.jsonl and the chosen task ids.
+    `images`: the examples' projected image features, if already computed (test_images)."""
     model.eval()
     rows, chosen = [], []
     stops = data.stop_ids(tok, template)
     for i in range(0, len(examples), args.eval_batch):
         exs = examples[i:i + args.eval_batch]
         prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in exs]
-        px = torch.stack([ex_pixels(ex, model) for ex in exs]).to(args.device)
-        with amp_ctx(args):
-            img = model.image_features(px)
+        img = image_features(model, exs, args) if images is None else images[i:i + args.eval_batch].to(args.device)
         if fixed_task is not None:
             tids = torch.full((len(exs),), fixed_task, dtype=torch.long)
         elif use_locator and seen > 1:
@@ -407,6 +407,19 @@ def save_predictions(out, task, stage, rows, trained=None):
             tag = "Finetune" if trained == task else data.coin_folder(trained)
             ev.write_predictions(os.path.join(out, "predictions", "CoIN", data.coin_folder(task), tag, "merge.jsonl"),
                                  lines)
+
+
+@torch.no_grad()
+def image_features(model, exs, args):
+    px = torch.stack([ex_pixels(ex, model) for ex in exs]).to(args.device)
+    with amp_ctx(args):
+        return model.image_features(px)
+
+
+def test_images(model, tests, args):
+    """Projected image features of every test set, computed once per run: tower and projector are frozen."""
+    return {n: torch.cat([image_features(model, exs[i:i + args.eval_batch], args).cpu()
+                          for i in range(0, len(exs), args.eval_batch)]) for n, exs in tests.items()}
 
 
 def ex_pixels(ex, model):
@@ -479,6 +492,7 @@ def run(args):
     model.llm.grad_ckpt = args.grad_ckpt
 
     tests = {n: load_examples(args, n, "test") for n in names}
+    images = test_images(model, tests, args)
     scoring = scoring_rules(args, names, metric, tests, log)
     M = {"benchmark": args.benchmark, "method": args.method, "expand": args.expand, "locator": args.locator,
          "tasks": names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
@@ -500,11 +514,11 @@ def run(args):
         log(f"resume: {first} finished task(s){', and a partial task ' + str(first) if partial else ''}")
 
     if "zero_shot" not in M:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
-        M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, -1, tok, template)
+        M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, images, -1, tok, template)
         log("base zero-shot: " + " ".join(f"{n}={_pct(a)}" for n, a in zip(names, M["zero_shot"])))
     M["scoring"] = scoring
     if args.method == "joint":
-        return run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
+        return run_joint(args, model, tok, template, names, metric, tests, images, M, log, t_start)
 
     for t in range(first, len(names)):
         name = names[t]
@@ -557,7 +571,7 @@ def run(args):
         tt["locator"] = time.time() - t1
 
         t1 = time.time()
-        row, conf = evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
+        row, conf = evaluate_stage(model, locator, args, names, metric, tests, images, t, tok, template)
         tt["eval"] = time.time() - t1
         M["acc"].append(row)
         if args.method == "cmoe":
@@ -604,7 +618,7 @@ def scoring_rules(args, names, metric, tests, log=print):
     return rules
 
 
-def evaluate_stage(model, locator, args, names, metric, tests, t, tok, template):
+def evaluate_stage(model, locator, args, names, metric, tests, images, t, tok, template):
     """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task
     (seen and not yet seen) with the routers chosen per sample; writes predictions/<task>.jsonl; returns the
     accuracy row and the locator confusion (seen tasks)."""
@@ -613,7 +627,7 @@ def evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
     for i, n in enumerate(names):
         rows, chosen = predict(model, locator, tests[n], tok, template, args, i, t + 1,
                                use_locator=cmoe_routed and args.locator == "ptl",
-                               fixed_task=None if cmoe_routed else 0)
+                               fixed_task=None if cmoe_routed else 0, images=images[n])
         for c in chosen if t >= 0 else ():
             conf[i][c] += 1
         row.append(accuracy(rows, metric[n], args.predict_only))
@@ -641,8 +655,9 @@ def reevaluate(run_dir, device=None):
     freeze_base(model)
     set_experts(model.llm, expert_config(args))
     tests = {n: load_examples(args, n, "test") for n in names}
+    images = test_images(model, tests, args)
     stages = [0] if args.method == "joint" else range(M["finished_tasks"])  # joint: one checkpoint, one row
-    M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, -1, tok, template)  # before experts
+    M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, images, -1, tok, template)  # before experts
     acc = []
     for t in stages:
         tdir = os.path.join(run_dir, f"task_{t}")
@@ -651,7 +666,7 @@ def reevaluate(run_dir, device=None):
             if meta.get(field) != want:
                 raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} but the run config says {want!r}")
         locator = cmoe.load_cl_state(model, cmoe.load_safetensors(os.path.join(tdir, "model.safetensors")), meta, tdir)
-        row, conf = evaluate_stage(model, locator, args, names, metric, tests, t, tok, template)
+        row, conf = evaluate_stage(model, locator, args, names, metric, tests, images, t, tok, template)
         acc.append(row)
         if args.method == "cmoe":
             M["locator"] = {"confusion": conf, "acc": ev.locator_accuracy(conf)}
@@ -695,8 +710,7 @@ def task_features(model, exs, tok, template, args):
     for i in range(0, len(exs), args.eval_batch):
         chunk = exs[i:i + args.eval_batch]
         prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in chunk]
-        px = torch.stack([ex_pixels(ex, model) for ex in chunk]).to(args.device)
-        feats.append(model.features(prompts, model.image_features(px)).cpu())
+        feats.append(model.features(prompts, image_features(model, chunk, args)).cpu())
     return torch.cat(feats)
 
 
@@ -740,7 +754,7 @@ def stage_rng(args, t, stage):
     return torch.Generator().manual_seed(stage_seed(args, t, stage))
 
 
-def run_joint(args, model, tok, template, names, metric, tests, M, log, t_start):
+def run_joint(args, model, tok, template, names, metric, tests, images, M, log, t_start):
     """Multitask upper bound: one MoELoRA pool trained on all tasks at once, evaluated once."""
     t1 = time.time()
     ds = concat([encode(model, load_examples(args, n, "train"), tok, template, args, i) for i, n in enumerate(names)])
@@ -750,7 +764,7 @@ def run_joint(args, model, tok, template, names, metric, tests, M, log, t_start)
     train_stage(model, ds, args, args.steps * len(names), args.lr, 0, "joint", log, task_ids_fixed=0)
     t_train = time.time() - t1
     t1 = time.time()
-    row, _ = evaluate_stage(model, None, args, names, metric, tests, 0, tok, template)
+    row, _ = evaluate_stage(model, None, args, names, metric, tests, images, 0, tok, template)
     M["acc"] = [row]
     M["params"] = [{"task": "joint", "trainable": trainable, "added": added, "experts": sum(
         f.n_experts for f in model.llm.expert_ffns())}]
