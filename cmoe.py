@@ -579,7 +579,7 @@ class LLaVA(nn.Module):
         return ((k <= q)[None] & keys_B1K) | (k == q)[None]
 
     @torch.no_grad()
-    def generate(self, prompts, images, task_ids=None, max_new_tokens=16, stop_ids=(), use_cache=True):
+    def generate(self, prompts, images, task_ids=None, max_new_tokens=16, stop_ids=()):
         """Greedy decoding of a batch of prompts (lists of ids, one IMAGE_TOKEN_ID each, or none in a text-only
         prompt) -> new ids per row."""
         dev = images.device
@@ -589,23 +589,16 @@ class LLaVA(nn.Module):
         c = self.llm.cfg
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         total = S + max_new_tokens
-        cache = None
-        if use_cache:
-            shape = (B, c.n_kv_heads, total, c.head_dim)
-            cache = [{"k": x.new_zeros(shape), "v": x.new_zeros(shape)} for _ in range(c.n_layers)]
+        shape = (B, c.n_kv_heads, total, c.head_dim)
+        cache = [{"k": x.new_zeros(shape), "v": x.new_zeros(shape)} for _ in range(c.n_layers)]
         out = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         stop = torch.tensor(list(stop_ids) or [-1], device=dev)
-        seq_x, seq_valid, seq_pos = x, valid, pos
         step_x, step_pos, t0 = x, pos, 0
         for _ in range(max_new_tokens):
-            if use_cache:
-                mask = self._mask(seq_valid, step_x.shape[1], total, t0)
-                logits, _ = self.llm(inputs_embeds=step_x, pos_BT=step_pos, mask_BTT=mask, cache=cache, t0=t0,
-                                     task_ids=task_ids, valid_BT=None)
-            else:
-                mask = self._mask(seq_valid, seq_x.shape[1], seq_x.shape[1], 0)
-                logits, _ = self.llm(inputs_embeds=seq_x, pos_BT=seq_pos, mask_BTT=mask, task_ids=task_ids)
+            mask = self._mask(valid, step_x.shape[1], total, t0)
+            logits, _ = self.llm(inputs_embeds=step_x, pos_BT=step_pos, mask_BTT=mask, cache=cache, t0=t0,
+                                 task_ids=task_ids, valid_BT=None)
             nxt_B = logits[:, -1].argmax(-1)
             for b in range(B):
                 if not done[b]:
@@ -615,10 +608,8 @@ class LLaVA(nn.Module):
                 break
             t0 += step_x.shape[1]
             step_x = self.llm.embed_tokens(nxt_B)[:, None]
-            step_pos = seq_pos[:, -1:] + 1
-            seq_x = torch.cat([seq_x, step_x], 1)
-            seq_valid = torch.cat([seq_valid, torch.ones_like(seq_valid[:, :1])], 1)
-            seq_pos = torch.cat([seq_pos, step_pos], 1)
+            step_pos = step_pos[:, -1:] + 1
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
         return [[t for t in o if t not in set(stop_ids)] for o in out]
 
 

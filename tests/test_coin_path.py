@@ -20,7 +20,7 @@ import data  # noqa: E402
 import train  # noqa: E402
 import vision  # noqa: E402
 from test_llama import PAD, close, hf_config, hf_tensors, llava, llava_files, manual_splice, pixels  # noqa: E402,F401
-from test_llama import ref_llama_logits, write_folder  # noqa: E402
+from test_llama import greedy_reference, ref_llama_logits, write_folder  # noqa: E402
 from test_vision import hf_vision_config, hf_vision_tensors  # noqa: E402
 
 VCFG = vision.VisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -375,7 +375,7 @@ def test_text_only_prompt_generates_and_locates_as_plain_text(llava, llava_files
         want.append(nxt)
         text.append(nxt)
     out = llava.generate(prompts, px, max_new_tokens=n)
-    assert out[1] == want and out == llava.generate(prompts, px, max_new_tokens=n, use_cache=False)
+    assert out[1] == want and out[0] == greedy_reference(llava, EMB, prompts[0], llava.image_features(px)[0], n)
     f = llava.features(prompts, px)
     close(f[1], ref_llama_logits(t, c, torch.tensor([prompts[1]]), return_hidden=True)[0, -1])
     close(f[0], llava.features(prompts[:1], px[:1])[0])  # the image row is unaffected by its text-only neighbour
