@@ -7,7 +7,6 @@ K top-k, H heads, N tasks, P image patches, V vocab, Z latent.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -19,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from vision import load_mapped, open_hf_tensors, read_hf_config, require
+from vision import atomic_path, load_mapped, open_hf_tensors, read_hf_config, require
 
 IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id for "<image>" inside input_ids
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label value the loss ignores
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -762,32 +761,14 @@ class Locator(nn.Module):
 def save_safetensors(tensors: dict, path, metadata: dict | None = None):
     """Atomic: write a temp file in the same folder, then rename over the target."""
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with _removed_on_failure(tmp):
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
 
 
 def save_json(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with _removed_on_failure(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _removed_on_failure(tmp):
-    """A write that fails part-way leaves neither a partial target (the rename never ran) nor its temp file."""
-    try:
-        yield
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def load_safetensors(path) -> dict:

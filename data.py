@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +24,9 @@ import tiktoken
 import torch
 from PIL import Image, ImageDraw
 
-from vision import load_image, preprocess
+from cmoe import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (data.IMAGE_TOKEN_ID is used by callers)
+from vision import atomic_path, load_image, preprocess
 
-IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id for "<image>" inside input_ids
-IGNORE_INDEX = -100  # label value the loss ignores
 
 # -----------------------------------------------------------------------------
 # tokenizer (tiktoken BPE in the Llama-3 tokenizer.model format: one "base64(token) rank" per line)
@@ -79,16 +77,8 @@ def save_tokenizer(ranks, path):
 
 
 def _atomic_write(path, data: bytes):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def minicoin_corpus(per_task=40, seed=0):

@@ -11,6 +11,7 @@ Shape legend: B batch, T tokens, P patches, D width, N examples.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -327,15 +328,7 @@ def train_stage(model: LLaVA, ds, args, steps, lr, task_id, tag, log, experts=Tr
 
 def amp_ctx(args):
     """bf16 autocast on CUDA; plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else _null()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    return torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
 
 
 def optimizer_state(opt, named) -> dict:

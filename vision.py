@@ -6,6 +6,7 @@ cmoe.py also uses to load Llama.
 Shape suffixes: B batch, C channels, S image side, P patches (CLS excluded), T tokens (= P + 1 with CLS),
 D width, F mlp width, H heads, K head dim (D // H).
 """
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,21 @@ class MissingKeysError(KeyError, CheckpointError):
 
     def __str__(self):
         return str(self.args[0])
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """The one atomic writer: yields a temp path in the target's folder; renamed over `path` when the block
+    finishes, removed when it fails part-way. Readers see the old file or the whole new one, never half of it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path):
