@@ -146,7 +146,7 @@ MUTATIONS = [
     # --- checkpoints
     ("vision.py", 'tmp = f"{path}.tmp{os.getpid()}"', "tmp = path",
      "the atomic writer writes in place (no temp file + rename): checkpoints, JSON, predictions", METHOD),
-    ("vision.py", "        if os.path.exists(tmp):\n            os.remove(tmp)\n", "",
+    ("vision.py", "            os.remove(tmp)", "            pass",
      "the atomic writer leaves its temp file behind after a failure", METHOD),
     ("cmoe.py", "requires_grad=flags[t]))", "requires_grad=True))", "load_cl_state: every router trainable", METHOD),
     ("cmoe.py", 'r"\\.ffn\\.(frozen_|train_|routers\\.)"', 'r"\\.ffn\\.(frozen_|train_)"',
