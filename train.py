@@ -245,7 +245,8 @@ def build_base(args, tok, template, log) -> LLaVA:
     # cached under a key of everything that shaped it, so changing stage 0b reuses stage 0a
     stages = [("base", "caption", args.caption_n, args.base_steps), ("instruct", "instruct", args.instruct_n,
                                                                      args.instruct_steps)]
-    shaped_by = [args.seed, args.max_len, args.base_lr, args.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE]
+    shaped_by = [args.seed, args.max_len, args.base_lr, args.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
+                 "stage 0b: tower frozen"]
     model = None
     for k, (tag, task, n, steps) in enumerate(stages):
         key = hashlib.sha1(json.dumps(shaped_by + stages[: k + 1]).encode()).hexdigest()[:10]
@@ -259,6 +260,7 @@ def build_base(args, tok, template, log) -> LLaVA:
             model = tiny_base(tok.n_vocab, pad).to(args.device)
         log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
         ds = encode(model, data.minicoin(task, "train", n, seed=args.seed), tok, template, args, 0, feats=False)
+        model.vision.requires_grad_(tag == "base")  # as LLaVA: the tower learns to see in 0a, is frozen in 0b
         train_stage(model, ds, args, steps, args.base_lr, 0, tag, log, experts=False)
         save_base(model, folder)
     return model
