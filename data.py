@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cmoe import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (data.IMAGE_TOKEN_ID is used by callers)
-from vision import atomic_path, load_image, preprocess
+from vision import atomic_path, load_image, preprocess, read_json
 
 
 # -----------------------------------------------------------------------------
@@ -333,22 +333,7 @@ class ExampleList(list):
 
 def _read_records(path):
     """List of JSON objects from a .json array or a .jsonl file; malformed JSON names file, line and column."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith(".jsonl"):
-            recs = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        recs.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: malformed JSON at line {n} column {e.colno}: {e.msg}") from None
-        else:
-            recs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    recs = read_json(path)
     if not isinstance(recs, list):
         raise ValueError(f"{path}: expected a list of records, got {type(recs).__name__}")
     return recs
@@ -452,11 +437,7 @@ def coin_gold_box(text):
 def load_coin_annotations(path):
     """{str(question_id): answers} from TextVQA's own annotation file (TextVQA_0.5.1_val.json: {"data": [{question_id,
     answers: 10 strings, ...}]}), the answers CoIN's eval_textvqa.py scores against; errors name file and record."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    d = read_json(path)
     if not isinstance(d, dict) or not isinstance(d.get("data"), list):
         raise ValueError(f"{path}: expected an object with a 'data' list (TextVQA's annotation layout)")
     out = {}

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vision import atomic_path
+from vision import atomic_path, read_json
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -77,20 +77,10 @@ def write_predictions(path, rows):
     _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 def read_predictions(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"predictions file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(r, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
-            rows.append(r)
+    rows = read_json(path)
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: row {n}: expected a JSON object, got {type(r).__name__}")
     return rows
 
 def rescore(rows, metric, score=None):
@@ -123,11 +113,7 @@ def load_run(run_dir):
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         raise ValueError(f"no finished task in {run_dir} (no metrics.json)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            m = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    m = read_json(path)
     if not m.get("finished_tasks"):
         raise ValueError(f"no finished task in {run_dir}")
     for key in ("tasks", "acc"):

@@ -53,15 +53,23 @@ def atomic_path(path):
 
 
 def read_json(path):
-    """Parsed JSON of `path` (a dict for configs); errors name the file and the line/column."""
+    """The one JSON reader: parsed JSON of `path`, or the list of its lines' values for a .jsonl file (blank lines
+    skipped); errors name the file and the line/column."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
+    n = 0
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            if not path.endswith(".jsonl"):
+                return json.load(f)
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+            return rows
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise CheckpointError(f"{path}: malformed JSON at line {n or e.lineno} column {e.colno}: {e.msg}") from e
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e})") from e
 

@@ -70,7 +70,7 @@ def test_predictions_roundtrip_and_bad_line(tmp_path):
     assert ev.read_predictions(p) == rows
     with open(p, "a") as f:
         f.write('{"index": 2, "prediction": \n')  # line 3 is truncated
-    with pytest.raises(ValueError, match=r"p\.jsonl:3:"):
+    with pytest.raises(ValueError, match=r"p\.jsonl: malformed JSON at line 3 column"):
         ev.read_predictions(p)
     exact = lambda metric, pred, ans: float(pred.lower() in [a.lower() for a in (ans if isinstance(ans, list) else [ans])])
     assert ev.rescore([{"prediction": "Cat", "answer": "cat"}, {"prediction": "x", "answers": ["y", "x"]},
