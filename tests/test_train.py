@@ -59,6 +59,18 @@ def test_quick_run_writes_the_run_folder(oracle_run):
     assert not list(out.glob("task_*/partial*")), "partial checkpoints are removed when a task finishes"
 
 
+def test_stage_0b_keeps_the_tower_of_stage_0a(oracle_run, base_dir):
+    """LLaVA's recipe: captions train tower, projector and LLM; instruction tuning freezes the tower."""
+    (caption,), (instruct,) = ([os.path.join(base_dir, d) for d in os.listdir(base_dir) if d.startswith(f"minicoin-{tag}-")]
+                               for tag in ("base", "instruct"))
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (caption, instruct))
+    assert a.keys() == b.keys()
+    tower = [k for k in a if k.startswith("vision.")]
+    assert tower and all(torch.equal(a[k], b[k]) for k in tower)
+    assert not torch.equal(a["projector.0.weight"], b["projector.0.weight"])
+    assert not torch.equal(a["llm.layers.0.ffn.up_proj.weight"], b["llm.layers.0.ffn.up_proj.weight"])
+
+
 def test_task1_experts_and_routers_bit_identical_after_task2(oracle_run):
     out, _ = oracle_run
     a, b = load_file(str(out / "task_0/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
