@@ -173,7 +173,7 @@ def test_cli_errors(tmp_path):
     with open(os.path.join(rd, "predictions", "ocr.jsonl"), "w") as f:
         f.write('{"index": 0, "prediction": "a", "answer": "a", "stage": 0}\n{oops\n')
     r = run(rd)
-    assert r.returncode != 0 and "ocr.jsonl:2:" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "ocr.jsonl: malformed JSON at line 2" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_report_and_compare(tmp_path):
