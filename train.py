@@ -356,7 +356,7 @@ def load_optimizer(opt, named, tensors):
 def predict(model: LLaVA, locator, examples, tok, template, args, true_task, seen, use_locator, fixed_task=None,
             images=None):
     """Greedy answers for `examples`; returns rows for predictions/<task>.jsonl and the chosen task ids.
-    `images`: the examples' projected image features, if already computed (test_images)."""
+    `images`: the examples' projected image features, if already computed (eval_images)."""
     model.eval()
     rows, chosen = [], []
     stops = data.stop_ids(tok, template)
@@ -411,7 +411,7 @@ def image_features(model, exs, args):
         return model.image_features(px)
 
 
-def test_images(model, tests, args):
+def eval_images(model, tests, args):
     """Projected image features of every test set, computed once per run: tower and projector are frozen."""
     return {n: torch.cat([image_features(model, exs[i:i + args.eval_batch], args).cpu()
                           for i in range(0, len(exs), args.eval_batch)]) for n, exs in tests.items()}
@@ -487,7 +487,7 @@ def run(args):
     model.llm.grad_ckpt = args.grad_ckpt
 
     tests = {n: load_examples(args, n, "test") for n in names}
-    images = test_images(model, tests, args)
+    images = eval_images(model, tests, args)
     scoring = scoring_rules(args, names, metric, tests, log)
     M = {"benchmark": args.benchmark, "method": args.method, "expand": args.expand, "locator": args.locator,
          "tasks": names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
@@ -650,7 +650,7 @@ def reevaluate(run_dir, device=None):
     freeze_base(model)
     set_experts(model.llm, expert_config(args))
     tests = {n: load_examples(args, n, "test") for n in names}
-    images = test_images(model, tests, args)
+    images = eval_images(model, tests, args)
     stages = [0] if args.method == "joint" else range(M["finished_tasks"])  # joint: one checkpoint, one row
     M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, images, -1, tok, template)  # before experts
     acc = []
