@@ -353,17 +353,16 @@ def load_optimizer(opt, named, tensors):
 # evaluation with the locator choosing the router per sample
 
 @torch.no_grad()
-def predict(model: LLaVA, locator, examples, tok, template, args, true_task, seen, use_locator, fixed_task=None,
-            images=None):
-    """Greedy answers for `examples`; returns rows for predictions/<task>.jsonl and the chosen task ids.
-    `images`: the examples' projected image features, if already computed (eval_images)."""
+def predict(model: LLaVA, locator, examples, images, tok, template, args, true_task, seen, use_locator, fixed_task=None):
+    """Greedy answers for `examples` (`images`: their projected image features, from eval_images); returns rows for
+    predictions/<task>.jsonl and the chosen task ids."""
     model.eval()
     rows, chosen = [], []
     stops = data.stop_ids(tok, template)
     for i in range(0, len(examples), args.eval_batch):
         exs = examples[i:i + args.eval_batch]
         prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in exs]
-        img = image_features(model, exs, args) if images is None else images[i:i + args.eval_batch].to(args.device)
+        img = images[i:i + args.eval_batch].to(args.device)
         if fixed_task is not None:
             tids = torch.full((len(exs),), fixed_task, dtype=torch.long)
         elif use_locator and seen > 1:
@@ -620,9 +619,8 @@ def evaluate_stage(model, locator, args, names, metric, tests, images, t, tok, t
     row, conf = [], [[0] * (t + 1) for _ in names]
     cmoe_routed = args.method == "cmoe" and t >= 0
     for i, n in enumerate(names):
-        rows, chosen = predict(model, locator, tests[n], tok, template, args, i, t + 1,
-                               use_locator=cmoe_routed and args.locator == "ptl",
-                               fixed_task=None if cmoe_routed else 0, images=images[n])
+        rows, chosen = predict(model, locator, tests[n], images[n], tok, template, args, i, t + 1,
+                               use_locator=cmoe_routed and args.locator == "ptl", fixed_task=None if cmoe_routed else 0)
         for c in chosen if t >= 0 else ():
             conf[i][c] += 1
         row.append(accuracy(rows, metric[n], args.predict_only))
