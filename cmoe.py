@@ -3,22 +3,22 @@ token by one router per task, the LLaVA wrapper that splices image features into
 decide -> expand) and PTL (per-task VAEs that locate a sample's task). Read top to bottom.
 
 Shape legend: B batch, T tokens, S spliced sequence, D model width, F ffn width, R lora rank, E experts,
-K top-k, H heads, N tasks, P image patches, V vocab, Z latent.
+K top-k, H heads, N tasks, P image patches, V vocab, Z latent, O a projection's output width (D or F).
+LoRA matrices are lower-case (a_EDR, b_ERO): the capital B is the batch.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from vision import atomic_path, load_mapped, open_hf_tensors, read_hf_config, require
+from vision import load_mapped, open_hf_tensors, read_hf_config, require
 
 IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id for "<image>" inside input_ids
 IGNORE_INDEX = -100  # label value the loss ignores
@@ -149,10 +149,7 @@ class Attention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Experts: a pool of LoRA experts on gate/up/down of one FFN, and one router per task.
-
-PROJ = ("gate", "up", "down")
-
+# Experts: LoRA experts on gate/up/down of one FFN, and one router per task.
 
 def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     """Per-sample routing: each sample uses its own task's router. Returns dense top-k weights [B,T,E]
@@ -171,181 +168,154 @@ def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     return torch.zeros_like(probs_BTE).scatter(-1, idx_BTK, top_BTK), probs_BTE
 
 
-def lora_dense(x_TD, A_EDR, B_ERO, w_TE, scale):
+def lora_dense(x_TD, a_EDR, b_ERO, w_TE, scale):
     """Masked-dense dispatch: one GEMM into every expert's rank space, gate it, one GEMM out.
     sum_e w_e * B_e A_e x  ==  ((x @ [A_1..A_E]) * w expanded over R) @ [B_1;..;B_E]"""
-    E, D, R = A_EDR.shape
-    h_TER = (x_TD @ A_EDR.permute(1, 0, 2).reshape(D, E * R)).view(-1, E, R)
+    E, D, R = a_EDR.shape
+    h_TER = (x_TD @ a_EDR.permute(1, 0, 2).reshape(D, E * R)).view(-1, E, R)
     h_TER = h_TER * w_TE.to(h_TER.dtype)[:, :, None]
-    return (h_TER.reshape(-1, E * R) @ B_ERO.reshape(E * R, -1)) * scale
+    return (h_TER.reshape(-1, E * R) @ b_ERO.reshape(E * R, -1)) * scale
 
 
-# Sparse dispatch. Each (token, top-k slot) assignment gets one row in a buffer grouped by expert, each group
-# padded to a multiple of BLOCK rows so that every block of rows belongs to one expert; then two batched GEMMs
-# over blocks. All shapes are static (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place comes from a
-# cumsum over one-hot (no sort, bincount or nonzero, which break the graph).
-BLOCK = 32
+class LoRAExperts(nn.Module):
+    """E LoRA experts on one projection din -> dout: y = sum_e w_e * scale * B_e A_e x.
 
+    Stacked tensors [E, ...] in two banks: frozen_A/frozen_B (experts of earlier tasks, requires_grad=False) and
+    train_A/train_B (this task's). Separate tensors, not a requires_grad flag per slice, so autograd gives the frozen
+    bank no gradient at all and torch.compile sees no flag flipping within a task."""
 
-def dispatch_plan(w_TE, k, block=BLOCK):
-    """Where every assignment goes; computed once per layer and shared by gate, up and down."""
-    T, E = w_TE.shape
-    K = min(k, E)
-    w_TK, ids_TK = w_TE.topk(K, dim=-1)
-    ids_N = ids_TK.reshape(-1)  # N = T*K assignments, token-major
-    onehot_NE = F.one_hot(ids_N, E)
-    padded_E = (onehot_NE.sum(0) + block - 1) // block * block
-    start_E = padded_E.cumsum(0) - padded_E
-    rank_N = (onehot_NE.cumsum(0) * onehot_NE).sum(1) - 1  # place of the assignment inside its expert's group
-    pos_N = start_E[ids_N] + rank_N
-    nb = -(-(T * K + E * (block - 1)) // block)
-    M = nb * block
-    zeros = torch.zeros(M, dtype=torch.long, device=w_TE.device)
-    tok_M = zeros.scatter(0, pos_N, torch.arange(T * K, device=w_TE.device) // K)
-    w_M = torch.zeros(M, dtype=w_TE.dtype, device=w_TE.device).scatter(0, pos_N, w_TK.reshape(-1))  # 0 on padding
-    e_b = zeros.scatter(0, pos_N, ids_N).view(nb, block).amax(1)  # expert of each block
-    return pos_N, tok_M, w_M, e_b
+    def __init__(self, din, dout, rank):
+        super().__init__()
+        self.din, self.dout, self.rank = din, dout, rank
+        for bank in ("frozen", "train"):
+            self._set(bank, torch.zeros(0, din, rank), torch.zeros(0, rank, dout))
 
+    def _set(self, bank, a_EDR, b_ERO):
+        self.register_parameter(f"{bank}_A", nn.Parameter(a_EDR.contiguous(), requires_grad=bank == "train"))
+        self.register_parameter(f"{bank}_B", nn.Parameter(b_ERO.contiguous(), requires_grad=bank == "train"))
 
-class _ToRows(torch.autograd.Function):
-    """tokens [T,D] -> padded rows [M,D]; backward sums each token's K rows back (gathers only, no atomics)."""
+    @property
+    def A(self):
+        return torch.cat([self.frozen_A, self.train_A])
 
-    @staticmethod
-    def forward(x_TD, tok_M, pos_N):
-        return x_TD[tok_M]
+    @property
+    def B(self):
+        return torch.cat([self.frozen_B, self.train_B])
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
-        ctx.T = inputs[0].shape[0]
+    def __len__(self):
+        return self.frozen_A.shape[0] + self.train_A.shape[0]
 
-    @staticmethod
-    def backward(ctx, g_MD):
-        (pos_N,) = ctx.saved_tensors
-        return g_MD[pos_N].view(ctx.T, -1, g_MD.shape[-1]).sum(1), None, None
+    def grow(self, n, copy_from: int | None = None, generator=None):
+        """Append n trainable experts: copies of expert `copy_from`, or fresh (A random, B = 0: the output is
+        unchanged until training moves B)."""
+        dev = self.frozen_A.device
+        if copy_from is not None:
+            a_EDR, b_ERO = (W[copy_from].detach().clone().expand(n, *W.shape[1:]) for W in (self.A, self.B))
+        else:
+            a_EDR = torch.randn(n, self.din, self.rank, generator=generator).to(dev) / math.sqrt(self.din)
+            b_ERO = torch.zeros(n, self.rank, self.dout, device=dev)
+        self._set("train", torch.cat([self.train_A.detach(), a_EDR.to(dev)]),
+                  torch.cat([self.train_B.detach(), b_ERO.to(dev)]))
 
+    def drop(self):
+        """Remove this task's trainable experts (PGKE discards its probes)."""
+        self._set("train", self.train_A[:0].detach(), self.train_B[:0].detach())
 
-class _FromRows(torch.autograd.Function):
-    """padded rows [M,O] -> tokens [T,O] (sum of each token's K rows); backward gathers rows from tokens."""
+    def freeze(self):
+        """Task end: the trainable experts join the frozen bank."""
+        self._set("frozen", self.A.detach(), self.B.detach())
+        self.drop()
 
-    @staticmethod
-    def forward(y_MO, tok_M, pos_N, T):
-        return y_MO[pos_N].view(T, -1, y_MO.shape[-1]).sum(1)
+    def load(self, tensors, prefix, source=""):
+        """Adopt the banks stored under `prefix` (their expert counts included), checking every shape."""
+        for bank in ("frozen", "train"):
+            pair = []
+            for name, shape in (("A", (self.din, self.rank)), ("B", (self.rank, self.dout))):
+                key = f"{prefix}{bank}_{name}"
+                if key not in tensors:
+                    raise KeyError(f"{source}: missing key {key}")
+                if tuple(tensors[key].shape[1:]) != shape:
+                    raise ValueError(f"{source}: {key}: expected (*, {shape[0]}, {shape[1]}), "
+                                     f"found {tuple(tensors[key].shape)}")
+                pair.append(tensors[key].to(self.frozen_A.device, torch.float32))
+            self._set(bank, *pair)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def backward(ctx, g_TO):
-        (tok_M,) = ctx.saved_tensors
-        return g_TO[tok_M], None, None, None
-
-
-def lora_sparse(x_TD, A_EDR, B_ERO, plan, scale):
-    """sum_e w_e * B_e A_e x over each token's top-k experts only, via the block plan."""
-    pos_N, tok_M, w_M, e_b = plan
-    nb, (T, D) = e_b.shape[0], x_TD.shape
-    x_bLD = _ToRows.apply(x_TD, tok_M, pos_N).view(nb, -1, D)
-    h_bLR = torch.bmm(x_bLD, A_EDR[e_b])
-    h_bLR = h_bLR * (w_M.to(h_bLR.dtype) * scale).view(nb, -1, 1)  # gate in rank space: cheapest place
-    return _FromRows.apply(torch.bmm(h_bLR, B_ERO[e_b]).flatten(0, 1), tok_M, pos_N, T)
-
-
-def lora_loop(x_TD, A_EDR, B_ERO, w_TE, scale):
-    """Reference: an obviously-correct loop over experts and the tokens routed to each."""
-    out = torch.zeros(x_TD.shape[0], B_ERO.shape[-1], dtype=x_TD.dtype, device=x_TD.device)
-    for e in range(A_EDR.shape[0]):
-        rows = (w_TE[:, e] != 0).nonzero().flatten()
-        if rows.numel():
-            y = (x_TD[rows] @ A_EDR[e]) @ B_ERO[e]
-            out = out.index_add(0, rows, w_TE[rows, e, None].to(y.dtype) * y * scale)
-    return out
+    def forward(self, x_TD, w_TE, scale, plan=None):
+        if plan is None:
+            return lora_dense(x_TD, self.A, self.B, w_TE, scale)
+        return lora_sparse(x_TD, self.A, self.B, plan, scale)  # the fast path (end of file)
 
 
 class ExpertFFN(nn.Module):
-    """SwiGLU FFN (frozen base weights) + a pool of LoRA experts.
-
-    Experts live in two banks of stacked tensors: `frozen_*` (earlier tasks; requires_grad=False) and
-    `train_*` (the current task). Separate tensors, not a requires_grad flag per slice, so autograd gives
-    the frozen bank no gradient at all and torch.compile sees no flag flipping within a task.
-    Routers: `routers[t]` is task t's [E_t, D] weight over the first E_t experts (experts added later are
-    invisible to it)."""
+    """SwiGLU FFN (frozen base weights) + LoRA experts on gate, up and down, chosen per token by the task's router.
+    `routers[t]` is task t's [E_t, D] weight over the first E_t experts (experts added later are invisible to it)."""
 
     def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig):
         super().__init__()
-        self.cfg, self.ecfg = cfg, ecfg
+        self.cfg = cfg
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        for bank in ("frozen", "train"):
-            for name, shape in self._bank_shapes(0).items():
-                self.register_parameter(f"{bank}_{name}", nn.Parameter(torch.zeros(shape), requires_grad=bank == "train"))
-        self.routers = nn.ParameterList()
-        self.dispatch = "auto"  # "auto" | "dense" (masked-dense) | "sparse" (block dispatch) | "loop" (reference)
+        self.reset_experts(ecfg)
+        self.dispatch = "auto"  # "auto" | "dense" (masked-dense) | "sparse" (block dispatch, the fast path)
         self.counting = False  # PGKE: accumulate per-expert assignment counts
         self.register_buffer("usage", torch.zeros(0), persistent=False)
 
-    def _bank_shapes(self, E):
-        D, Fd, R = self.cfg.dim, self.cfg.ffn_dim, self.ecfg.rank
-        return {"A_gate": (E, D, R), "B_gate": (E, R, Fd), "A_up": (E, D, R), "B_up": (E, R, Fd),
-                "A_down": (E, Fd, R), "B_down": (E, R, D)}
-
-    def bank(self, name):
-        return torch.cat([getattr(self, f"frozen_{name}"), getattr(self, f"train_{name}")], 0)
+    def reset_experts(self, ecfg: ExpertConfig):
+        """No experts, no routers, at ecfg's rank."""
+        self.ecfg = ecfg
+        D, Fd, R = self.cfg.dim, self.cfg.ffn_dim, ecfg.rank
+        self.experts = nn.ModuleDict({"gate": LoRAExperts(D, Fd, R), "up": LoRAExperts(D, Fd, R),
+                                      "down": LoRAExperts(Fd, D, R)})
+        self.routers = nn.ParameterList()
+        self.to(self.gate_proj.weight.device)
 
     @property
     def n_frozen(self):
-        return self.frozen_A_gate.shape[0]
+        return self.experts["gate"].frozen_A.shape[0]
 
     @property
     def n_experts(self):
-        return self.n_frozen + self.train_A_gate.shape[0]
+        return len(self.experts["gate"])
 
     # --- growing and freezing ------------------------------------------------------------------------
-    def _set(self, name, value, trainable):
-        setattr(self, name, nn.Parameter(value.contiguous(), requires_grad=trainable))
-
     def add_experts(self, n, copy_from: int | None = None, generator=None):
-        """Append n trainable experts: a copy of expert `copy_from`, or fresh (A random, B = 0 so the
-        model's function is unchanged until training moves B)."""
-        dev = self.gate_proj.weight.device
-        for name, shape in self._bank_shapes(n).items():
-            if copy_from is not None:
-                new = self.bank(name)[copy_from].detach().clone().expand(shape).clone()
-            elif name.startswith("A"):
-                new = torch.randn(shape, generator=generator).to(dev) / math.sqrt(shape[1])
-            else:
-                new = torch.zeros(shape, device=dev)
-            self._set(f"train_{name}", torch.cat([getattr(self, f"train_{name}").detach(), new.to(dev)], 0), True)
+        for experts in self.experts.values():
+            experts.grow(n, copy_from, generator)
 
     def drop_trainable(self):
-        """Remove the current task's trainable experts (used to discard PGKE probes)."""
-        for name, shape in self._bank_shapes(0).items():
-            self._set(f"train_{name}", torch.zeros(shape, device=self.gate_proj.weight.device), True)
+        for experts in self.experts.values():
+            experts.drop()
 
     def add_router(self, init_ED: torch.Tensor | None = None):
         """A new trainable router over all experts that exist now (init: given rows, else zeros = uniform)."""
-        E, D = self.n_experts, self.cfg.dim
-        w = torch.zeros(E, D, device=self.gate_proj.weight.device)
+        w = torch.zeros(self.n_experts, self.cfg.dim, device=self.gate_proj.weight.device)
         if init_ED is not None:
             w[: init_ED.shape[0]] = init_ED.to(w)
         self.routers.append(nn.Parameter(w))
 
     def freeze(self):
         """Task end: trainable experts join the frozen bank; every router becomes frozen."""
-        for name in self._bank_shapes(0):
-            self._set(f"frozen_{name}", self.bank(name).detach(), False)
-        self.drop_trainable()
+        for experts in self.experts.values():
+            experts.freeze()
         for r in self.routers:
             r.requires_grad_(False)
+
+    def load_experts(self, tensors, prefix, router_trainable, source=""):
+        """Adopt a stored pool: banks and routers with their stored sizes; `router_trainable[t]` per router."""
+        for name, experts in self.experts.items():
+            experts.load(tensors, f"{prefix}experts.{name}.", source)
+        dev = self.gate_proj.weight.device
+        self.routers = nn.ParameterList(nn.Parameter(tensors[f"{prefix}routers.{t}"].to(dev, torch.float32),
+                                                     requires_grad=flag) for t, flag in enumerate(router_trainable))
 
     def router_table(self):
         """All task routers padded to the current pool size, and which experts each may use."""
         E = self.n_experts
         dev = self.gate_proj.weight.device
         W_NED = torch.stack([F.pad(r, (0, 0, 0, E - r.shape[0])) for r in self.routers])
-        valid_NE = torch.arange(E, device=dev)[None, :] < torch.tensor([r.shape[0] for r in self.routers], device=dev)[:, None]
+        sizes_N = torch.tensor([r.shape[0] for r in self.routers], device=dev)
+        valid_NE = torch.arange(E, device=dev)[None, :] < sizes_N[:, None]
         return W_NED, valid_NE
 
     # --- forward -------------------------------------------------------------------------------------
@@ -353,30 +323,25 @@ class ExpertFFN(nn.Module):
         if not use_experts or self.n_experts == 0 or len(self.routers) == 0:
             return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)), x_BTD.new_zeros(())
         B, T, D = x_BTD.shape
-        W_NED, valid_NE = self.router_table()
         if task_ids_B is None:
             task_ids_B = torch.full((B,), len(self.routers) - 1, dtype=torch.long, device=x_BTD.device)
-        w_BTE, probs_BTE = route(x_BTD, W_NED, valid_NE, task_ids_B, self.ecfg.top_k)
+        w_BTE, probs_BTE = route(x_BTD, *self.router_table(), task_ids_B, self.ecfg.top_k)
         aux = self.balance_loss(w_BTE, probs_BTE, valid_BT)
         if self.counting:
             self.count(w_BTE, valid_BT)
-        s = self.ecfg.scale
-        x_TD, w_TE = x_BTD.reshape(B * T, D), w_BTE.reshape(B * T, -1)
-        mode = self.dispatch
-        if mode == "auto":  # measured crossover (tests/bench_moe.py): sparse wins once E > 2 * top-k
-            mode = "sparse" if self.n_experts > 2 * self.ecfg.top_k else "dense"
-        if mode == "sparse":
-            plan = dispatch_plan(w_TE, self.ecfg.top_k)
-            lora = lambda x, A, Bm, w, sc: lora_sparse(x, A, Bm, plan, sc)  # noqa: E731
-        elif mode in ("dense", "loop"):
-            lora = lora_dense if mode == "dense" else lora_loop
-        else:
-            raise ValueError(f"ExpertFFN.dispatch must be auto, dense, sparse or loop, not {mode!r}")
-        g = self.gate_proj(x_TD) + lora(x_TD, self.bank("A_gate"), self.bank("B_gate"), w_TE, s)
-        u = self.up_proj(x_TD) + lora(x_TD, self.bank("A_up"), self.bank("B_up"), w_TE, s)
-        h_TF = F.silu(g) * u
-        y = self.down_proj(h_TF) + lora(h_TF, self.bank("A_down"), self.bank("B_down"), w_TE, s)
-        return y.view(B, T, D), aux
+        x_TD, w_TE, s, ex = x_BTD.reshape(B * T, D), w_BTE.reshape(B * T, -1), self.ecfg.scale, self.experts
+        plan = dispatch_plan(w_TE, self.ecfg.top_k) if self.sparse() else None  # shared by gate, up and down
+        g_TF = self.gate_proj(x_TD) + ex["gate"](x_TD, w_TE, s, plan)
+        u_TF = self.up_proj(x_TD) + ex["up"](x_TD, w_TE, s, plan)
+        h_TF = F.silu(g_TF) * u_TF
+        y_TD = self.down_proj(h_TF) + ex["down"](h_TF, w_TE, s, plan)
+        return y_TD.view(B, T, D), aux
+
+    def sparse(self):
+        if self.dispatch not in ("auto", "dense", "sparse"):
+            raise ValueError(f"ExpertFFN.dispatch must be auto, dense or sparse, not {self.dispatch!r}")
+        # measured crossover (tests/bench_moe.py): the block dispatch wins once E > 2 * top-k
+        return self.dispatch == "sparse" or (self.dispatch == "auto" and self.n_experts > 2 * self.ecfg.top_k)
 
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
         """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
@@ -491,9 +456,14 @@ def load_llama(folder, ecfg: ExpertConfig | None = None) -> Llama:
     cfg.tie_embeddings = not has_head  # tied exactly when the file has no separate head
     model = Llama(cfg, ecfg)
     load_mapped(model, tensors, llama_key_map(cfg, has_head), skip=[r"\.rotary_emb\.inv_freq$"], source=str(folder),
-                allow_unmapped=[r"\.ffn\.(frozen|train)_", r"^lm_head\.weight$"])
+                allow_unmapped=[r"\.ffn\.experts\.", r"^lm_head\.weight$"])
     return model
 
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
 
 # ----------------------------------------------------------------------------------------------------------
 # LLaVA: vision tower -> projector -> image features spliced into the Llama prompt
@@ -756,82 +726,74 @@ class Locator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON sidecar, written atomically
-
-def save_safetensors(tensors: dict, path, metadata: dict | None = None):
-    """Atomic: write a temp file in the same folder, then rename over the target."""
-    from safetensors.torch import save_file
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+# Fast path: sparse block dispatch (ExpertFFN.dispatch 'auto' picks it once E > 2 * top-k): lora_dense's result,
+# computed on each token's top-k experts only. Each (token, top-k slot) assignment gets one row in a buffer grouped
+# by expert, each group padded to a multiple of BLOCK rows so that every block of rows belongs to one expert; then
+# two batched GEMMs over blocks. All shapes are static (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place
+# comes from a cumsum over one-hot (no sort, bincount or nonzero, which break the graph).
+BLOCK = 32
 
 
-def save_json(obj, path):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+def dispatch_plan(w_TE, k, block=BLOCK):
+    """Where every assignment goes; computed once per layer and shared by gate, up and down."""
+    T, E = w_TE.shape
+    K = min(k, E)
+    w_TK, ids_TK = w_TE.topk(K, dim=-1)
+    ids_N = ids_TK.reshape(-1)  # N = T*K assignments, token-major
+    onehot_NE = F.one_hot(ids_N, E)
+    padded_E = (onehot_NE.sum(0) + block - 1) // block * block
+    start_E = padded_E.cumsum(0) - padded_E
+    rank_N = (onehot_NE.cumsum(0) * onehot_NE).sum(1) - 1  # place of the assignment inside its expert's group
+    pos_N = start_E[ids_N] + rank_N
+    nb = -(-(T * K + E * (block - 1)) // block)
+    M = nb * block
+    zeros = torch.zeros(M, dtype=torch.long, device=w_TE.device)
+    tok_M = zeros.scatter(0, pos_N, torch.arange(T * K, device=w_TE.device) // K)
+    w_M = torch.zeros(M, dtype=w_TE.dtype, device=w_TE.device).scatter(0, pos_N, w_TK.reshape(-1))  # 0 on padding
+    e_b = zeros.scatter(0, pos_N, ids_N).view(nb, block).amax(1)  # expert of each block
+    return pos_N, tok_M, w_M, e_b
 
 
-def load_safetensors(path) -> dict:
-    from safetensors.torch import load_file
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_file(path)
+class _ToRows(torch.autograd.Function):
+    """tokens [T,D] -> padded rows [M,D]; backward sums each token's K rows back (gathers only, no atomics)."""
+
+    @staticmethod
+    def forward(x_TD, tok_M, pos_N):
+        return x_TD[tok_M]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+        ctx.T = inputs[0].shape[0]
+
+    @staticmethod
+    def backward(ctx, g_MD):
+        (pos_N,) = ctx.saved_tensors
+        return g_MD[pos_N].view(ctx.T, -1, g_MD.shape[-1]).sum(1), None, None
 
 
-def base_state(model: LLaVA) -> dict:
-    """Frozen base weights (vision, projector, LLM without experts); the tied head is stored once."""
-    sd = {k: v for k, v in model.state_dict().items() if not _is_cl_key(k)}
-    if model.llm.cfg.tie_embeddings:
-        sd.pop("llm.lm_head.weight", None)
-    return sd
+class _FromRows(torch.autograd.Function):
+    """padded rows [M,O] -> tokens [T,O] (sum of each token's K rows); backward gathers rows from tokens."""
+
+    @staticmethod
+    def forward(y_MO, tok_M, pos_N, T):
+        return y_MO[pos_N].view(T, -1, y_MO.shape[-1]).sum(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, g_TO):
+        (tok_M,) = ctx.saved_tensors
+        return g_TO[tok_M], None, None, None
 
 
-def _is_cl_key(k):
-    return bool(re.search(r"\.ffn\.(frozen_|train_|routers\.)", k))
-
-
-def cl_state(model: LLaVA, locator: Locator | None = None) -> tuple[dict, dict]:
-    """Everything continual learning adds: experts, routers, VAEs, and the flags needed to rebuild them."""
-    sd = {k: v for k, v in model.state_dict().items() if _is_cl_key(k)}
-    meta = {"router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_ffns()]}
-    if locator is not None:
-        sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
-        meta["n_vae"] = len(locator.vaes)
-        if len(locator.vaes):
-            v = locator.vaes[0]
-            meta["vae"] = {"hidden": v.enc[0].out_features, "latent": v.dec[0].in_features}
-    return sd, meta
-
-
-def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> Locator:
-    """Rebuild the expert pools and routers from the stored shapes, then load values; returns the locator."""
-    for i, ffn in enumerate(model.llm.expert_ffns()):
-        p = f"llm.layers.{i}.ffn."
-        dev = ffn.gate_proj.weight.device
-        for bank in ("frozen", "train"):
-            for name, shape in ffn._bank_shapes(0).items():
-                key = p + f"{bank}_{name}"
-                if key not in tensors:
-                    raise KeyError(f"{source}: missing key {key}")
-                t = tensors[key]
-                if tuple(t.shape[1:]) != tuple(shape[1:]):
-                    raise ValueError(f"{source}: {key}: expected (*, {', '.join(map(str, shape[1:]))}), found {tuple(t.shape)}")
-                ffn._set(f"{bank}_{name}", t.to(dev, torch.float32), bank == "train")
-        ffn.routers = nn.ParameterList()
-        flags = meta["router_trainable"][i]
-        for t in range(len(flags)):
-            ffn.routers.append(nn.Parameter(tensors[p + f"routers.{t}"].to(dev, torch.float32), requires_grad=flags[t]))
-    loc = Locator()
-    for t in range(meta.get("n_vae", 0)):
-        pre = f"locator.vaes.{t}."
-        vae = TaskVAE(tensors[pre + "feat_mean"].shape[0], **meta["vae"])
-        vae.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
-        loc.vaes.append(vae.eval())
-    return loc
-
-
-def count_params(model: LLaVA):
-    """(trainable, expert parameters in the pool incl. routers) — for the per-task parameter report."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    added = sum(v.numel() for k, v in model.state_dict().items() if _is_cl_key(k))
-    return trainable, added
+def lora_sparse(x_TD, a_EDR, b_ERO, plan, scale):
+    """sum_e w_e * B_e A_e x over each token's top-k experts only, via the block plan."""
+    pos_N, tok_M, w_M, e_b = plan
+    nb, (T, D) = e_b.shape[0], x_TD.shape
+    x_bLD = _ToRows.apply(x_TD, tok_M, pos_N).view(nb, -1, D)
+    h_bLR = torch.bmm(x_bLD, a_EDR[e_b])
+    h_bLR = h_bLR * (w_M.to(h_bLR.dtype) * scale).view(nb, -1, 1)  # gate in rank space: cheapest place
+    return _FromRows.apply(torch.bmm(h_bLR, b_ERO[e_b]).flatten(0, 1), tok_M, pos_N, T)

@@ -451,6 +451,33 @@ def load_coin_annotations(path):
     return out
 
 
+def _test_answer(name, rec, task, answers, require_answer):
+    """A CoIN test record's reference: 'answer_bbox' (Grounding; text or numbers) or 'answer', else the most common
+    of 'answers'; checked against the task's form (an option letter, a box)."""
+    field_ = "answer_bbox" if "answer_bbox" in rec else "answer"
+    answer = rec.get(field_)
+    if isinstance(answer, list) and field_ == "answer_bbox":  # a box given as numbers
+        answer = _box_text(answer)
+    if answer is None and answers:
+        answer = collections.Counter(answers).most_common(1)[0][0]
+    if answer is None:
+        if require_answer:
+            raise ValueError(f"{name}: no 'answer' (nor 'answer_bbox' / 'answers'); a test record needs its "
+                             f"reference answer (or run in prediction-only mode)")
+        answer = ""
+    if not isinstance(answer, str):
+        raise ValueError(f"{name}: '{field_}' should be a string, got {type(answer).__name__}")
+    if task == "ScienceQA" and answer and coin_letter(answer) not in SQA_OPTIONS:
+        raise ValueError(f"{name}: 'answer' should be an option letter A-E, got {answer!r:.60}")
+    if answer and (task == "Grounding" or field_ == "answer_bbox"):
+        try:
+            box = coin_gold_box(answer)
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise ValueError(f"{name}: '{field_}' should be a box '[x1, y1, x2, y2]', got {answer!r:.80}")
+    return answer
+
 def load_coin_test(json_path, image_root, bad_images="fail", task="", decode=False, require_answer=True,
                    annotations=None, n=None):
     """CoIN question records {question_id, image?, text, answer} (Grounding: answer_bbox and size) -> Examples.
@@ -479,30 +506,8 @@ def load_coin_test(json_path, image_root, bad_images="fail", task="", decode=Fal
         answers = rec.get("answers")
         if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
             raise ValueError(f"{name}: 'answers' should be a list of strings")
-        field_ = "answer_bbox" if "answer_bbox" in rec else "answer"
-        answer = rec.get(field_)
-        if isinstance(answer, list) and field_ == "answer_bbox":  # a box given as numbers
-            answer = _box_text(answer)
-        if answer is None and answers:
-            answer = collections.Counter(answers).most_common(1)[0][0]
-        if answer is None:
-            if require_answer:
-                raise ValueError(f"{name}: no 'answer' (nor 'answer_bbox' / 'answers'); a test record needs its "
-                                 f"reference answer (or run in prediction-only mode)")
-            answer = ""
-        if not isinstance(answer, str):
-            raise ValueError(f"{name}: '{field_}' should be a string, got {type(answer).__name__}")
-        if task == "ScienceQA" and answer and coin_letter(answer) not in SQA_OPTIONS:
-            raise ValueError(f"{name}: 'answer' should be an option letter A-E, got {answer!r:.60}")
-        meta = {"question_id": qid, "index": i}
-        if task == "Grounding" or field_ == "answer_bbox":
-            if answer:
-                try:
-                    box = coin_gold_box(answer)
-                except ValueError:
-                    box = []
-                if len(box) != 4:
-                    raise ValueError(f"{name}: '{field_}' should be a box '[x1, y1, x2, y2]', got {answer!r:.80}")
+        answer, meta = _test_answer(name, rec, task, answers, require_answer), {"question_id": qid, "index": i}
+        if task == "Grounding" or "answer_bbox" in rec:
             size = rec.get("size")
             if size is not None or task == "Grounding":
                 if not (isinstance(size, list) and len(size) == 2 and all(
@@ -604,10 +609,10 @@ def score_lenient(metric, prediction, answer):
     if metric not in LENIENT_METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(LENIENT_METRICS)} (MiniCoIN), "
                          f"{', '.join(COIN_METRICS)} (CoIN)")
-    return max(_score1(metric, str(prediction), a) for a in answers)
+    return max(_score_one(metric, str(prediction), a) for a in answers)
 
 
-def _score1(metric, pred, ans):
+def _score_one(metric, pred, ans):
     if metric == "letter":
         p = extract_letter(pred)
         return float(p is not None and p == extract_letter(ans))
@@ -931,7 +936,7 @@ def box_text(box):
     return "[" + ", ".join(f"{float(v):.2f}" for v in box) + "]"
 
 
-def _make(task, rng):
+def _task_sample(task, rng):
     """(scene, user text, answer) for one draw of a continual task."""
     if task == "sqa":
         scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
@@ -1064,7 +1069,7 @@ def minicoin_sample(task, split, index, seed=0, render=True):
         if task == "instruct":
             scene, turns = _make_instruct(rng)
         else:
-            scene, user, answer = _make(task, rng)
+            scene, user, answer = _task_sample(task, rng)
             turns = [(user, answer)]
         key = _scene_key(scene)
         if not key or (zlib.crc32(key.encode()) % TEST_EVERY == 0) == (split == "test"):  # (no key: blank image)
@@ -1082,6 +1087,51 @@ def minicoin(task, split, n=None, seed=0):
         n = N_TEST if split == "test" else BASE_SETS.get(task, N_TRAIN)
     return [minicoin_sample(task, split, i, seed) for i in range(n)]
 
+
+
+# -----------------------------------------------------------------------------
+# a run's tasks and data, from its settings (train.TrainConfig, or a run folder's config.json)
+
+def task_list(cfg):
+    """(task names in training order, {task: metric}) of cfg.benchmark, from cfg.tasks or the full sequence."""
+    if cfg.benchmark == "minicoin":
+        known = {n: TASK_METRIC[n] for n in MINICOIN_TASKS}
+        names = cfg.tasks.split(",") if cfg.tasks else list(MINICOIN_TASKS)
+    else:
+        known, alias = dict(COIN_TASKS), {coin_folder(n): n for n, _ in COIN_TASKS}  # CoIN's folder names work too
+        names = [alias.get(n, n) for n in cfg.tasks.split(",")] if cfg.tasks else [n for n, _ in COIN_TASKS]
+    for n in names:
+        if n not in known:
+            raise SystemExit(f"unknown {'MiniCoIN' if cfg.benchmark == 'minicoin' else 'CoIN'} task '{n}'; "
+                             f"known: {', '.join(known)}")
+    return names, {n: known[n] for n in names}
+
+
+def load_examples(cfg, task, split):
+    """The train or test examples of one task: MiniCoIN's generator, or CoIN's files under cfg.coin_root."""
+    n = cfg.train_n if split == "train" else cfg.test_n
+    if cfg.benchmark == "minicoin":
+        return minicoin(task, split, n, seed=cfg.seed)
+    if not cfg.coin_root:
+        raise SystemExit("--benchmark coin needs --coin-root (and --image-root)")
+    train_path, test_path = coin_files(cfg.coin_root, task)
+    root = cfg.image_root or cfg.coin_root
+    if split == "train":
+        return load_coin_train(train_path, root, bad_images=cfg.bad_images, task=task, n=n)
+    ann = COIN_ANNOTATIONS.get(task)
+    ann = os.path.join(cfg.coin_annotations, ann) if ann and cfg.coin_annotations else None
+    if ann and not os.path.isfile(ann):
+        raise FileNotFoundError(f"--coin-annotations {cfg.coin_annotations}: {COIN_ANNOTATIONS[task]} not found "
+                                f"(CoIN scores {task} against it; leave the flag out to use the logged fallback)")
+    return load_coin_test(test_path, root, bad_images=cfg.bad_images, task=task, n=n,
+                          require_answer=not cfg.predict_only, annotations=ann)
+
+
+def tokenizer(cfg):
+    """(tokenizer, chat template): --tokenizer's Llama-3 file with Llama-3's template, else MiniCoIN's compact one."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer), LLAMA3
+    return build_minicoin_tokenizer(minicoin_tokenizer_path(cfg.base_dir)), COMPACT
 
 # -----------------------------------------------------------------------------
 # contact sheet

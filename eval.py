@@ -1,21 +1,29 @@
-"""Evaluation for cmoe runs (CoIN protocol): continual metrics, predictions I/O, report and method comparison.
+"""Evaluation for cmoe runs (CoIN protocol): continual metrics, run folders (checkpoints, predictions), predictions
+with the locator choosing each sample's routers, scoring, re-evaluation of a run, report and method comparison.
 
     python eval.py out/minicoin-cmoe                      # re-evaluate (or rescore saved predictions), write report
-    python eval.py --compare out/minicoin-* [--out DIR]   # one table + bar chart over several runs
+    python eval.py --compare out/minicoin-* [--out DIR]   # one table + figure over several runs
 
 acc[j][i] (percent) = score on task i after training task j; None where not evaluated. Figures use Pillow only.
 """
 import argparse
+import dataclasses
 import glob
 import json
 import math
 import os
 import sys
+import types
 from collections import defaultdict
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from vision import atomic_path, read_json
+import cmoe
+import data
+from cmoe import ExpertConfig, LLaVA, Llama, LlamaConfig
+from vision import (CLIPVision, Projector, VisionConfig, atomic_path, load_clip, load_projector, preprocess, read_json,
+                    read_safetensors, save_json, save_safetensors)
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -63,18 +71,94 @@ def locator_accuracy(confusion):
     return 100.0 * sum(confusion[t][t] for t in range(n)) / total if total else None
 
 # -----------------------------------------------------------------------------
-# files
+# run folders: the cached base, task checkpoints (safetensors + JSON sidecar, written atomically), predictions
 
-def _atomic_write(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+class Log:
+    """print, and append to the run's log.txt."""
 
-def _save_png(img, path):
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, msg):
+        print(msg, flush=True)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
+
+def is_cl_key(k):
+    """A state_dict key that continual learning adds to the base: experts and routers."""
+    return ".ffn.experts." in k or ".ffn.routers." in k
+
+def save_base(model: LLaVA, folder):
+    """The frozen base (vision, projector, LLM without experts; a tied head stored once) + meta.json, written last:
+    its presence marks a complete base."""
+    sd = {k: v for k, v in model.state_dict().items() if not is_cl_key(k)}
+    if model.llm.cfg.tie_embeddings:
+        sd.pop("llm.lm_head.weight", None)
+    meta = {"vision": vars(model.vision.cfg), "llm": vars(model.llm.cfg), "pad_id": model.pad_id,
+            "projector": [model.projector[0].in_features, model.projector[0].out_features]}
+    save_safetensors(sd, os.path.join(folder, "model.safetensors"))
+    save_json(meta, os.path.join(folder, "meta.json"))
+
+def load_base(folder) -> LLaVA:
+    meta = read_json(os.path.join(folder, "meta.json"))
+    vcfg, lcfg = VisionConfig(**meta["vision"]), LlamaConfig(**meta["llm"])
+    model = LLaVA(CLIPVision(vcfg), Projector(*meta["projector"]), Llama(lcfg), pad_id=meta["pad_id"])
+    missing, unexpected = model.load_state_dict(read_safetensors(os.path.join(folder, "model.safetensors")), strict=False)
+    missing = [k for k in missing if not is_cl_key(k) and not (lcfg.tie_embeddings and k == "llm.lm_head.weight")]
+    if missing or unexpected:
+        raise KeyError(f"{folder}/model.safetensors: missing {missing}, unexpected {unexpected}")
+    return model
+
+def load_model(base: dict, pad_id: int) -> LLaVA:
+    """A run's frozen base as its metrics record it: {"tiny": cached folder} or {"llm", "vision", "projector"}
+    (HF folders and a LLaVA mm_projector file; no projector: a fresh one)."""
+    if "tiny" in base:
+        return load_base(base["tiny"])
+    llm, vision = cmoe.load_llama(base["llm"]), load_clip(base["vision"])
+    proj = load_projector(base["projector"]) if base.get("projector") else Projector(vision.cfg.hidden_size, llm.cfg.dim)
+    return LLaVA(vision, proj, llm, pad_id=pad_id)
+
+def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, dict]:
+    """Everything continual learning adds (experts, routers, VAEs) and what rebuilding them needs."""
+    sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k)}
+    meta = {"experts": dataclasses.asdict(model.llm.ecfg),
+            "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_ffns()]}
+    if locator is not None:
+        sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
+        meta["n_vae"] = len(locator.vaes)
+        if len(locator.vaes):
+            v = locator.vaes[0]
+            meta["vae"] = {"hidden": v.enc[0].out_features, "latent": v.dec[0].in_features}
+    return sd, meta
+
+def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Locator:
+    """Rebuild the expert pools and routers with their stored sizes, then the locator; returns the locator."""
+    model.llm.ecfg = ExpertConfig(**meta["experts"])
+    for i, ffn in enumerate(model.llm.expert_ffns()):
+        ffn.reset_experts(model.llm.ecfg)
+        ffn.load_experts(tensors, f"llm.layers.{i}.ffn.", meta["router_trainable"][i], source)
+    loc = cmoe.Locator()
+    for t in range(meta.get("n_vae", 0)):
+        pre = f"locator.vaes.{t}."
+        vae = cmoe.TaskVAE(tensors[pre + "feat_mean"].shape[0], **meta["vae"])
+        vae.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        loc.vaes.append(vae.eval())
+    return loc
+
+def load_task(model: LLaVA, tdir) -> cmoe.Locator:
+    """task_t/: its experts and routers into `model`; returns its locator."""
+    return load_cl_state(model, read_safetensors(os.path.join(tdir, "model.safetensors")),
+                         read_json(os.path.join(tdir, "meta.json")), tdir)
+
+def count_params(model: LLaVA):
+    """(trainable, expert parameters in the pool incl. routers) — for the per-task parameter report."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    added = sum(v.numel() for k, v in model.state_dict().items() if is_cl_key(k))
+    return trainable, added
 
 def write_predictions(path, rows):
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 def read_predictions(path):
     rows = read_json(path)
@@ -83,28 +167,23 @@ def read_predictions(path):
             raise ValueError(f"{path}: row {n}: expected a JSON object, got {type(r).__name__}")
     return rows
 
-def rescore(rows, metric, score=None):
-    """Per-row scores in [0,1] with data.score (the VQA answer list when present, else the single answer)."""
-    if score is None:
-        try:
-            from data import score  # lazy: data.py is only needed when there is something to rescore
-        except ImportError as e:
-            raise ImportError(f"rescoring predictions needs data.score from data.py ({e})") from None
-    out = []
-    for k, r in enumerate(rows):
-        if "prediction" not in r or ("answer" not in r and not r.get("answers")):
-            raise ValueError(f"prediction record {k} (index {r.get('index')}) needs 'prediction' and 'answer'/'answers'")
-        out.append(float(score(metric, r["prediction"], r.get("answers") or r["answer"])))
-    return out
-
-def task_accuracy(rows, metric, score=None):
-    """Percent for one task's prediction rows: a CoIN metric aggregates as CoIN's script does (data.coin_accuracy,
-    e.g. ScienceQA divides by every question); otherwise the mean of the per-row scores."""
-    if score is None:
-        import data  # lazy, as in rescore
-        if metric in data.COIN_METRICS:
-            return data.coin_accuracy(metric, rows)
-    return 100.0 * _mean(rescore(rows, metric, score))
+def save_predictions(out, task, stage, rows, trained=None):
+    """predictions/<task>.jsonl holds every stage's rows (field "stage"); rows of this stage or later
+    (left by an interrupted run) are replaced. CoIN test rows also go to answer files CoIN's eval scripts read as they
+    are (one line per test question, in test order, question_id as the record has it): predictions/<task>.coin.jsonl
+    (the latest stage) and, when `trained` names the task just trained, predictions/CoIN/<folder>/<STAGE>/merge.jsonl,
+    CoIN's results/CoIN/LLaVA/<folder>/<STAGE>/merge.jsonl layout (STAGE: Finetune for the task itself, else the
+    trained task's folder name, as scripts/LLaVA/Eval/Eval_all.sh names them)."""
+    path = os.path.join(out, "predictions", f"{task}.jsonl")
+    old = [r for r in read_predictions(path) if r["stage"] < stage] if os.path.exists(path) else []
+    write_predictions(path, old + [{**r, "stage": stage} for r in rows])
+    if rows and "question_id" in rows[0]:  # the answer-file layout CoIN's / LLaVA's eval scripts read
+        lines = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["prediction"],
+                  "answer_id": f"stage{stage}-{r['index']}", "model_id": "cmoe", "metadata": {}} for r in rows]
+        write_predictions(os.path.join(out, "predictions", f"{task}.coin.jsonl"), lines)
+        if trained is not None:
+            tag = "Finetune" if trained == task else data.coin_folder(trained)
+            write_predictions(os.path.join(out, "predictions", "CoIN", data.coin_folder(task), tag, "merge.jsonl"), lines)
 
 def load_run(run_dir):
     """metrics.json of a run folder with at least one finished task; clear errors otherwise."""
@@ -120,6 +199,154 @@ def load_run(run_dir):
         if key not in m:
             raise ValueError(f"{path}: missing field '{key}'")
     return m
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy answers with the locator choosing each sample's router, scored per task
+
+@torch.no_grad()
+def image_features(model: LLaVA, examples, cfg):
+    """Projected image features [N,P,D] of examples (zeros for a text-only one: splice masks its slots out)."""
+    S, out = model.vision.cfg.image_size, []
+    for i in range(0, len(examples), cfg.eval_batch):
+        px = torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S)
+                          for ex in examples[i:i + cfg.eval_batch]]).to(cfg.device)
+        with cmoe.autocast(cfg.device):
+            out.append(model.image_features(px).cpu())
+    return torch.cat(out)
+
+def task_features(model: LLaVA, examples, tok, template, cfg):
+    """PTL features of examples (the frozen base's last prompt-token state), in eval batches."""
+    images = image_features(model, examples, cfg)
+    return torch.cat([model.features([data.encode_prompt(tok, ex, template, cfg.max_len) for ex in
+                                      examples[i:i + cfg.eval_batch]], images[i:i + cfg.eval_batch].to(cfg.device)).cpu()
+                      for i in range(0, len(examples), cfg.eval_batch)])
+
+@torch.no_grad()
+def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, use_locator, fixed_task=None):
+    """Greedy answers for `examples` (`images`: their projected features); returns rows for predictions/<task>.jsonl
+    and the chosen task ids. Routers: `fixed_task`, else the locator's choice (use_locator, >1 task seen), else the
+    oracle (the true task, or the latest router for a task not trained yet)."""
+    model.eval()
+    rows, chosen = [], []
+    stops = data.stop_ids(tok, template)
+    for i in range(0, len(examples), cfg.eval_batch):
+        exs = examples[i:i + cfg.eval_batch]
+        prompts = [data.encode_prompt(tok, ex, template, cfg.max_len) for ex in exs]
+        img = images[i:i + cfg.eval_batch].to(cfg.device)
+        if fixed_task is not None:
+            tids = torch.full((len(exs),), fixed_task, dtype=torch.long)
+        elif use_locator and seen > 1:
+            tids = locator.locate(model.features(prompts, img))
+        else:
+            tids = torch.full((len(exs),), min(true_task, seen - 1), dtype=torch.long)
+        with cmoe.autocast(cfg.device):
+            outs = model.generate(prompts, img, tids.to(cfg.device), cfg.max_new_tokens, stops)
+        for j, (ex, o) in enumerate(zip(exs, outs)):
+            rows.append({"index": i + j, "prediction": tok.decode(o).strip(), "answer": ex.answer,
+                         "answers": ex.answers, "true_task": true_task,
+                         "located": int(tids[j]) if fixed_task is None else None})
+            if "question_id" in ex.meta:  # CoIN test record: keep its id for the CoIN-format answer file
+                rows[-1].update(question_id=ex.meta["question_id"], prompt=ex.turns[-1][0])
+            if "size" in ex.meta:  # CoIN Grounding: boxes are scaled by the image size before the IoU
+                rows[-1]["size"] = ex.meta["size"]
+        chosen += tids.tolist()
+    return rows, chosen
+
+def scoring_rules(cfg, names, metric, tests, log=print):
+    """{task: the rule its accuracy is computed with} (kept in metrics.json); CoIN's are logged, fallbacks included."""
+    if cfg.benchmark != "coin":
+        return {n: f"lenient normalised '{metric[n]}' (data.score_lenient, MiniCoIN)" for n in names}
+    if cfg.predict_only:
+        rules = {n: "prediction-only: answer files written, no accuracy" for n in names}
+    else:
+        rules = {n: data.coin_rule(metric[n], all(ex.answers for ex in tests[n])) for n in names}
+        for n in names:
+            if n in data.COIN_ANNOTATIONS and not rules[n].startswith("FALLBACK"):
+                rules[n] += (f" (answers from {os.path.join(cfg.coin_annotations, data.COIN_ANNOTATIONS[n])})"
+                             if cfg.coin_annotations else " (answers from the test records' own 'answers')")
+    for n in names:
+        log(f"scoring {n}: {rules[n]}")
+    return rules
+
+class Benchmark:
+    """The test side of a run: every task's test set, its image features (computed once per run: tower and projector
+    are frozen), its scoring rule; evaluate() scores every task after a stage."""
+
+    def __init__(self, cfg, model: LLaVA, tok, template, log=print):
+        self.cfg, self.tok, self.template = cfg, tok, template
+        self.names, self.metric = data.task_list(cfg)
+        self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names}
+        self.images = {n: image_features(model, exs, cfg) for n, exs in self.tests.items()}
+        self.scoring = scoring_rules(cfg, self.names, self.metric, self.tests, log)
+
+    def evaluate(self, model: LLaVA, locator, t):
+        """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task (seen and
+        not yet seen) with the routers chosen per sample; writes predictions/<task>.jsonl; returns the accuracy row
+        and the locator confusion (seen tasks)."""
+        cfg = self.cfg
+        row, conf = [], [[0] * (t + 1) for _ in self.names]
+        routed = cfg.method == "cmoe" and t >= 0
+        for i, n in enumerate(self.names):
+            rows, chosen = predict(model, locator, self.tests[n], self.images[n], self.tok, self.template, cfg, i, t + 1,
+                                   use_locator=routed and cfg.locator == "ptl", fixed_task=None if routed else 0)
+            for c in chosen if t >= 0 else ():
+                conf[i][c] += 1
+            row.append(None if cfg.predict_only else task_accuracy(rows, self.metric[n]))
+            trained = "Zero_shot" if t < 0 else "Joint" if cfg.method == "joint" else self.names[t]  # CoIN's STAGE
+            save_predictions(cfg.out, n, t, rows, trained if cfg.benchmark == "coin" else None)
+        return row, conf[: t + 1]
+
+def reevaluate(run_dir, device=None):
+    """Rebuild a finished (or partly finished) run from its base and task checkpoints and regenerate every stage's
+    predictions and accuracy rows. Returns the refreshed metrics dict (also written to metrics.json)."""
+    cfg = types.SimpleNamespace(**read_json(os.path.join(run_dir, "config.json")))
+    cfg.out, cfg.device = run_dir, device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log = Log(os.path.join(run_dir, "log.txt"))
+    done = os.path.join(run_dir, "metrics.json")
+    metrics = read_json(done if os.path.exists(done) else os.path.join(run_dir, "state.json"))
+    if not metrics.get("finished_tasks"):
+        raise ValueError(f"no finished task in {run_dir}")
+    if "base" not in metrics:
+        raise ValueError(f"{run_dir}: metrics name no base model (a run folder from before the 'base' field: rerun it)")
+    tok, template = data.tokenizer(cfg)
+    model = load_model(metrics["base"], data.pad_id(tok)).to(cfg.device).requires_grad_(False)
+    bench = Benchmark(cfg, model, tok, template, log)
+    metrics["zero_shot"], _ = bench.evaluate(model, None, -1)  # before any expert
+    metrics["acc"] = []
+    for t in [0] if cfg.method == "joint" else range(metrics["finished_tasks"]):  # joint: one checkpoint, one row
+        tdir = os.path.join(run_dir, f"task_{t}")
+        meta = read_json(os.path.join(tdir, "meta.json"))
+        for field, want in (("method", cfg.method), ("tasks", bench.names)):
+            if meta.get(field) != want:
+                raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} "
+                                 f"but the run config says {want!r}")
+        row, conf = bench.evaluate(model, load_task(model, tdir), t)
+        metrics["acc"].append(row)
+        if cfg.method == "cmoe":
+            metrics["locator"] = {"confusion": conf, "acc": locator_accuracy(conf)}
+        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_f(a)}" for n, a in zip(bench.names, row)))
+    metrics.update(continual_metrics(metrics["acc"], joint=cfg.method == "joint"))
+    save_json(metrics, os.path.join(run_dir, "metrics.json"))
+    return metrics
+
+# -----------------------------------------------------------------------------
+# scoring saved predictions
+
+def rescore(rows, metric, score=None):
+    """Per-row scores in [0,1] with data.score (the VQA answer list when present, else the single answer)."""
+    out, score = [], score or data.score
+    for k, r in enumerate(rows):
+        if "prediction" not in r or ("answer" not in r and not r.get("answers")):
+            raise ValueError(f"prediction record {k} (index {r.get('index')}) needs 'prediction' and 'answer'/'answers'")
+        out.append(float(score(metric, r["prediction"], r.get("answers") or r["answer"])))
+    return out
+
+def task_accuracy(rows, metric, score=None):
+    """Percent for one task's prediction rows: a CoIN metric aggregates as CoIN's script does (data.coin_accuracy,
+    e.g. ScienceQA divides by every question); otherwise the mean of the per-row scores."""
+    if score is None and metric in data.COIN_METRICS:
+        return data.coin_accuracy(metric, rows)
+    return 100.0 * _mean(rescore(rows, metric, score))
 
 def recompute(run_dir, score=None):
     """metrics.json with acc cells and the locator confusion rebuilt from predictions/<task>.jsonl where present."""
@@ -158,16 +385,9 @@ def recompute(run_dir, score=None):
         m["locator"] = dict(m.get("locator") or {}, confusion=conf)
     return m
 
-def reevaluate(run_dir, **kw):
-    """Regenerate predictions/*.jsonl from the saved task checkpoints (then recompute() + write_report())."""
-    import train  # lazy: the model stack is only needed to regenerate, not to score or draw
-    return train.reevaluate(run_dir, **kw)
-
 # -----------------------------------------------------------------------------
 # figures (Pillow only)
 
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 _RAMP = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)]  # light -> dark blue
 _GRID, _INK, _EMPTY = (225, 225, 225), (30, 30, 30), (245, 245, 245)
 
@@ -232,82 +452,8 @@ def draw_heatmap(path, vals, rows, cols, title, xlabel, ylabel, fmt="{:.1f}", sh
     for t in (0.0, 0.5, 1.0):
         lab = f"{t * vmax:g}" if shade is None else f"{t:.0%}"  # shade = share of the row
         d.text((bx + 20, y0 + round((1 - t) * (bh - 1))), lab, font=f_tick, fill=_INK, anchor="lm")
-    _save_png(img, path)
-    return img
-
-def _nice_step(span, n=5):
-    raw = span / n
-    p = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
-    return next(k * p for k in (1, 2, 5, 10) if k * p >= raw)
-
-def draw_bars(path, groups, series, vals, title, xlabel, ylabel, ymax=None, annotate=False, integer=False,
-              stacked=False):
-    """Bar chart: vals[g][s] for group g on x, one colour per series (legend on top); grouped or stacked."""
-    f_lab, f_title, f_small = _font(14), _font(19), _font(12)
-    tops = [sum(v or 0 for v in r) for r in vals] if stacked else [v for r in vals for v in r if v is not None]
-    top = max(tops + [0])
-    ymax = ymax or (top * 1.15 if top > 0 else 1)
-    step = max(1, round(_nice_step(ymax))) if integer else _nice_step(ymax)
-    ymax = math.ceil(ymax / step - 1e-9) * step
-    S, G, nb = len(series), len(groups), 1 if stacked else len(series)  # nb = bars side by side per group
-    bw = max(3, min(40 if stacked else 28, int((1400 / G - 12) / nb)))  # bars shrink with many groups
-    gw = nb * bw + max(12, bw // 2)
-    lw = max(_tw(f_lab, g) for g in groups) + 16
-    gw = max(gw, lw) if lw * G <= 1400 else gw  # widen groups so their labels fit horizontally
-    rot = lw > gw
-    x0, ph = 70, 320
-    pw = max(gw * G, 360, _tw(f_title, title) - 40)  # the title must fit too
-    lab_h = lw if rot else 24
-    items, lines, cur, w = [(s, _PALETTE[k % len(_PALETTE)]) for k, s in enumerate(series)], [], [], 0
-    for s, c in items:  # legend entries wrapped to the plot width
-        iw = 18 + _tw(f_lab, s) + 18
-        if cur and w + iw > pw:
-            lines.append(cur); cur, w = [], 0
-        cur.append((s, c, iw)); w += iw
-    lines.append(cur)
-    y0 = 44 + 22 * len(lines) + 14
-    img = Image.new("RGB", (x0 + pw + 20, y0 + ph + lab_h + 34), "white")
-    d = ImageDraw.Draw(img)
-    d.text((img.width // 2, 20), title, font=f_title, fill=_INK, anchor="mm")
-    for n, line in enumerate(lines):
-        x = x0 + (pw - sum(iw for _, _, iw in line)) // 2
-        y = 42 + 22 * n
-        for s, c, iw in line:
-            d.rectangle((x, y + 2, x + 12, y + 14), fill=c)
-            d.text((x + 17, y + 8), s, font=f_lab, fill=_INK, anchor="lm")
-            x += iw
-    Y = lambda v: y0 + ph - v / ymax * ph
-    t = 0
-    while t <= ymax + 1e-9:  # grid + y ticks
-        d.line((x0, Y(t), x0 + pw, Y(t)), fill=_GRID)
-        d.text((x0 - 6, Y(t)), f"{t:g}", font=f_small, fill=_INK, anchor="rm")
-        t += step
-    num = lambda v: f"{v:.0f}" if integer else f"{v:.1f}"
-    off = (pw - gw * G) // 2
-    for g, row in enumerate(vals):
-        gx, base = x0 + off + g * gw + (gw - nb * bw) // 2, 0
-        for s, v in enumerate(row):
-            if not v and (stacked or v is None):
-                continue
-            bx = gx if stacked else gx + s * bw
-            d.rectangle((bx, Y(base + v), bx + bw - 2, Y(base)), fill=_PALETTE[s % len(_PALETTE)])
-            if annotate and not stacked and bw >= 22:
-                d.text((bx + (bw - 2) / 2, Y(v) - 3), num(v), font=f_small, fill=_INK, anchor="mb")
-            base += v if stacked else 0
-        if annotate and stacked and bw >= 14:
-            d.text((gx + (bw - 2) / 2, Y(base) - 3), num(base), font=f_small, fill=_INK, anchor="mb")
-        cx = x0 + off + g * gw + gw // 2
-        if rot:
-            vt = _vtext(groups[g], f_lab)
-            img.paste(vt, (cx - vt.width // 2, y0 + ph + 6), vt)
-        else:
-            d.text((cx, y0 + ph + 6), groups[g], font=f_lab, fill=_INK, anchor="mt")
-    d.line((x0, y0, x0, y0 + ph), fill=_INK)
-    d.line((x0, y0 + ph, x0 + pw, y0 + ph), fill=_INK)
-    d.text((x0 + pw // 2, y0 + ph + lab_h + 16), xlabel, font=f_lab, fill=_INK, anchor="mm")
-    vt = _vtext(ylabel, f_lab)
-    img.paste(vt, (8, y0 + ph // 2 - vt.height // 2), vt)
-    _save_png(img, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return img
 
 # -----------------------------------------------------------------------------
@@ -336,6 +482,10 @@ def summarize(m):
     s["locator_acc"] = locator_accuracy((m.get("locator") or {}).get("confusion"))
     return s
 
+def _write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
 def write_report(run_dir, metrics):
     """report.md + figures/*.png for one run; metrics.json is refreshed with the recomputed summary."""
     m = dict(metrics)
@@ -343,14 +493,13 @@ def write_report(run_dir, metrics):
     m.update(last=s["last"], avg=s["avg"], bwt=s["bwt"], fwt=s["fwt"], plasticity=s["plasticity"])
     if m.get("locator") is not None:
         m["locator"] = dict(m["locator"], acc=s["locator_acc"])
-    _atomic_write(os.path.join(run_dir, "metrics.json"), json.dumps(m, indent=1) + "\n")
+    save_json(m, os.path.join(run_dir, "metrics.json"))
     tasks, joint = m["tasks"], m.get("method") == "joint"
     acc = m["acc"] if joint else m["acc"][: m["finished_tasks"]]
     rows = ["joint"] if joint else [f"after {tasks[j]}" for j in range(len(acc))]
     if m.get("zero_shot"):  # row 0: the frozen base before any task
         acc, rows = [m["zero_shot"], *acc], ["base (zero-shot)", *rows]
-    figs = os.path.join(run_dir, "figures")
-    name = os.path.basename(os.path.normpath(run_dir))
+    figs, name = os.path.join(run_dir, "figures"), os.path.basename(os.path.normpath(run_dir))
     draw_heatmap(os.path.join(figs, "acc_matrix.png"), acc, rows, tasks, f"{name}: accuracy (%)",
                  "evaluated task i", "after training task j")
     md = [f"# {name}\n",
@@ -365,31 +514,36 @@ def write_report(run_dir, metrics):
                  + ([["plasticity a_ii", *[_f(v) for v in s["plasticity"]]]] if s["plasticity"] else [])),
           "Plasticity: the accuracy on a task right after training it.\n" if s["plasticity"] else "",
           "![accuracy matrix](figures/acc_matrix.png)\n"]
-    conf = (m.get("locator") or {}).get("confusion")
-    if conf:
-        tot = [max(sum(r), 1) for r in conf]
-        draw_heatmap(os.path.join(figs, "locator_confusion.png"), conf, tasks[: len(conf)], tasks[: len(conf)],
-                     f"Task locator: {_f(s['locator_acc'])}% correct", "chosen task", "true task", fmt="{:d}",
-                     shade=[[c / tot[t] for c in r] for t, r in enumerate(conf)])
-        md += ["## Task locator\n", f"Accuracy {_f(s['locator_acc'])}% (true task row, chosen task column).\n",
-               _table(["true \\ chosen", *tasks[: len(conf)]], [[t, *r] for t, r in zip(tasks, conf)]),
-               "![locator confusion](figures/locator_confusion.png)\n"]
+    md += _report_locator(m, s, figs) + _report_growth(m, figs) + _report_time(m.get("time") or {})
+    _write_text(os.path.join(run_dir, "report.md"), "\n".join(md))
+    return m
+
+def _report_locator(m, s, figs):
+    conf, tasks = (m.get("locator") or {}).get("confusion"), m["tasks"]
+    if not conf:
+        return []
+    tot = [max(sum(r), 1) for r in conf]
+    draw_heatmap(os.path.join(figs, "locator_confusion.png"), conf, tasks[: len(conf)], tasks[: len(conf)],
+                 f"Task locator: {_f(s['locator_acc'])}% correct", "chosen task", "true task", fmt="{:d}",
+                 shade=[[c / tot[t] for c in r] for t, r in enumerate(conf)])
+    return ["## Task locator\n", f"Accuracy {_f(s['locator_acc'])}% (true task row, chosen task column).\n",
+            _table(["true \\ chosen", *tasks[: len(conf)]], [[t, *r] for t, r in zip(tasks, conf)]),
+            "![locator confusion](figures/locator_confusion.png)\n"]
+
+def _report_growth(m, figs):
+    """Parameters per task, experts per layer (table + figure), PGKE decisions."""
+    md, tasks, epl = [], m["tasks"], m.get("experts_per_layer")
     if m.get("params"):
         md += ["## Parameters per task\n",
                _table(["task", "trainable", "added", "experts"],
                       [[p.get("task"), _human(p.get("trainable")), _human(p.get("added")), p.get("experts", "—")]
                        for p in m["params"]]),
                f"Total added: {_human(sum(p.get('added') or 0 for p in m['params']))}\n"]
-    epl = m.get("experts_per_layer")
     if epl:
-        L = len(epl[0])
-        added = [[epl[j][l] - (epl[j - 1][l] if j else 0) for j in range(len(epl))] for l in range(L)]
-        draw_bars(os.path.join(figs, "experts_per_layer.png"), [str(l) for l in range(L)],
-                  [f"{'initial' if j == 0 else 'added'}: {t}" for j, t in enumerate(tasks[: len(epl)])], added,
-                  "Experts per layer (stacked by the task that added them)", "decoder layer", "experts",
-                  integer=True, annotate=True, stacked=True)
-        md += ["## Experts per layer\n",
-               _table(["after task", *[str(l) for l in range(L)]], [[t, *r] for t, r in zip(tasks, epl)]),
+        layers, after = [str(l) for l in range(len(epl[0]))], tasks[: len(epl)] if len(epl) > 1 else ["joint"]
+        draw_heatmap(os.path.join(figs, "experts_per_layer.png"), epl, after, layers, "Experts per layer",
+                     "decoder layer", "after task", fmt="{:d}", vmax=max(map(max, epl)))
+        md += ["## Experts per layer\n", _table(["after task", *layers], [[t, *r] for t, r in zip(after, epl)]),
                "![experts per layer](figures/experts_per_layer.png)\n"]
     if m.get("pgke"):
         md += ["## PGKE decisions\n", "freq = share of top-k slots the probe expert won; * = layer expanded.\n",
@@ -398,15 +552,17 @@ def write_report(run_dir, metrics):
                         ", ".join(str(l) for l, e in enumerate(p.get("expand", [])) if e) or "none",
                         " ".join(f"{f:.2f}{'*' if e else ''}" for f, e in zip(p.get("freq", []), p.get("expand", [])))]
                        for p in m["pgke"]])]
-    tm = m.get("time") or {}
-    if tm:
-        stages = ("probe", "train", "locator", "eval")
-        trs = [["base", *["—"] * 4, _f(tm.get("base"))]] if tm.get("base") is not None else []
-        trs += [[t.get("task"), *[_f(t.get(k)) for k in stages], _f(sum(t.get(k) or 0 for k in stages))]
-                for t in tm.get("tasks", [])]
-        md += ["## Time per stage (s)\n", _table(["stage", *stages, "total"], trs), f"Total wall time: {_f(tm.get('total'))} s\n"]
-    _atomic_write(os.path.join(run_dir, "report.md"), "\n".join(md))
-    return m
+    return md
+
+def _report_time(tm):
+    if not tm:
+        return []
+    stages = ("probe", "train", "locator", "eval")
+    trs = [["base", *["—"] * 4, _f(tm.get("base"))]] if tm.get("base") is not None else []
+    trs += [[t.get("task"), *[_f(t.get(k)) for k in stages], _f(sum(t.get(k) or 0 for k in stages))]
+            for t in tm.get("tasks", [])]
+    return ["## Time per stage (s)\n", _table(["stage", *stages, "total"], trs),
+            f"Total wall time: {_f(tm.get('total'))} s\n"]
 
 def compare(run_dirs, out_dir):
     """One row per run (label = run folder name); writes out_dir/compare.md and compare.png, returns the rows."""
@@ -422,9 +578,9 @@ def compare(run_dirs, out_dir):
                 [[r["run"], r["method"], _f(r["last"]), _f(r["avg"]), _f(r["bwt"]), _f(r["locator"]),
                   _human(r["added"]), _f(r["time"])] for r in rows])
     print(md, end="")
-    _atomic_write(os.path.join(out_dir, "compare.md"), md)
-    draw_bars(os.path.join(out_dir, "compare.png"), [r["run"] for r in rows], ["Last", "Avg"],
-              [[r["last"], r["avg"]] for r in rows], "Method comparison", "run", "accuracy (%)", ymax=100, annotate=True)
+    _write_text(os.path.join(out_dir, "compare.md"), md)
+    draw_heatmap(os.path.join(out_dir, "compare.png"), [[r["last"], r["avg"], r["locator"]] for r in rows],
+                 [r["run"] for r in rows], ["Last", "Avg", "locator"], "Method comparison (%)", "", "run")
     return rows
 
 # -----------------------------------------------------------------------------
@@ -461,3 +617,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -4,6 +4,7 @@
     python train.py --quick              # the same pipeline on a small slice (about a minute on a CPU)
     python train.py --method lora        # baselines: lora | moelora | joint; ablations: --expand all, --locator oracle
     python train.py --benchmark coin --coin-root DIR --image-root DIR --llm L --vision V --projector P --tokenizer T
+    python train.py --steps 100 --set lr=1e-3    # any TrainConfig field: --field-name VALUE or --set field=VALUE
 
 One run writes one folder (--out): per-task checkpoints (safetensors + JSON), metrics.json, log.txt, predictions/.
 Shape legend: B batch, T tokens, P patches, D width, N examples.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,153 +27,158 @@ import cmoe
 import data
 import eval as ev
 from cmoe import LLaVA, Llama, LlamaConfig, ExpertConfig
-from vision import (CheckpointError, CLIPVision, Projector, VisionConfig, load_clip, load_projector, preprocess,
-                    read_hf_config, read_json)
+from eval import Log
+from vision import (CheckpointError, CLIPVision, Projector, VisionConfig, read_hf_config, read_json, read_safetensors,
+                    save_json, save_safetensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# arguments
+# settings: one dataclass; --quick is a preset of it
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--benchmark", default="minicoin", choices=["minicoin", "coin"])
-    a("--method", default="cmoe", choices=["cmoe", "lora", "moelora", "joint"])
-    a("--expand", default="probe", choices=["probe", "all"], help="PGKE: grow where probes say, or every layer")
-    a("--locator", default="ptl", choices=["ptl", "oracle"], help="router choice at test time")
-    a("--tasks", default=None, help="comma-separated task names (default: the benchmark's full sequence)")
-    a("--out", default=None, help="run folder (default out/<benchmark>-<method>[-ablations])")
-    a("--quick", action="store_true", help="small slice of everything: a pipeline check in about a minute")
-    a("--resume", action="store_true", help="continue from the last finished task / last saved step")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the training step (auto: on CUDA)")
-    a("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    # model
-    a("--llm", help="HF Llama-3.x folder (default: the tiny MiniCoIN base, pretrained on captions and cached)")
-    a("--vision", help="HF CLIP folder (CLIPVisionModel or CLIPModel)")
-    a("--projector", help="LLaVA mm_projector .safetensors (omit to train a fresh one on --align-json)")
-    a("--tokenizer", help="Llama-3 tokenizer.model (tiktoken BPE file)")
-    a("--align-json", help="LLaVA-format caption json for projector alignment (real models, no --projector)")
-    a("--base-dir", default="out/base", help="cache of pretrained tiny base models")
-    a("--base-steps", type=int, default=1000, help="tiny base, stage 0a: caption pretraining steps")
-    a("--instruct-steps", type=int, default=500, help="tiny base, stage 0b: MiniCoIN-Instruct tuning steps")
-    # experts / method
-    a("--rank", type=int, default=8)
-    a("--lora-alpha", type=float, default=16.0)
-    a("--top-k", type=int, default=2)
-    a("--n-init", type=int, default=2, help="experts per layer at task 1")
-    a("--n-new", type=int, default=1, help="experts added to an expanded layer")
-    a("--alpha", type=float, default=1.0, help="PGKE: expand iff freq > mean - alpha*std")
-    a("--probe-frac", type=float, default=0.1, help="share of the task's data used to probe")
-    a("--probe-steps", type=int, default=60)
-    a("--lambda-aux", type=float, default=0.01, help="weight of the load-balance loss")
-    a("--moelora-experts", type=int, default=4)
+@dataclasses.dataclass
+class TrainConfig:
+    # run
+    benchmark: str = "minicoin"  # minicoin | coin
+    method: str = "cmoe"  # cmoe | lora | moelora | joint (baselines: one shared pool; joint: all tasks at once)
+    expand: str = "probe"  # PGKE: grow where probes say (probe), or every layer (all)
+    locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
+    tasks: str | None = None  # comma-separated task names (default: the benchmark's full sequence)
+    out: str | None = None  # run folder (default out/<benchmark>-<method>[-ablations])
+    quick: bool = False  # a small slice of everything (QUICK): a pipeline check in about a minute
+    resume: bool = False  # continue from the last finished task / last saved step
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    compile: str = "auto"  # torch.compile the training step: auto (on CUDA) | on | off
+    threads: int = 0  # CPU threads (0: torch's default)
+    # model: real checkpoints, or the tiny MiniCoIN base (stage 0: captions, then MiniCoIN-Instruct; cached)
+    llm: str | None = None  # HF Llama-3.x folder
+    vision: str | None = None  # HF CLIP folder (CLIPVisionModel or CLIPModel)
+    projector: str | None = None  # LLaVA mm_projector .safetensors (none: a fresh one, trained on align_json if given)
+    tokenizer: str | None = None  # Llama-3 tokenizer.model (tiktoken BPE file)
+    align_json: str | None = None  # LLaVA-format caption json for projector alignment
+    base_dir: str = "out/base"  # cache of pretrained tiny base models
+    base_steps: int = 1000  # stage 0a: caption pretraining steps
+    instruct_steps: int = 500  # stage 0b: MiniCoIN-Instruct tuning steps
+    # experts and method
+    rank: int = 8
+    lora_alpha: float = 16.0
+    top_k: int = 2
+    n_init: int = 2  # experts per layer at task 1
+    n_new: int = 1  # experts added to an expanded layer
+    alpha: float = 1.0  # PGKE: expand iff freq > mean - alpha * std
+    probe_frac: float = 0.1  # share of the task's data used to probe
+    probe_steps: int = 60
+    lambda_aux: float = 0.01  # weight of the load-balance loss
+    moelora_experts: int = 4
     # optimisation
-    a("--steps", type=int, default=300, help="training steps per task")
-    a("--batch-size", type=int, default=32)
-    a("--grad-accum", type=int, default=1)
-    a("--lr", type=float, default=5e-3)
-    a("--base-lr", type=float, default=2e-3)
-    a("--warmup", type=int, default=20)
-    a("--weight-decay", type=float, default=0.0)
-    a("--grad-ckpt", action="store_true", help="gradient checkpointing of decoder layers")
-    a("--save-every", type=int, default=100, help="mid-task checkpoint interval (steps)")
+    steps: int = 300  # training steps per task
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-3
+    base_lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_ckpt: bool = False  # gradient checkpointing of decoder layers
+    save_every: int = 100  # mid-task checkpoint interval (steps)
     # data
-    a("--train-n", type=int, default=None, help="training examples per task (default: 1000 on MiniCoIN, all on CoIN)")
-    a("--test-n", type=int, default=None, help="test examples per task (default: 100 on MiniCoIN, all on CoIN)")
-    a("--caption-n", type=int, default=data.BASE_SETS["caption"], help="stage 0a examples (tiny base)")
-    a("--instruct-n", type=int, default=data.BASE_SETS["instruct"], help="stage 0b examples (tiny base)")
-    a("--max-len", type=int, default=48, help="text tokens per sample (the image placeholder counts as one)")
-    a("--max-new-tokens", type=int, default=24, help="a MiniCoIN box answer is 21 tokens with its end")
-    a("--eval-batch", type=int, default=128)
-    a("--locator-n", type=int, default=400, help="training features per task for its VAE")
-    a("--coin-root", help="CoIN's Instructions_Original/ (or Instruction_Type2/): <Task>/train.json and test.json "
-      "(val.json for TextVQA, VizWiz, VQAv2; OCR-VQA's folder is OCRVQA)")
-    a("--image-root", help="root the CoIN image paths are relative to (CoIN's cl_dataset/)")
-    a("--coin-annotations", help="folder laid out as CoIN's cl_dataset/ holding the scoring files CoIN's test records "
-      "lack: TextVQA/TextVQA_0.5.1_val.json (the 10 human answers); without it TextVQA's score falls back (logged)")
-    a("--predict-only", action="store_true", help="CoIN: test records may lack answers; write the answer files, "
-      "report no accuracy")
-    a("--bad-images", default="fail", choices=["fail", "skip"])
-    plan_flags(a)
-    args = p.parse_args(argv)
-    if args.quick:
-        for k, v in dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24,
-                         caption_n=512, instruct_n=512,
-                         batch_size=16, locator_n=96, save_every=20, warmup=5).items():
-            if p.get_default(k) == getattr(args, k):
-                setattr(args, k, v)
-        if args.tasks is None:
-            args.tasks = "sqa,cls,count"
-    if args.out is None:
-        tag = args.method + ("-expandall" if args.expand == "all" else "") + ("-oracle" if args.locator == "oracle" else "")
-        args.out = os.path.join("out", f"{args.benchmark}{'-quick' if args.quick else ''}-{tag}")
-    return args
+    train_n: int | None = None  # training examples per task (default: 1000 on MiniCoIN, all on CoIN)
+    test_n: int | None = None  # test examples per task (default: 100 on MiniCoIN, all on CoIN)
+    caption_n: int = data.BASE_SETS["caption"]  # stage 0a examples
+    instruct_n: int = data.BASE_SETS["instruct"]  # stage 0b examples
+    max_len: int = data.MAX_LEN  # text tokens per sample (the image placeholder counts as one)
+    max_new_tokens: int = 24  # a MiniCoIN box answer is 21 tokens with its end
+    eval_batch: int = 128
+    locator_n: int = 400  # training features per task for its VAE
+    coin_root: str | None = None  # CoIN's Instructions_Original/ (or Instruction_Type2/): <Task>/train.json, test.json
+    image_root: str | None = None  # root the CoIN image paths are relative to (CoIN's cl_dataset/)
+    coin_annotations: str | None = None  # CoIN's cl_dataset/ layout holding TextVQA/TextVQA_0.5.1_val.json
+    predict_only: bool = False  # CoIN: test records may lack answers; write the answer files, report no accuracy
+    bad_images: str = "fail"  # fail | skip
+    # memory plan (--plan): parameters, memory, largest micro-batch of a real run, from configs alone
+    plan: bool = False
+    preset: str | None = None  # implies --plan: a published Llama config + CLIP ViT-L/14-336 (PRESETS)
+    gpu_mem: float = 80.0  # GiB of GPU memory
+    plan_dtype: str = "bf16"  # bf16 | fp32: dtype of weights, gradients, activations
+
+    def __post_init__(self):
+        for name, options in CHOICES.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, options))}, not {getattr(self, name)!r}")
 
 
-class Log:
-    def __init__(self, path):
-        self.path = path
+QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
+             instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
+CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint"), expand=("probe", "all"),
+               locator=("ptl", "oracle"), compile=("auto", "on", "off"), bad_images=("fail", "skip"),
+               plan_dtype=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
+FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
+         "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
+         "out": "run folder", "quick": "small slice of everything", "resume": "continue an interrupted run",
+         "device": "cpu, cuda, cuda:1, ...", "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
+         "projector": "LLaVA mm_projector .safetensors", "tokenizer": "Llama-3 tokenizer.model",
+         "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
+         "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama"}
 
-    def __call__(self, msg):
-        print(msg, flush=True)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
+
+def parse_args(argv=None) -> TrainConfig:
+    """Every TrainConfig field is a flag (--field-name VALUE; a bool is a bare --flag) or --set field=VALUE; --help
+    describes the FLAGS and lists the others with their defaults. --quick applies QUICK under the given values."""
+    fields = dataclasses.fields(TrainConfig)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="other settings (defaults): " + ", ".join(
+        f"--{f.name.replace('_', '-')} {f.default}" for f in fields if f.name not in FLAGS))
+    for f in fields:
+        help_ = f"{FLAGS[f.name]} (default: {f.default})" if f.name in FLAGS else argparse.SUPPRESS
+        if f.type == "bool":
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_const", const=True, help=help_)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=parser_of(f.type), choices=CHOICES.get(f.name), help=help_)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any setting, e.g. --set lr=1e-3")
+    ns = p.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if v is not None and k != "set"}
+    types = {f.name: f.type for f in fields}
+    for item in ns.set:
+        name, _, value = item.partition("=")
+        if name.replace("-", "_") not in types or not _:
+            p.error(f"--set {item}: expected NAME=VALUE with NAME one of {', '.join(types)}")
+        try:
+            given[name.replace("-", "_")] = parser_of(types[name.replace("-", "_")])(value)
+        except (KeyError, ValueError):
+            p.error(f"--set {item}: invalid value for a {types[name.replace('-', '_')]} setting")
+    try:
+        cfg = TrainConfig(**{**(QUICK if given.get("quick") else {}), **given})
+    except ValueError as e:
+        p.error(str(e))
+    if cfg.out is None:
+        tag = cfg.method + ("-expandall" if cfg.expand == "all" else "") + ("-oracle" if cfg.locator == "oracle" else "")
+        cfg.out = os.path.join("out", f"{cfg.benchmark}{'-quick' if cfg.quick else ''}-{tag}")
+    return cfg
+
+
+def parser_of(kind):
+    """Text -> value for a field's annotation: 'int', 'float', 'str' or 'bool', optionally '| None' ('none')."""
+    base = kind.split(" |")[0]
+
+    def parse(text):
+        if "None" in kind and text.lower() == "none":
+            return None
+        if base == "bool":
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        return {"int": int, "float": float, "str": str}[base](text)
+    parse.__name__ = base  # argparse names the type in its error messages
+    return parse
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data: tasks, tokenizer, pre-encoded datasets
-
-def task_list(args):
-    if args.benchmark == "minicoin":
-        names = args.tasks.split(",") if args.tasks else list(data.MINICOIN_TASKS)
-        for n in names:
-            if n not in data.MINICOIN_TASKS:
-                raise SystemExit(f"unknown MiniCoIN task '{n}'; known: {', '.join(data.MINICOIN_TASKS)}")
-        return names, {n: data.TASK_METRIC[n] for n in names}
-    known = dict(data.COIN_TASKS)
-    alias = {data.coin_folder(n): n for n in known}  # CoIN's folder names work too (OCRVQA)
-    names = [alias.get(n, n) for n in args.tasks.split(",")] if args.tasks else [n for n, _ in data.COIN_TASKS]
-    for n in names:
-        if n not in known:
-            raise SystemExit(f"unknown CoIN task '{n}'; known: {', '.join(known)}")
-    return names, {n: known[n] for n in names}
-
-
-def load_examples(args, task, split):
-    if args.benchmark == "minicoin":
-        n = args.train_n if split == "train" else args.test_n
-        return data.minicoin(task, split, n, seed=args.seed)
-    if not args.coin_root:
-        raise SystemExit("--benchmark coin needs --coin-root (and --image-root)")
-    train_path, test_path = data.coin_files(args.coin_root, task)
-    root = args.image_root or args.coin_root
-    if split == "train":
-        return data.load_coin_train(train_path, root, bad_images=args.bad_images, task=task, n=args.train_n)
-    ann = data.COIN_ANNOTATIONS.get(task)
-    ann = os.path.join(args.coin_annotations, ann) if ann and args.coin_annotations else None
-    if ann and not os.path.isfile(ann):
-        raise FileNotFoundError(f"--coin-annotations {args.coin_annotations}: {data.COIN_ANNOTATIONS[task]} not found "
-                                f"(CoIN scores {task} against it; leave the flag out to use the logged fallback)")
-    return data.load_coin_test(test_path, root, bad_images=args.bad_images, task=task, n=args.test_n,
-                               require_answer=not args.predict_only, annotations=ann)
-
-
-def get_tokenizer(args):
-    if args.tokenizer:
-        return data.load_tokenizer(args.tokenizer), data.LLAMA3
-    return data.build_minicoin_tokenizer(data.minicoin_tokenizer_path(args.base_dir)), data.COMPACT
-
+# pre-encoded datasets
 
 @torch.no_grad()
-def encode(model: LLaVA, examples, tok, template, args, task_id, feats=True):
+def encode(model: LLaVA, examples, tok, template, cfg, task_id, feats=True):
     """Pre-encode a dataset once: ids/labels padded to max_len, and (frozen tower) projected image features."""
-    ds = data.encode_dataset(examples, tok, template, args.max_len, model.vision.cfg.image_size, task_id)
+    ds = data.encode_dataset(examples, tok, template, cfg.max_len, model.vision.cfg.image_size, task_id)
     if feats:
         model.eval()
         px = ds.pop("pixel_values")
-        ds["images"] = torch.cat([model.image_features(px[i:i + 256].to(args.device)).cpu() for i in range(0, len(px), 256)])
+        ds["images"] = torch.cat([model.image_features(px[i:i + 256].to(cfg.device)).cpu() for i in range(0, len(px), 256)])
     else:
         ds["images"] = ds.pop("pixel_values")
     return ds
@@ -199,71 +206,49 @@ def concat(dss):
 # ----------------------------------------------------------------------------------------------------------
 # the base model (stage 0)
 
-def tiny_base(vocab_size, pad_id):
-    vcfg = VisionConfig.tiny(image_size=data.IMAGE_SIZE)
-    lcfg = LlamaConfig.tiny(vocab_size=vocab_size)
-    return LLaVA(CLIPVision(vcfg), Projector(vcfg.hidden_size, lcfg.dim), Llama(lcfg), pad_id=pad_id)
-
-
-def save_base(model: LLaVA, folder, extra=None):
-    meta = {"vision": vars(model.vision.cfg), "llm": vars(model.llm.cfg), "pad_id": model.pad_id,
-            "projector": [model.projector[0].in_features, model.projector[0].out_features], **(extra or {})}
-    cmoe.save_safetensors(cmoe.base_state(model), os.path.join(folder, "model.safetensors"))
-    cmoe.save_json(meta, os.path.join(folder, "meta.json"))  # written last: its presence marks a complete base
-
-
-def load_base(folder) -> LLaVA:
-    meta = read_json(os.path.join(folder, "meta.json"))
-    vcfg, lcfg = VisionConfig(**meta["vision"]), LlamaConfig(**meta["llm"])
-    model = LLaVA(CLIPVision(vcfg), Projector(*meta["projector"]), Llama(lcfg), pad_id=meta["pad_id"])
-    sd = cmoe.load_safetensors(os.path.join(folder, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not cmoe._is_cl_key(k) and not (lcfg.tie_embeddings and k == "llm.lm_head.weight")]
-    if missing or unexpected:
-        raise KeyError(f"{folder}/model.safetensors: missing {missing}, unexpected {unexpected}")
-    return model
-
-
-def build_base(args, tok, template, log) -> LLaVA:
-    pad = data.pad_id(tok)
-    if args.llm:  # real checkpoints
-        llm = cmoe.load_llama(args.llm)
-        if not args.vision:
+def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
+    """The frozen base and where it comes from (kept in metrics.json, so eval.reevaluate loads the same model):
+    real checkpoints (a projector without a file is saved into the run folder), or the tiny MiniCoIN base."""
+    if cfg.llm:
+        if not cfg.vision:
             raise SystemExit("--llm needs --vision (a CLIP folder)")
-        vision = load_clip(args.vision)
-        proj = load_projector(args.projector) if args.projector else Projector(vision.cfg.hidden_size, llm.cfg.dim)
-        model = LLaVA(vision, proj, llm, pad_id=pad).to(args.device)
-        if not args.projector and args.align_json:
-            exs = data.load_coin_train(args.align_json, args.image_root, bad_images=args.bad_images)
-            ds = encode(model, exs, tok, template, args, 0, feats=False)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.projector.requires_grad_(True)
-            train_stage(model, ds, args, args.base_steps, args.base_lr, 0, "align", log, experts=False)
-        return model
+        base = {"llm": cfg.llm, "vision": cfg.vision, "projector": cfg.projector}
+        model = ev.load_model(base, data.pad_id(tok)).to(cfg.device)
+        if not cfg.projector:
+            if cfg.align_json:
+                exs = data.load_coin_train(cfg.align_json, cfg.image_root, bad_images=cfg.bad_images)
+                model.requires_grad_(False).projector.requires_grad_(True)
+                train_stage(model, encode(model, exs, tok, template, cfg, 0, feats=False), cfg, cfg.base_steps,
+                            cfg.base_lr, 0, "align", log, experts=False)
+            base["projector"] = os.path.join(cfg.out, "projector.safetensors")
+            save_safetensors({f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()},
+                             base["projector"])
+        return model, base
     # tiny MiniCoIN base, made the way LLaVA is (captions, then general instructions); each stage's result is
     # cached under a key of everything that shaped it, so changing stage 0b reuses stage 0a
-    stages = [("base", "caption", args.caption_n, args.base_steps), ("instruct", "instruct", args.instruct_n,
-                                                                     args.instruct_steps)]
-    shaped_by = [args.seed, args.max_len, args.base_lr, args.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
+    stages = [("base", "caption", cfg.caption_n, cfg.base_steps), ("instruct", "instruct", cfg.instruct_n,
+                                                                   cfg.instruct_steps)]
+    shaped_by = [cfg.seed, cfg.max_len, cfg.base_lr, cfg.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
                  "stage 0b: tower frozen"]
     model = None
     for k, (tag, task, n, steps) in enumerate(stages):
         key = hashlib.sha1(json.dumps(shaped_by + stages[: k + 1]).encode()).hexdigest()[:10]
-        folder = os.path.join(args.base_dir, f"minicoin-{tag}-{key}")
+        folder = os.path.join(cfg.base_dir, f"minicoin-{tag}-{key}")
         if os.path.isfile(os.path.join(folder, "meta.json")):
             log(f"base: stage 0 '{tag}' reused from {folder}")
-            model = load_base(folder).to(args.device)
+            model = ev.load_base(folder).to(cfg.device)
             continue
         if model is None:
-            torch.manual_seed(args.seed)
-            model = tiny_base(tok.n_vocab, pad).to(args.device)
+            torch.manual_seed(cfg.seed)
+            vcfg, lcfg = VisionConfig.tiny(image_size=data.IMAGE_SIZE), LlamaConfig.tiny(vocab_size=tok.n_vocab)
+            model = LLaVA(CLIPVision(vcfg), Projector(vcfg.hidden_size, lcfg.dim), Llama(lcfg), data.pad_id(tok))
+            model = model.to(cfg.device)
         log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
-        ds = encode(model, data.minicoin(task, "train", n, seed=args.seed), tok, template, args, 0, feats=False)
+        ds = encode(model, data.minicoin(task, "train", n, seed=cfg.seed), tok, template, cfg, 0, feats=False)
         model.vision.requires_grad_(tag == "base")  # as LLaVA: the tower learns to see in 0a, is frozen in 0b
-        train_stage(model, ds, args, steps, args.base_lr, 0, tag, log, experts=False)
-        save_base(model, folder)
-    return model
+        train_stage(model, ds, cfg, steps, cfg.base_lr, 0, tag, log, experts=False)
+        ev.save_base(model, folder)
+    return model, {"tiny": folder}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,61 +261,49 @@ def lr_at(step, total, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def compiled_step(model, args):
-    use = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
-    return torch.compile(model) if use else model
-
-
-def train_stage(model: LLaVA, ds, args, steps, lr, task_id, tag, log, experts=True, task_ids_fixed=None,
+def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=True, task_ids_fixed=None,
                 ckpt=None, start=None):
     """Train the parameters that have requires_grad on `ds`. `ckpt(step, opt)` saves a resumable state;
     `start` = (step, optimizer state) to continue from."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     step0 = 0
     if start is not None:
         step0 = start[0]
         load_optimizer(opt, named, start[1])
-    fwd = compiled_step(model, args)
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
+    fwd = torch.compile(model) if compiled else model
     model.train()
-    t_last, tok_count = time.time(), 0
-    interval = max(1, steps // 10)
-    amp = amp_ctx(args)
+    t_last, tok_count, interval = time.time(), 0, max(1, steps // 10)
     for step in range(step0, steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, args.warmup)
+            g["lr"] = lr_at(step, steps, lr, cfg.warmup)
         loss_sum = aux_sum = 0.0
-        for micro in range(args.grad_accum):
-            b = batch_at(ds, step * args.grad_accum + micro, args.batch_size, args.seed + 7919 * task_id)
-            b = {k: v.to(args.device) for k, v in b.items()}
+        for micro in range(cfg.grad_accum):
+            b = batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id)
+            b = {k: v.to(cfg.device) for k, v in b.items()}
             tids = b["task_ids"] if task_ids_fixed is None else torch.full_like(b["task_ids"], task_ids_fixed)
-            with amp:
+            with cmoe.autocast(cfg.device):
                 _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
-            total = loss + args.lambda_aux * aux
+            total = loss + cfg.lambda_aux * aux
             if not torch.isfinite(total):
                 raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step {step + 1}: "
                                          f"stopping; checkpoints already on disk are untouched")
-            (total / args.grad_accum).backward()
-            loss_sum += float(loss.detach()) / args.grad_accum
-            aux_sum += float(aux.detach()) / args.grad_accum
+            (total / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            aux_sum += float(aux.detach()) / cfg.grad_accum
             tok_count += int((b["input_ids"] != model.pad_id).sum())
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % interval == 0 or step + 1 == steps:
             dt = time.time() - t_last
-            eta = dt / interval * (steps - step - 1)
             log(f"{tag} step {step + 1:5d}/{steps} | loss {loss_sum:.4f} | aux {aux_sum:.3f} | "
-                f"{tok_count / max(dt, 1e-9):,.0f} tok/s | eta {eta:4.0f}s")
+                f"{tok_count / max(dt, 1e-9):,.0f} tok/s | eta {dt / interval * (steps - step - 1):4.0f}s")
             t_last, tok_count = time.time(), 0
-        if ckpt is not None and (step + 1) % args.save_every == 0 and step + 1 < steps:
+        if ckpt is not None and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             ckpt(step + 1, optimizer_state(opt, named))
     model.eval()
-
-
-def amp_ctx(args):
-    """bf16 autocast on CUDA; plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
 
 
 def optimizer_state(opt, named) -> dict:
@@ -350,102 +323,118 @@ def load_optimizer(opt, named, tensors):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# evaluation with the locator choosing the router per sample
-
-@torch.no_grad()
-def predict(model: LLaVA, locator, examples, images, tok, template, args, true_task, seen, use_locator, fixed_task=None):
-    """Greedy answers for `examples` (`images`: their projected image features, from eval_images); returns rows for
-    predictions/<task>.jsonl and the chosen task ids."""
-    model.eval()
-    rows, chosen = [], []
-    stops = data.stop_ids(tok, template)
-    for i in range(0, len(examples), args.eval_batch):
-        exs = examples[i:i + args.eval_batch]
-        prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in exs]
-        img = images[i:i + args.eval_batch].to(args.device)
-        if fixed_task is not None:
-            tids = torch.full((len(exs),), fixed_task, dtype=torch.long)
-        elif use_locator and seen > 1:
-            tids = locator.locate(model.features(prompts, img))
-        else:  # oracle: the true task, or the latest router for a task not trained yet
-            tids = torch.full((len(exs),), min(true_task, seen - 1), dtype=torch.long)
-        with amp_ctx(args):
-            outs = model.generate(prompts, img, tids.to(args.device), args.max_new_tokens, stops)
-        for j, (ex, o) in enumerate(zip(exs, outs)):
-            rows.append({"index": i + j, "prediction": tok.decode(o).strip(), "answer": ex.answer,
-                         "answers": ex.answers, "true_task": true_task,
-                         "located": int(tids[j]) if fixed_task is None else None})
-            if "question_id" in ex.meta:  # CoIN test record: keep its id for the CoIN-format answer file
-                rows[-1].update(question_id=ex.meta["question_id"], prompt=ex.turns[-1][0])
-            if "size" in ex.meta:  # CoIN Grounding: boxes are scaled by the image size before the IoU
-                rows[-1]["size"] = ex.meta["size"]
-        chosen += tids.tolist()
-    return rows, chosen
-
-
-def save_predictions(out, task, stage, rows, trained=None):
-    """predictions/<task>.jsonl holds every stage's rows (field "stage"); rows of this stage or later
-    (left by an interrupted run) are replaced. CoIN test rows also go to answer files CoIN's eval scripts read as they
-    are (one line per test question, in test order, question_id as the record has it): predictions/<task>.coin.jsonl
-    (the latest stage) and, when `trained` names the task just trained, predictions/CoIN/<folder>/<STAGE>/merge.jsonl,
-    CoIN's results/CoIN/LLaVA/<folder>/<STAGE>/merge.jsonl layout (STAGE: Finetune for the task itself, else the
-    trained task's folder name, as scripts/LLaVA/Eval/Eval_all.sh names them)."""
-    path = os.path.join(out, "predictions", f"{task}.jsonl")
-    old = [r for r in ev.read_predictions(path) if r["stage"] < stage] if os.path.exists(path) else []
-    ev.write_predictions(path, old + [{**r, "stage": stage} for r in rows])
-    if rows and "question_id" in rows[0]:  # the answer-file layout CoIN's / LLaVA's eval scripts read
-        lines = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["prediction"],
-                  "answer_id": f"stage{stage}-{r['index']}", "model_id": "cmoe", "metadata": {}} for r in rows]
-        ev.write_predictions(os.path.join(out, "predictions", f"{task}.coin.jsonl"), lines)
-        if trained is not None:
-            tag = "Finetune" if trained == task else data.coin_folder(trained)
-            ev.write_predictions(os.path.join(out, "predictions", "CoIN", data.coin_folder(task), tag, "merge.jsonl"),
-                                 lines)
-
-
-@torch.no_grad()
-def image_features(model, exs, args):
-    px = torch.stack([ex_pixels(ex, model) for ex in exs]).to(args.device)
-    with amp_ctx(args):
-        return model.image_features(px)
-
-
-def eval_images(model, tests, args):
-    """Projected image features of every test set, computed once per run: tower and projector are frozen."""
-    return {n: torch.cat([image_features(model, exs[i:i + args.eval_batch], args).cpu()
-                          for i in range(0, len(exs), args.eval_batch)]) for n, exs in tests.items()}
-
-
-def ex_pixels(ex, model):
-    S = model.vision.cfg.image_size
-    return torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S)  # text-only: masked out in splice
-
-
-def _pct(a):
-    return "n/a" if a is None else f"{a:.1f}"
-
-
-def accuracy(rows, metric, predict_only=False):
-    """Percent for one task: CoIN metrics aggregate as CoIN's scripts do (data.coin_accuracy); MiniCoIN's lenient
-    ones are a mean of per-row scores. None in prediction-only mode (no answers to score against)."""
-    if predict_only:
-        return None
-    return ev.task_accuracy(rows, metric)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the continual loop
 
+def run(cfg: TrainConfig):
+    """The paper's algorithm. For each task: grow (task 1: fresh experts; later: PGKE probe -> decide -> expand),
+    train the task's experts and router, freeze them, fit the task's VAE (PTL), evaluate every task, save.
+    The baselines take the same loop with one shared pool; joint takes it once, over every task's data."""
+    r = RunState(cfg)
+    model, bench, locator = r.start()
+    for t in range(r.first, r.n_stages):
+        clock = r.begin(t, model)
+        exs, ds = stage_data(cfg, model, r, t)
+        decision, start = r.restore_partial(model) if r.partial else (None, None)
+        if start is None:
+            with clock("probe"):
+                decision = grow(model, ds, cfg, t, r.log)
+        trainable_cl(model)
+        clock.trainable = ev.count_params(model)[0]
+        joint = cfg.method == "joint"
+        with clock("train"):
+            train_stage(model, ds, cfg, cfg.steps * (len(r.names) if joint else 1), cfg.lr, t,
+                        "joint" if joint else f"task{t}:{r.names[t]}", r.log,
+                        task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
+                        start=start)
+        if cfg.method == "cmoe":
+            for f in model.llm.expert_ffns():
+                f.freeze()
+            with clock("locator"):  # PTL: this task's VAE on frozen-base features of its training data
+                feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
+                locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
+        with clock("eval"):
+            row, conf = bench.evaluate(model, locator, t)
+        r.finish_stage(t, model, locator, row, conf, decision)
+    return r.finish()
+
+
+def grow(model: LLaVA, ds, cfg, t, log):
+    """Experts before stage t: cmoe's first task gets n_init fresh experts per layer, each later task PGKE; the
+    baselines' one shared pool is made at the first stage (lora: one expert; moelora, joint: a dense pool)."""
+    if cfg.method == "cmoe" and t > 0:
+        return pgke(model, ds, cfg, t, log)
+    if t == 0:
+        n = {"cmoe": cfg.n_init, "lora": 1}.get(cfg.method, cfg.moelora_experts)
+        cmoe.init_experts(model.llm, n, generator=stage_rng(cfg, t, "init"))
+    return None
+
+
+def pgke(model: LLaVA, ds, cfg, t, log):
+    """Stage A of task t: probe experts + probe routers on a small subset, measure, decide; then stage B: expand."""
+    N = ds["input_ids"].shape[0]
+    perm = torch.randperm(N, generator=stage_rng(cfg, t, "split"))
+    n_probe = max(8, int(cfg.probe_frac * N))
+    n_hold = max(4, n_probe // 5)
+    probe_train, probe_hold = subset(ds, perm[:n_probe - n_hold]), subset(ds, perm[n_probe - n_hold:n_probe])
+    cmoe.probe_start(model.llm, generator=stage_rng(cfg, t, "probe"))
+    trainable_cl(model)
+    train_stage(model, probe_train, cfg, cfg.probe_steps, cfg.lr, t, f"probe{t}", log)
+    cmoe.set_counting(model.llm, True)
+    with torch.no_grad():
+        for i in range(0, n_hold, cfg.eval_batch):
+            b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in probe_hold.items() if isinstance(v, torch.Tensor)}
+            model(b["input_ids"], b["images"], None, b["task_ids"])
+    freq = cmoe.probe_frequencies(model.llm)
+    expand, thr = cmoe.pgke_decide(freq, cfg.alpha)
+    if cfg.expand == "all":
+        expand = [True] * len(expand)
+    sources, probe_routers = cmoe.probe_end(model.llm)  # reads the usage counts, then stops counting
+    cmoe.expand(model.llm, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
+    copied = [src if grow else None for grow, src in zip(expand, sources)]
+    log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
+        + "".join("1" if e else "0" for e in expand) + " | copied from "
+        + " ".join("-" if c is None else str(c) for c in copied))
+    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied}
+
+
+def stage_data(cfg, model, r, t):
+    """(the task's training examples, its encoded dataset); joint: every task's data in one dataset."""
+    if cfg.method != "joint":
+        exs = data.load_examples(cfg, r.names[t], "train")
+        return exs, encode(model, exs, r.tok, r.template, cfg, t)
+    return None, concat([encode(model, data.load_examples(cfg, n, "train"), r.tok, r.template, cfg, i)
+                         for i, n in enumerate(r.names)])
+
+
+STAGES = ("init", "split", "probe", "expand", "vae")
+
+
+def stage_seed(cfg, t, stage):
+    """The seed of one random stage of task t, a function of (seed, task, stage) alone: a task's result then
+    depends only on the checkpointed state, never on what ran before it in the process."""
+    return (cfg.seed * 1_000_003 + t) * len(STAGES) + STAGES.index(stage)
+
+
+def stage_rng(cfg, t, stage):
+    return torch.Generator().manual_seed(stage_seed(cfg, t, stage))
+
+
 def set_experts(llm: Llama, ecfg: ExpertConfig):
-    """Expert settings of a fresh (expert-free) model: empty banks are re-made at the new rank."""
+    """Expert settings of a fresh (expert-free) model."""
+    if any(f.n_experts for f in llm.expert_ffns()):
+        raise ValueError("set_experts is for a model without experts (the banks would lose their experts)")
     llm.ecfg = ecfg
     for f in llm.expert_ffns():
-        if f.n_experts:
-            raise ValueError("set_experts is for a model without experts (the banks would lose their experts)")
-        f.ecfg = ecfg
-        for bank in ("frozen", "train"):
-            for name, shape in f._bank_shapes(0).items():
-                f._set(f"{bank}_{name}", torch.zeros(shape, device=f.gate_proj.weight.device), bank == "train")
+        f.reset_experts(ecfg)
+
+
+def expert_config(cfg):
+    ecfg = ExpertConfig(rank=cfg.rank, alpha=cfg.lora_alpha, top_k=cfg.top_k)
+    if cfg.method == "lora":
+        ecfg.top_k = 1
+    if cfg.method in ("moelora", "joint"):
+        ecfg.top_k = cfg.moelora_experts  # CoIN's MoELoRA: a dense softmax over all experts
+    return ecfg
 
 
 def freeze_base(model):
@@ -456,320 +445,150 @@ def freeze_base(model):
 def trainable_cl(model):
     """Only continual-learning parameters that the current stage owns stay trainable."""
     for n, p in model.named_parameters():
-        if not cmoe._is_cl_key(n):
+        if not ev.is_cl_key(n):
             p.requires_grad_(False)
 
 
-def run(args):
-    t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    log = Log(os.path.join(args.out, "log.txt"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    names, metric = task_list(args)
-    tok, template = get_tokenizer(args)
-    state_path = os.path.join(args.out, "state.json")
-    if not args.resume:
-        for f in ("state.json", "metrics.json"):  # a fresh run must not inherit an old run's progress
-            if os.path.exists(os.path.join(args.out, f)):
-                os.remove(os.path.join(args.out, f))
-    cmoe.save_json({k: v for k, v in vars(args).items()}, os.path.join(args.out, "config.json"))
-    log(f"run {args.out}: {args.method} on {args.benchmark} tasks {names} device {args.device}")
+# ----------------------------------------------------------------------------------------------------------
+# a run folder's bookkeeping, kept out of the loop
 
-    t0 = time.time()
-    model = build_base(args, tok, template, log)
-    freeze_base(model)
-    t_base = time.time() - t0
+class Clock:
+    """Seconds per stage of one task, and its parameter counts."""
 
-    set_experts(model.llm, expert_config(args))
-    model.llm.grad_ckpt = args.grad_ckpt
+    def __init__(self, name, n_before):
+        self.name, self.seconds = name, {"task": name, "probe": 0.0, "train": 0.0, "locator": 0.0, "eval": 0.0}
+        self.n_before, self.trainable = n_before, None
 
-    tests = {n: load_examples(args, n, "test") for n in names}
-    images = eval_images(model, tests, args)
-    scoring = scoring_rules(args, names, metric, tests, log)
-    M = {"benchmark": args.benchmark, "method": args.method, "expand": args.expand, "locator": args.locator,
-         "tasks": names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
-         "locator_acc": [], "time": {"base": t_base, "tasks": []}, "finished_tasks": 0}
-    locator = cmoe.Locator()
-    first = 0
-    partial = None
-    if args.resume and os.path.exists(state_path):
-        M = read_json(state_path)
-        M["time"]["base"] += t_base
-        first = M["finished_tasks"]
-        if first:
-            tdir = os.path.join(args.out, f"task_{first - 1}")
-            locator = cmoe.load_cl_state(model, cmoe.load_safetensors(os.path.join(tdir, "model.safetensors")),
-                                         read_json(os.path.join(tdir, "meta.json")), tdir)
-        ppath = os.path.join(args.out, f"task_{first}", "partial.safetensors")
-        if os.path.exists(ppath):
-            partial = (cmoe.load_safetensors(ppath), read_json(ppath[:-len(".safetensors")] + ".json"))
-        log(f"resume: {first} finished task(s){', and a partial task ' + str(first) if partial else ''}")
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        t0 = time.time()
+        yield
+        self.seconds[stage] += time.time() - t0
 
-    if "zero_shot" not in M:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
-        M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, images, -1, tok, template)
-        log("base zero-shot: " + " ".join(f"{n}={_pct(a)}" for n, a in zip(names, M["zero_shot"])))
-    M["scoring"] = scoring
-    if args.method == "joint":
-        return run_joint(args, model, tok, template, names, metric, tests, images, M, log, t_start)
 
-    for t in range(first, len(names)):
-        name = names[t]
-        tt = {"task": name, "probe": 0.0, "train": 0.0, "locator": 0.0, "eval": 0.0}
-        log(f"=== task {t + 1}/{len(names)}: {name} ===")
-        train_exs = load_examples(args, name, "train")
-        train_ds = encode(model, train_exs, tok, template, args, t)
-        n_before = cmoe.count_params(model)[1]
-        start, decision = None, None
-        if partial is not None:  # rebuild the task's grown structure, optimizer and step from the mid-task save
-            tensors, pmeta = partial
-            cmoe.load_cl_state(model, tensors, pmeta, "partial")
-            start, decision, tt = (pmeta["step"], tensors), pmeta.get("pgke"), pmeta["time"]
-            n_before = pmeta["n_before"]
-            partial = None
-        elif args.method == "cmoe" and t == 0:
-            cmoe.init_experts(model.llm, args.n_init, generator=stage_rng(args, t, "init"))
-        elif args.method == "cmoe":
-            t1 = time.time()
-            decision = pgke(model, train_ds, args, t, log)
-            tt["probe"] = time.time() - t1
-        elif t == 0:  # lora / moelora: one shared pool and router, trained on every task in turn
-            cmoe.init_experts(model.llm, 1 if args.method == "lora" else args.moelora_experts,
-                              generator=stage_rng(args, t, "init"))
-        if decision is not None:
-            M["pgke"].append(decision)
-        trainable_cl(model)
-        trainable, _ = cmoe.count_params(model)
+class RunState:
+    """Log, metrics (state.json, which doubles as the progress marker), the resume point, timing and checkpoints:
+    task_t/model.safetensors + meta.json after each task, task_t/partial.* every save_every steps."""
 
-        def ckpt(step, opt_state, t=t, tt=tt, decision=decision, n_before=n_before):
-            sd, meta = cmoe.cl_state(model)
-            meta.update(step=step, pgke=decision, time=tt, n_before=n_before)
-            p = os.path.join(args.out, f"task_{t}", "partial")
-            cmoe.save_safetensors({**sd, **opt_state}, p + ".safetensors")
-            cmoe.save_json(meta, p + ".json")
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.t_start = cfg, time.time()
+        os.makedirs(cfg.out, exist_ok=True)
+        self.log = Log(os.path.join(cfg.out, "log.txt"))
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.names, metric = data.task_list(cfg)
+        self.n_stages = 1 if cfg.method == "joint" else len(self.names)
+        self.tok, self.template = data.tokenizer(cfg)
+        self.state_path = os.path.join(cfg.out, "state.json")
+        if not cfg.resume:
+            for f in ("state.json", "metrics.json"):  # a fresh run must not inherit an old run's progress
+                if os.path.exists(os.path.join(cfg.out, f)):
+                    os.remove(os.path.join(cfg.out, f))
+        save_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
+        self.log(f"run {cfg.out}: {cfg.method} on {cfg.benchmark} tasks {self.names} device {cfg.device}")
+        self.metrics = {"benchmark": cfg.benchmark, "method": cfg.method, "expand": cfg.expand, "locator": cfg.locator,
+                  "tasks": self.names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
+                  "locator_acc": [], "time": {"base": 0.0, "tasks": []}, "finished_tasks": 0}
+        self.first, self.partial = 0, None
 
-        t1 = time.time()
-        shared = None if args.method == "cmoe" else 0
-        train_stage(model, train_ds, args, args.steps, args.lr, t, f"task{t}:{name}", log,
-                    task_ids_fixed=shared, ckpt=ckpt, start=start)
-        tt["train"] += time.time() - t1
-        if args.method == "cmoe":
-            for f in model.llm.expert_ffns():
-                f.freeze()
+    def start(self):
+        """The frozen base with empty expert pools, the test side, the locator; a resumed run's finished tasks and
+        mid-task save; row 0 (the base's zero-shot accuracy)."""
+        cfg, t0 = self.cfg, time.time()
+        model, base = build_base(cfg, self.tok, self.template, self.log)
+        freeze_base(model)
+        t_base = time.time() - t0
+        set_experts(model.llm, expert_config(cfg))
+        model.llm.grad_ckpt = cfg.grad_ckpt
+        bench, locator = ev.Benchmark(cfg, model, self.tok, self.template, self.log), cmoe.Locator()
+        if cfg.resume and os.path.exists(self.state_path):
+            self.metrics = read_json(self.state_path)
+            self.first = self.metrics["finished_tasks"]
+            if self.first:
+                locator = ev.load_task(model, os.path.join(cfg.out, f"task_{self.first - 1}"))
+            stem = os.path.join(cfg.out, f"task_{self.first}", "partial")
+            if os.path.exists(stem + ".safetensors"):
+                self.partial = (read_safetensors(stem + ".safetensors"), read_json(stem + ".json"))
+            partial = f", and a partial task {self.first}" if self.partial else ""
+            self.log(f"resume: {self.first} finished task(s){partial}")
+        self.metrics["time"]["base"] += t_base
+        self.metrics["base"], self.metrics["scoring"] = base, bench.scoring
+        if "zero_shot" not in self.metrics:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
+            self.metrics["zero_shot"], _ = bench.evaluate(model, None, -1)
+            self.log("base zero-shot: " + " ".join(f"{n}={ev._f(a)}" for n, a in zip(self.names, self.metrics["zero_shot"])))
+        return model, bench, locator
 
-        t1 = time.time()
-        if args.method == "cmoe":  # PTL: fit this task's VAE on frozen-base features of its training data
-            feats = task_features(model, train_exs[: args.locator_n], tok, template, args)
-            locator.add_task(feats, seed=stage_seed(args, t, "vae"))
-        tt["locator"] = time.time() - t1
+    def begin(self, t, model):
+        name = "joint" if self.cfg.method == "joint" else self.names[t]
+        self.log(f"=== task {t + 1}/{self.n_stages}: {name} ===")
+        self.t, self.clock = t, Clock(name, n_before=ev.count_params(model)[1])
+        return self.clock
 
-        t1 = time.time()
-        row, conf = evaluate_stage(model, locator, args, names, metric, tests, images, t, tok, template)
-        tt["eval"] = time.time() - t1
-        M["acc"].append(row)
-        if args.method == "cmoe":
-            M["locator_acc"].append(ev.locator_accuracy(conf))
-            M["locator"] = {"confusion": conf, "acc": M["locator_acc"][-1]}
-        else:  # one shared router: there is nothing to locate
-            M["locator"] = {"confusion": None, "acc": None}
-        _, added_total = cmoe.count_params(model)
-        M["params"].append({"task": name, "trainable": trainable, "added": added_total - n_before, "experts": sum(
-            f.n_experts for f in model.llm.expert_ffns())})
-        M["experts_per_layer"].append([f.n_experts for f in model.llm.expert_ffns()])
-        M["time"]["tasks"].append(tt)
-        M["finished_tasks"] = t + 1
-        log(f"after task {t + 1} ({name}): " + " ".join(f"{n}={_pct(a)}" for n, a in zip(names, row))
-            + (f" | locator {M['locator_acc'][-1]:.1f}%" if args.method == "cmoe" else ""))
+    def restore_partial(self, model):
+        """A task interrupted mid-training: its grown experts, PGKE decision, timing, step and optimizer state."""
+        (tensors, meta), self.partial = self.partial, None
+        ev.load_cl_state(model, tensors, meta, "partial")
+        self.clock.seconds, self.clock.n_before = meta["time"], meta["n_before"]
+        return meta.get("pgke"), (meta["step"], tensors)
 
-        tdir = os.path.join(args.out, f"task_{t}")
-        sd, meta = cmoe.cl_state(model, locator)
-        meta.update(task=name, index=t, tasks=names, method=args.method)
-        cmoe.save_safetensors(sd, os.path.join(tdir, "model.safetensors"))
-        cmoe.save_json(meta, os.path.join(tdir, "meta.json"))
-        cmoe.save_json(M, state_path)  # progress marker last: a crash before it redoes this task
+    def checkpointer(self, model, decision):
+        """Mid-task save: task_t/partial.safetensors (experts, routers, optimizer) + partial.json (step, decision)."""
+        clock, stem = self.clock, os.path.join(self.cfg.out, f"task_{self.t}", "partial")
+
+        def save(step, opt_state):
+            sd, meta = ev.cl_state(model)
+            meta.update(step=step, pgke=decision, time=clock.seconds, n_before=clock.n_before)
+            save_safetensors({**sd, **opt_state}, stem + ".safetensors")
+            save_json(meta, stem + ".json")
+        return save
+
+    def finish_stage(self, t, model, locator, row, conf, decision):
+        """Stage t's metrics, its checkpoint, then the progress marker: a crash before it redoes the stage."""
+        cfg, metrics, clock, located = self.cfg, self.metrics, self.clock, self.cfg.method == "cmoe"
+        metrics["pgke"] += [decision] if decision is not None else []
+        metrics["acc"].append(row)
+        metrics["locator_acc"] += [ev.locator_accuracy(conf)] if located else []
+        metrics["locator"] = {"confusion": conf, "acc": metrics["locator_acc"][-1]} if located else {
+            "confusion": None, "acc": None}  # the baselines share one router: nothing to locate
+        ffns = model.llm.expert_ffns()
+        metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
+            f.n_experts for f in ffns), "added": ev.count_params(model)[1] - clock.n_before})
+        metrics["experts_per_layer"].append([f.n_experts for f in ffns])
+        metrics["time"]["tasks"].append(clock.seconds)
+        metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
+        self.log(f"after task {t + 1} ({clock.name}): " + " ".join(f"{n}={ev._f(a)}" for n, a in zip(self.names, row))
+                 + (f" | locator {metrics['locator_acc'][-1]:.1f}%" if located else ""))
+        tdir = os.path.join(cfg.out, f"task_{t}")
+        sd, meta = ev.cl_state(model, locator)
+        save_safetensors(sd, os.path.join(tdir, "model.safetensors"))
+        save_json({**meta, "task": clock.name, "index": t, "tasks": self.names, "method": cfg.method},
+                  os.path.join(tdir, "meta.json"))
+        save_json(metrics, self.state_path)
         for ext in (".safetensors", ".json"):
-            p = os.path.join(tdir, "partial" + ext)
-            if os.path.exists(p):
-                os.remove(p)
-    return finish(args, M, log, t_start)
+            if os.path.exists(os.path.join(tdir, "partial" + ext)):
+                os.remove(os.path.join(tdir, "partial" + ext))
 
-
-def scoring_rules(args, names, metric, tests, log=print):
-    """{task: the rule its accuracy is computed with} (kept in metrics.json); CoIN's are logged, fallbacks included."""
-    if args.benchmark != "coin":
-        return {n: f"lenient normalised '{metric[n]}' (data.score_lenient, MiniCoIN)" for n in names}
-    if args.predict_only:
-        rules = {n: "prediction-only: answer files written, no accuracy" for n in names}
-    else:
-        rules = {n: data.coin_rule(metric[n], all(ex.answers for ex in tests[n])) for n in names}
-        for n in names:
-            if n in data.COIN_ANNOTATIONS and not rules[n].startswith("FALLBACK"):
-                rules[n] += (f" (answers from {os.path.join(args.coin_annotations, data.COIN_ANNOTATIONS[n])})"
-                             if args.coin_annotations else " (answers from the test records' own 'answers')")
-    for n in names:
-        log(f"scoring {n}: {rules[n]}")
-    return rules
-
-
-def evaluate_stage(model, locator, args, names, metric, tests, images, t, tok, template):
-    """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task
-    (seen and not yet seen) with the routers chosen per sample; writes predictions/<task>.jsonl; returns the
-    accuracy row and the locator confusion (seen tasks)."""
-    row, conf = [], [[0] * (t + 1) for _ in names]
-    cmoe_routed = args.method == "cmoe" and t >= 0
-    for i, n in enumerate(names):
-        rows, chosen = predict(model, locator, tests[n], images[n], tok, template, args, i, t + 1,
-                               use_locator=cmoe_routed and args.locator == "ptl", fixed_task=None if cmoe_routed else 0)
-        for c in chosen if t >= 0 else ():
-            conf[i][c] += 1
-        row.append(accuracy(rows, metric[n], args.predict_only))
-        trained = "Zero_shot" if t < 0 else "Joint" if args.method == "joint" else names[t]  # CoIN's answer-file STAGE
-        save_predictions(args.out, n, t, rows, trained if args.benchmark == "coin" else None)
-    return row, conf[: t + 1]
-
-
-def reevaluate(run_dir, device=None):
-    """Rebuild a finished (or partly finished) run from its checkpoints and regenerate every stage's
-    predictions and accuracy rows. Returns the refreshed metrics dict (also written to metrics.json)."""
-    cfg = read_json(os.path.join(run_dir, "config.json"))
-    args = parse_args([])
-    for k, v in cfg.items():
-        setattr(args, k, v)
-    args.out, args.resume = run_dir, True
-    args.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    log = Log(os.path.join(run_dir, "log.txt"))
-    M = read_json(os.path.join(run_dir, "metrics.json" if os.path.exists(os.path.join(run_dir, "metrics.json")) else "state.json"))
-    if not M.get("finished_tasks"):
-        raise ValueError(f"no finished task in {run_dir}")
-    names, metric = task_list(args)
-    tok, template = get_tokenizer(args)
-    model = build_base(args, tok, template, log)
-    freeze_base(model)
-    set_experts(model.llm, expert_config(args))
-    tests = {n: load_examples(args, n, "test") for n in names}
-    images = eval_images(model, tests, args)
-    stages = [0] if args.method == "joint" else range(M["finished_tasks"])  # joint: one checkpoint, one row
-    M["zero_shot"], _ = evaluate_stage(model, None, args, names, metric, tests, images, -1, tok, template)  # before experts
-    acc = []
-    for t in stages:
-        tdir = os.path.join(run_dir, f"task_{t}")
-        meta = read_json(os.path.join(tdir, "meta.json"))
-        for field, want in (("method", args.method), ("tasks", names)):
-            if meta.get(field) != want:
-                raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} but the run config says {want!r}")
-        locator = cmoe.load_cl_state(model, cmoe.load_safetensors(os.path.join(tdir, "model.safetensors")), meta, tdir)
-        row, conf = evaluate_stage(model, locator, args, names, metric, tests, images, t, tok, template)
-        acc.append(row)
-        if args.method == "cmoe":
-            M["locator"] = {"confusion": conf, "acc": ev.locator_accuracy(conf)}
-        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_pct(a)}" for n, a in zip(names, row)))
-    M["acc"] = acc
-    M.update(ev.continual_metrics(acc, joint=args.method == "joint"))
-    cmoe.save_json(M, os.path.join(run_dir, "metrics.json"))
-    return M
-
-
-def expert_config(args):
-    ecfg = ExpertConfig(rank=args.rank, alpha=args.lora_alpha, top_k=args.top_k)
-    if args.method == "lora":
-        ecfg.top_k = 1
-    if args.method in ("moelora", "joint"):
-        ecfg.top_k = args.moelora_experts  # CoIN's MoELoRA: a dense softmax over all experts
-    return ecfg
-
-
-def finish(args, M, log, t_start):
-    M["time"]["total"] = M["time"].get("total", 0.0) + time.time() - t_start
-    M.update(ev.continual_metrics(M["acc"], joint=M["method"] == "joint"))
-    cmoe.save_json(M, os.path.join(args.out, "state.json"))
-    cmoe.save_json(M, os.path.join(args.out, "metrics.json"))
-    names = M["tasks"]
-    log("accuracy matrix (row: after training task j; column: task i)")
-    log("            " + " ".join(f"{n[:8]:>8}" for n in names))
-    labels = ["base"] + (names if M["method"] != "joint" else ["joint"])
-    for label, row in zip(labels, [M["zero_shot"]] + M["acc"]):
-        log(f"{label[:10]:>10}  " + " ".join(f"{a:8.1f}" if a is not None else f"{'':>8}" for a in row))
-    if M.get("plasticity"):
-        log(f"{'plasticity':>10}  " + " ".join(f"{a:8.1f}" if a is not None else f"{'':>8}" for a in M["plasticity"]))
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    log(f"Last {fmt(M['last'])} | Avg {fmt(M['avg'])} | BWT {fmt(M['bwt'])} | FWT {fmt(M.get('fwt'))} | "
-        f"locator {fmt(M['locator'].get('acc') if M.get('locator') else None)} | total {M['time']['total']:.0f}s")
-    return M
-
-
-def task_features(model, exs, tok, template, args):
-    feats = []
-    for i in range(0, len(exs), args.eval_batch):
-        chunk = exs[i:i + args.eval_batch]
-        prompts = [data.encode_prompt(tok, ex, template, args.max_len) for ex in chunk]
-        feats.append(model.features(prompts, image_features(model, chunk, args)).cpu())
-    return torch.cat(feats)
-
-
-def pgke(model: LLaVA, ds, args, t, log):
-    """Stage A of task t: probe experts + probe routers on a small subset, measure, decide; then stage B: expand."""
-    N = ds["input_ids"].shape[0]
-    perm = torch.randperm(N, generator=stage_rng(args, t, "split"))
-    n_probe = max(8, int(args.probe_frac * N))
-    n_hold = max(4, n_probe // 5)
-    probe_train, probe_hold = subset(ds, perm[:n_probe - n_hold]), subset(ds, perm[n_probe - n_hold:n_probe])
-    cmoe.probe_start(model.llm, generator=stage_rng(args, t, "probe"))
-    trainable_cl(model)
-    train_stage(model, probe_train, args, args.probe_steps, args.lr, t, f"probe{t}", log)
-    cmoe.set_counting(model.llm, True)
-    with torch.no_grad():
-        for i in range(0, n_hold, args.eval_batch):
-            b = {k: v[i:i + args.eval_batch].to(args.device) for k, v in probe_hold.items() if isinstance(v, torch.Tensor)}
-            model(b["input_ids"], b["images"], None, b["task_ids"])
-    freq = cmoe.probe_frequencies(model.llm)
-    expand, thr = cmoe.pgke_decide(freq, args.alpha)
-    if args.expand == "all":
-        expand = [True] * len(expand)
-    sources, probe_routers = cmoe.probe_end(model.llm)  # reads the usage counts, then stops counting
-    cmoe.expand(model.llm, expand, sources, probe_routers, args.n_new, generator=stage_rng(args, t, "expand"))
-    copied = [src if grow else None for grow, src in zip(expand, sources)]
-    log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
-        + "".join("1" if e else "0" for e in expand) + " | copied from " + " ".join("-" if c is None else str(c) for c in copied))
-    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied}
-
-
-STAGES = ("init", "split", "probe", "expand", "vae")
-
-
-def stage_seed(args, t, stage):
-    """The seed of one random stage of task t, a function of (seed, task, stage) alone: a task's result then
-    depends only on the checkpointed state, never on what ran before it in the process."""
-    return (args.seed * 1_000_003 + t) * len(STAGES) + STAGES.index(stage)
-
-
-def stage_rng(args, t, stage):
-    return torch.Generator().manual_seed(stage_seed(args, t, stage))
-
-
-def run_joint(args, model, tok, template, names, metric, tests, images, M, log, t_start):
-    """Multitask upper bound: one MoELoRA pool trained on all tasks at once, evaluated once."""
-    t1 = time.time()
-    ds = concat([encode(model, load_examples(args, n, "train"), tok, template, args, i) for i, n in enumerate(names)])
-    cmoe.init_experts(model.llm, args.moelora_experts, generator=stage_rng(args, 0, "init"))
-    trainable_cl(model)
-    trainable, added = cmoe.count_params(model)
-    train_stage(model, ds, args, args.steps * len(names), args.lr, 0, "joint", log, task_ids_fixed=0)
-    t_train = time.time() - t1
-    t1 = time.time()
-    row, _ = evaluate_stage(model, None, args, names, metric, tests, images, 0, tok, template)
-    M["acc"] = [row]
-    M["params"] = [{"task": "joint", "trainable": trainable, "added": added, "experts": sum(
-        f.n_experts for f in model.llm.expert_ffns())}]
-    M["experts_per_layer"] = [[f.n_experts for f in model.llm.expert_ffns()]]
-    M["time"]["tasks"] = [{"task": "joint", "probe": 0.0, "train": t_train, "locator": 0.0, "eval": time.time() - t1}]
-    M["finished_tasks"] = len(names)
-    M["locator"] = {"confusion": None, "acc": None}
-    sd, meta = cmoe.cl_state(model)
-    cmoe.save_safetensors(sd, os.path.join(args.out, "task_0", "model.safetensors"))
-    cmoe.save_json({**meta, "task": "joint", "index": 0, "tasks": names, "method": "joint"},
-                   os.path.join(args.out, "task_0", "meta.json"))
-    return finish(args, M, log, t_start)
+    def finish(self):
+        """Totals and summary metrics into state.json and metrics.json; the accuracy matrix into the log."""
+        metrics, log = self.metrics, self.log
+        metrics["time"]["total"] = metrics["time"].get("total", 0.0) + time.time() - self.t_start
+        metrics.update(ev.continual_metrics(metrics["acc"], joint=metrics["method"] == "joint"))
+        save_json(metrics, self.state_path)
+        save_json(metrics, os.path.join(self.cfg.out, "metrics.json"))
+        cell = lambda a: f"{a:8.1f}" if a is not None else f"{'':>8}"  # noqa: E731
+        log("accuracy matrix (row: after training task j; column: task i)")
+        log("            " + " ".join(f"{n[:8]:>8}" for n in self.names))
+        labels = ["base"] + (self.names if metrics["method"] != "joint" else ["joint"])
+        for label, row in zip(labels, [metrics["zero_shot"]] + metrics["acc"]):
+            log(f"{label[:10]:>10}  " + " ".join(map(cell, row)))
+        if metrics.get("plasticity"):
+            log(f"{'plasticity':>10}  " + " ".join(map(cell, metrics["plasticity"])))
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        log(f"Last {fmt(metrics['last'])} | Avg {fmt(metrics['avg'])} | BWT {fmt(metrics['bwt'])} | "
+            f"FWT {fmt(metrics.get('fwt'))} | locator {fmt(metrics['locator'].get('acc'))} | "
+            f"total {metrics['time']['total']:.0f}s")
+        return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -788,15 +607,6 @@ PRESETS = {  # the published config.json fields that LlamaConfig.from_hf reads
                                            original_max_position_embeddings=8192)),
 }
 PLAN_MARGIN = 0.10  # share of --gpu-mem the plan leaves free: CUDA context, allocator fragmentation, backward's buffers
-
-
-def plan_flags(a):
-    a("--plan", action="store_true", help="print parameter counts, memory and the largest micro-batch that fits --gpu-mem "
-      "for the run these flags describe (model built on the meta device from --preset or the config.json of --llm and "
-      "--vision; nothing downloaded, allocated or trained), then exit; --tasks may be a number")
-    a("--preset", choices=sorted(PRESETS), help="implies --plan: a published Llama config (no folders), CLIP ViT-L/14-336")
-    a("--gpu-mem", type=float, default=80.0, help="--plan: GiB of GPU memory")
-    a("--plan-dtype", default="bf16", choices=["bf16", "fp32"], help="--plan: dtype of weights, gradients, activations")
 
 
 def plan_configs(args):
@@ -856,7 +666,7 @@ def plan(args):
     --tasks (cmoe: every layer grows by --n-new experts every task). The model is built on the meta device: nothing is
     downloaded, allocated or read but config.json. Prints; returns the numbers (bytes, counts)."""
     lc, vc, what = plan_configs(args)
-    n_tasks = int(args.tasks) if (args.tasks or "").isdigit() else len(task_list(args)[0])
+    n_tasks = int(args.tasks) if (args.tasks or "").isdigit() else len(data.task_list(args)[0])
     ecfg, dt = expert_config(args), {"bf16": 2, "fp32": 4}[args.plan_dtype]
     with torch.device("meta"):
         model = LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), Llama(lc))
@@ -864,13 +674,13 @@ def plan(args):
         set_experts(model.llm, ecfg)
         base = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("vision", "projector", "llm")}
     cmoe.init_experts(model.llm, {"cmoe": args.n_init, "lora": 1}.get(args.method, args.moelora_experts))
-    first = cmoe.count_params(model)[0]
+    first = ev.count_params(model)[0]
     for _ in range(n_tasks - 1 if args.method == "cmoe" else 0):  # new tensors follow the weights onto meta
         for f in model.llm.expert_ffns():
             f.freeze()
             f.add_experts(args.n_new)
             f.add_router()
-    last, added = cmoe.count_params(model)
+    last, added = ev.count_params(model)
     E, S, frozen = model.llm.layers[0].ffn.n_experts, args.max_len - 1 + vc.num_patches, sum(base.values())
     clip_layer = sum(p.numel() for p in model.vision.encoder.layers[0].parameters())
     mem = {"weights": (frozen + added) * dt, "gradients": max(first, last) * dt, "AdamW": max(first, last) * 8}
@@ -909,14 +719,14 @@ def plan(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.plan or args.preset:
+    cfg = parse_args(argv)
+    if cfg.plan or cfg.preset:
         try:
-            return plan(args)
+            return plan(cfg)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
     try:
-        return run(args)
+        return run(cfg)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

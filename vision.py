@@ -1,7 +1,7 @@
 """
-Vision side of LLaVA: the CLIP ViT tower, the mlp2x_gelu projector, image preprocessing, and the
-generic Hugging Face checkpoint helpers (config.json + safetensors, explicit key tables) that
-cmoe.py also uses to load Llama.
+Vision side of LLaVA: the CLIP ViT tower, the mlp2x_gelu projector, image preprocessing; and the file helpers every
+module uses: the one atomic writer, the one JSON reader, safetensors, Hugging Face folders (config.json, shards,
+explicit key tables, also used by cmoe.load_llama).
 
 Shape suffixes: B batch, C channels, S image side, P patches (CLS excluded), T tokens (= P + 1 with CLS),
 D width, F mlp width, H heads, K head dim (D // H).
@@ -23,7 +23,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # -----------------------------------------------------------------------------
-# generic Hugging Face checkpoint helpers
+# files: the one atomic writer, the one JSON reader, safetensors; Hugging Face folders (config.json, shards)
 
 
 class CheckpointError(ValueError):
@@ -74,6 +74,17 @@ def read_json(path):
         raise CheckpointError(f"{path}: not UTF-8 text ({e})") from e
 
 
+
+def save_json(obj, path):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def save_safetensors(tensors: dict, path):
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+
 def read_hf_config(folder):
     """folder/config.json as a dict."""
     folder = os.fspath(folder)
@@ -95,7 +106,8 @@ def require(cfg, key, source):
     return cfg[key]
 
 
-def _read_safetensors(path):
+def read_safetensors(path):
+    """All tensors of one .safetensors file; errors name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: safetensors file not found")
     try:  # safe_open memory-maps the file, so tensors are paged in only when copied
@@ -112,7 +124,7 @@ def open_hf_tensors(folder):
         raise FileNotFoundError(f"{folder}: model folder not found")
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
-        return _read_safetensors(single)
+        return read_safetensors(single)
     index = os.path.join(folder, "model.safetensors.index.json")
     if not os.path.isfile(index):
         found = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
@@ -128,7 +140,7 @@ def open_hf_tensors(folder):
         path = os.path.join(folder, shard)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: shard listed in {index} not found")
-        for k, t in _read_safetensors(path).items():
+        for k, t in read_safetensors(path).items():
             if k in tensors:
                 raise CheckpointError(f"{index}: tensor '{k}' appears in both {where[k]} and {shard}")
             tensors[k], where[k] = t, shard
@@ -392,7 +404,7 @@ class Projector(nn.Sequential):
 def load_projector(path):
     """Projector from model.mm_projector.{0,2}.{weight,bias} in a .safetensors file (or a HF folder)."""
     path = os.fspath(path)
-    tensors = open_hf_tensors(path) if os.path.isdir(path) else _read_safetensors(path)
+    tensors = open_hf_tensors(path) if os.path.isdir(path) else read_safetensors(path)
     pre = "model.mm_projector."
     w0 = tensors.get(pre + "0.weight")
     if w0 is None or w0.dim() != 2:

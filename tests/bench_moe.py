@@ -6,7 +6,7 @@ Builds cmoe.ExpertFFN (dim 512, ffn 1376, LoRA rank 16, top-2), E trainable expe
 and a random router (so routing is non-trivial), frozen base weights (no weight grads; the input grad flows).
 Per (T, E) it times, as medians over repeats after warm-up:
   floor      the frozen dense FFN alone (ExpertFFN with use_experts=False), eager and compiled
-  loop       the per-expert loop reference (ffn.dispatch = "loop"), eager
+  loop       the per-expert loop reference (tests/test_experts.lora_loop in lora_dense's place), eager
   fused      the project's fused dispatch (ffn.dispatch = --dispatch), eager and
              torch.compile(ffn, fullgraph=True, dynamic=False)
 The loss includes the balance loss, so the router gets gradients as in training. Ratios are against the
@@ -24,6 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cmoe  # noqa: E402
+from test_experts import lora_loop  # noqa: E402  (tests/ is this script's folder)
+
+DENSE = cmoe.lora_dense
 
 
 def build(T, E, device, dtype, seed=0, batch=8):
@@ -36,8 +39,7 @@ def build(T, E, device, dtype, seed=0, batch=8):
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.in_features))
     ffn.add_experts(E, generator=g)
     with torch.no_grad():
-        for name in ("B_gate", "B_up", "B_down"):
-            p = getattr(ffn, f"train_{name}")
+        for p in (experts.train_B for experts in ffn.experts.values()):
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
     ffn.add_router(torch.randn(E, cfg.dim, generator=g) / math.sqrt(cfg.dim))
     for lin in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
@@ -112,10 +114,11 @@ def main():
             r = {}
             r["floor_e"] = timeit(ffn, ffn, x, gy, False, a.reps, a.warm, sync)
             r["floor_c"] = timeit(compiled(ffn), ffn, x, gy, False, a.reps, a.warm, sync)
-            ffn.dispatch = "loop"
+            cmoe.lora_dense, ffn.dispatch = lora_loop, "dense"  # the loop reference in the dense path's place
             y_ref, gx_ref = step(ffn, x, gy, True)
             ffn.zero_grad(set_to_none=True)
             r["loop"] = timeit(ffn, ffn, x, gy, True, a.reps, a.warm, sync)
+            cmoe.lora_dense = DENSE
             for d in a.dispatch:  # every fused variant against the same floor and loop
                 ffn.dispatch = d
                 r = dict(r)

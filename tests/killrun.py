@@ -4,9 +4,11 @@ outside the production code by wrapping the functions that mark the point.
     python tests/killrun.py KIND:PATTERN:N -- <train.py arguments>
 
 KIND  log     kill right after the N-th log line matching the regex PATTERN has been printed and written
-      before  kill just before the N-th atomic write (json, safetensors or predictions) to a path ending in PATTERN
-      after   kill just after that write has completed
+      before  kill just before the N-th atomic write (vision.atomic_path: json, safetensors, predictions) to a path
+              ending in PATTERN
+      after   kill just after that write has completed (renamed into place)
 """
+import contextlib
 import os
 import re
 import signal
@@ -14,9 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import cmoe  # noqa: E402
-import eval as ev  # noqa: E402
-import train  # noqa: E402
+import vision  # noqa: E402
 
 
 def main():
@@ -31,6 +31,22 @@ def main():
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
+    if kind in ("before", "after"):  # patched before train and eval import it
+        atomic_path = vision.atomic_path
+
+        @contextlib.contextmanager
+        def writer(path):
+            match = os.fspath(path).endswith(pattern)
+            if match and kind == "before":
+                hit()
+            with atomic_path(path) as tmp:
+                yield tmp
+            if match and kind == "after":
+                hit()
+        vision.atomic_path = writer
+    elif kind != "log":
+        raise SystemExit(f"unknown kill kind {kind!r}: log, before or after")
+    import train
     if kind == "log":
         log_call = train.Log.__call__
 
@@ -39,21 +55,6 @@ def main():
             if re.search(pattern, msg):
                 hit()
         train.Log.__call__ = log
-    elif kind in ("before", "after"):
-        def wrap(fn, path_arg):
-            def writer(*a, **kw):
-                match = os.fspath(a[path_arg]).endswith(pattern)
-                if match and kind == "before":
-                    hit()
-                out = fn(*a, **kw)
-                if match and kind == "after":
-                    hit()
-                return out
-            return writer
-        cmoe.save_json, cmoe.save_safetensors = wrap(cmoe.save_json, 1), wrap(cmoe.save_safetensors, 1)
-        ev.write_predictions = wrap(ev.write_predictions, 0)
-    else:
-        raise SystemExit(f"unknown kill kind {kind!r}: log, before or after")
     train.main(sys.argv[sep + 1:])
 
 

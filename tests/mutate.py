@@ -72,10 +72,10 @@ MUTATIONS = [
      "h_TER = h_TER * (w_TE > 0).to(h_TER.dtype)[:, :, None]", "dense: gated by the top-k mask, not the weights",
      ROUTE),
     # --- expert pools, counts, balance loss
-    ("cmoe.py", "new = self.bank(name)[copy_from].detach().clone()", "new = self.bank(name)[-1].detach().clone()",
+    ("cmoe.py", "a_EDR, b_ERO = (W[copy_from].detach()", "a_EDR, b_ERO = (W[-1].detach()",
      "add_experts: copies the last expert, not copy_from", PGKE),
-    ("cmoe.py", "new = torch.zeros(shape, device=dev)",
-     "new = torch.randn(shape, generator=generator).to(dev) / math.sqrt(shape[1])",
+    ("cmoe.py", "b_ERO = torch.zeros(n, self.rank, self.dout, device=dev)",
+     "b_ERO = torch.randn(n, self.rank, self.dout, generator=generator).to(dev) / math.sqrt(self.rank)",
      "add_experts: fresh experts start with B != 0", PGKE),
     ("cmoe.py", "r.requires_grad_(False)", "r.requires_grad_(True)", "freeze: routers stay trainable", PGKE),
     ("cmoe.py", "self.count(w_BTE, valid_BT)", "self.count(w_BTE, None)",
@@ -148,8 +148,9 @@ MUTATIONS = [
      "the atomic writer writes in place (no temp file + rename): checkpoints, JSON, predictions", METHOD),
     ("vision.py", "            os.remove(tmp)", "            pass",
      "the atomic writer leaves its temp file behind after a failure", METHOD),
-    ("cmoe.py", "requires_grad=flags[t]))", "requires_grad=True))", "load_cl_state: every router trainable", METHOD),
-    ("cmoe.py", 'r"\\.ffn\\.(frozen_|train_|routers\\.)"', 'r"\\.ffn\\.(frozen_|train_)"',
+    ("cmoe.py", "requires_grad=flag) for t, flag", "requires_grad=True) for t, flag",
+     "load_experts: every router trainable", METHOD),
+    ("eval.py", 'return ".ffn.experts." in k or ".ffn.routers." in k', 'return ".ffn.experts." in k',
      "checkpoint: routers not part of the continual state", METHOD),
 ]
 

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import cmoe  # noqa: E402
 import data  # noqa: E402
+import eval as ev  # noqa: E402
 import train  # noqa: E402
 import vision  # noqa: E402
 from test_llama import PAD, close, hf_config, hf_tensors, llava, llava_files, manual_splice, pixels  # noqa: E402,F401
@@ -172,6 +173,7 @@ def test_coin_real_checkpoint_path(coin_files, monkeypatch):
     built, calls = [], []
     real_build = train.build_base
     monkeypatch.setattr(train, "build_base", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    # (built holds (model, where it came from))
     scripted_generate(monkeypatch, data.load_tokenizer(f["tok"]), calls)
 
     M = train.main(coin_argv(f, f["coin"], out))
@@ -212,16 +214,16 @@ def test_coin_real_checkpoint_path(coin_files, monkeypatch):
     for t in range(3):
         path = os.path.join(out, f"task_{t}", "model.safetensors")
         assert os.path.isfile(path) and os.path.isfile(os.path.join(out, f"task_{t}", "meta.json"))
-        keys = list(cmoe.load_safetensors(path))
-        assert any(".ffn.train_" in k or ".ffn.frozen_" in k for k in keys)
+        keys = list(vision.read_safetensors(path))
+        assert any(".ffn.experts." in k for k in keys)
         assert any(".ffn.routers." in k for k in keys) and any(k.startswith("locator.") for k in keys)
         bad = [k for k in keys if not (k.startswith("locator.") or any(
-            s in k for s in (".ffn.frozen_", ".ffn.train_", ".ffn.routers.")))]
+            s in k for s in (".ffn.experts.", ".ffn.routers.")))]
         assert not bad, f"task_{t} checkpoint holds non-CL keys: {bad[:5]}"
 
     # the base is untouched: files byte-identical, and the trained in-memory model still equals the checkpoints
     assert {p: _md5(p) for p in hashes} == hashes
-    (model,) = built
+    ((model, _),) = built
     sd = model.state_dict()
     for hf_key, ours in (("model.embed_tokens.weight", "llm.embed_tokens.weight"),
                          ("model.layers.1.mlp.down_proj.weight", "llm.layers.1.ffn.down_proj.weight"),
@@ -310,12 +312,12 @@ def test_coin_prediction_only_and_textvqa_fallback(coin_files, tmp_path, monkeyp
     # (CoIN's rule over the 10 human answers: 55.0)
     tests = {"TextVQA": data.load_coin_test(os.path.join(f["coin"], "TextVQA", "val.json"), f["images"],
                                             task="TextVQA", n=4)}
-    rules = train.scoring_rules(train.parse_args(["--benchmark", "coin"]), ["TextVQA"], {"TextVQA": "coin-textvqa"},
-                                tests, log=lambda m: None)
+    rules = ev.scoring_rules(train.parse_args(["--benchmark", "coin"]), ["TextVQA"], {"TextVQA": "coin-textvqa"},
+                             tests, log=lambda m: None)
     assert rules["TextVQA"].startswith("FALLBACK") and "--coin-annotations" in rules["TextVQA"]
     pred_rows = [{"prediction": SCRIPT[f"tvqa{i}"], "answer": ex.answer, "answers": ex.answers}
                  for i, ex in enumerate(tests["TextVQA"])]
-    assert train.accuracy(pred_rows, "coin-textvqa") == 25.0
+    assert ev.task_accuracy(pred_rows, "coin-textvqa") == 25.0
 
 
 # ----------------------------------------------------------------------------------------------------------

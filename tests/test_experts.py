@@ -9,6 +9,26 @@ from cmoe import ExpertConfig, ExpertFFN, Llama, LlamaConfig
 D, FF, R = 16, 24, 4
 
 
+def lora_loop(x_TD, a_EDR, b_ERO, w_TE, scale):
+    """Reference: an obviously-correct loop over experts and the tokens routed to each."""
+    out = torch.zeros(x_TD.shape[0], b_ERO.shape[-1], dtype=x_TD.dtype, device=x_TD.device)
+    for e in range(a_EDR.shape[0]):
+        rows = (w_TE[:, e] != 0).nonzero().flatten()
+        if rows.numel():
+            y = (x_TD[rows] @ a_EDR[e]) @ b_ERO[e]
+            out = out.index_add(0, rows, w_TE[rows, e, None].to(y.dtype) * y * scale)
+    return out
+
+
+def set_dispatch(ffn, mode, monkeypatch):
+    """dense / sparse, or "loop": the dense path with lora_loop in place of lora_dense (the reference)."""
+    monkeypatch.setattr(cmoe, "lora_dense", lora_loop if mode == "loop" else REAL_DENSE)
+    ffn.dispatch = "dense" if mode == "loop" else mode
+
+
+REAL_DENSE = cmoe.lora_dense
+
+
 def make_ffn(E, k, n_tasks=1, seed=0):
     torch.manual_seed(seed)
     ffn = ExpertFFN(LlamaConfig(dim=D, ffn_dim=FF, n_heads=2, n_kv_heads=1), ExpertConfig(rank=R, alpha=8, top_k=k))
@@ -19,9 +39,9 @@ def make_ffn(E, k, n_tasks=1, seed=0):
         if t < n_tasks - 1:
             ffn.freeze()
     with torch.no_grad():  # non-zero B so every expert changes the output
-        for name in ("B_gate", "B_up", "B_down"):
-            for bank in ("frozen", "train"):
-                getattr(ffn, f"{bank}_{name}").normal_(0, 0.3)
+        for experts in ffn.experts.values():
+            experts.frozen_B.normal_(0, 0.3)
+            experts.train_B.normal_(0, 0.3)
     return ffn
 
 
@@ -50,7 +70,7 @@ def hand_ffn(x_BTD, ffn, w_BTE):
                 y = base(v)
                 for e in range(ffn.n_experts):
                     if w_BTE[b, t, e] != 0:
-                        y = y + w_BTE[b, t, e] * s * (v @ ffn.bank(f"A_{p}")[e] @ ffn.bank(f"B_{p}")[e])
+                        y = y + w_BTE[b, t, e] * s * (v @ ffn.experts[p].A[e] @ ffn.experts[p].B[e])
                 return y
             h = F.silu(proj("gate", x, ffn.gate_proj)) * proj("up", x, ffn.up_proj)
             out[b, t] = proj("down", h, ffn.down_proj)
@@ -60,14 +80,14 @@ def hand_ffn(x_BTD, ffn, w_BTE):
 @pytest.mark.parametrize("E", [1, 3, 8])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_fused_equals_loop_outputs_and_grads(E, k, mode):
+def test_fused_equals_loop_outputs_and_grads(E, k, mode, monkeypatch):
     ffn = make_ffn(E, k, n_tasks=2 if E > 1 else 1)
     x = torch.randn(3, 5, D)
     up = torch.randn(3, 5, D) * 0.1  # fixed upstream gradient
     tids = torch.tensor([0, 1, 1]) if E > 1 else torch.zeros(3, dtype=torch.long)
     results = {}
     for m in ("loop", mode):
-        ffn.dispatch = m
+        set_dispatch(ffn, m, monkeypatch)
         ffn.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
         y, aux = ffn(xx, tids)
@@ -77,7 +97,7 @@ def test_fused_equals_loop_outputs_and_grads(E, k, mode):
     (y0, gx0, g0), (y1, gx1, g1) = results["loop"], results[mode]
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
-    assert g0.keys() == g1.keys() and any(n.startswith("train_") for n in g0)
+    assert g0.keys() == g1.keys() and any(".train_" in n for n in g0)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-5)
     # and both equal the per-token hand computation
@@ -86,7 +106,7 @@ def test_fused_equals_loop_outputs_and_grads(E, k, mode):
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_experts_with_no_tokens_get_zero_grad_and_match_loop(mode):
+def test_experts_with_no_tokens_get_zero_grad_and_match_loop(mode, monkeypatch):
     ffn = make_ffn(8, 1)
     ffn.dispatch = mode
     x = torch.randn(1, 3, D)  # 3 tokens, top-1: at least 5 of 8 experts receive nothing
@@ -95,8 +115,8 @@ def test_experts_with_no_tokens_get_zero_grad_and_match_loop(mode):
     assert idle.sum() >= 5
     y, _ = ffn(x)
     y.sum().backward()
-    assert (ffn.train_B_gate.grad[idle] == 0).all() and (ffn.train_A_up.grad[idle] == 0).all()
-    ffn.dispatch = "loop"
+    assert (ffn.experts["gate"].train_B.grad[idle] == 0).all() and (ffn.experts["up"].train_A.grad[idle] == 0).all()
+    set_dispatch(ffn, "loop", monkeypatch)
     torch.testing.assert_close(ffn(x)[0], y, atol=1e-5, rtol=1e-5)
 
 
@@ -118,7 +138,7 @@ def test_later_experts_invisible_to_earlier_router():
     ffn.freeze()
     ffn.add_experts(3)
     with torch.no_grad():
-        ffn.train_B_down.normal_()
+        ffn.experts["down"].train_B.normal_()
     ffn.add_router(torch.randn(5, D))
     after, _ = ffn(x, t0)
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
@@ -130,16 +150,16 @@ def test_copy_expert_and_zero_init():
     ffn = make_ffn(3, 2)
     ffn.freeze()
     ffn.add_experts(1, copy_from=1)
-    for name in ("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"):
-        assert torch.equal(ffn.bank(name)[3], ffn.bank(name)[1])
+    for p in ("gate", "up", "down"):
+        assert torch.equal(ffn.experts[p].A[3], ffn.experts[p].A[1]) and torch.equal(ffn.experts[p].B[3], ffn.experts[p].B[1])
     ffn.add_experts(1)
-    assert (ffn.train_B_up[1] == 0).all() and ffn.train_A_up[1].abs().sum() > 0
+    assert (ffn.experts["up"].train_B[1] == 0).all() and ffn.experts["up"].train_A[1].abs().sum() > 0
 
 
 def test_frozen_experts_and_routers_untouched_by_training():
     ffn = make_ffn(4, 2, n_tasks=2)
     frozen = {n: p.detach().clone() for n, p in ffn.named_parameters() if not p.requires_grad}
-    assert any(n.startswith("frozen_") for n in frozen) and "routers.0" in frozen
+    assert any(".frozen_" in n for n in frozen) and "routers.0" in frozen
     opt = torch.optim.AdamW([p for p in ffn.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
     x = torch.randn(2, 6, D)
     for _ in range(3):
@@ -151,7 +171,7 @@ def test_frozen_experts_and_routers_untouched_by_training():
         if n in frozen:
             assert p.grad is None
             assert torch.equal(p, frozen[n]), n
-    assert not torch.equal(ffn.train_B_gate, torch.zeros_like(ffn.train_B_gate))
+    assert not torch.equal(ffn.experts["gate"].train_B, torch.zeros_like(ffn.experts["gate"].train_B))
 
 
 def test_balance_loss_hand_computed():
@@ -185,8 +205,8 @@ def test_pgke_grows_a_layer_by_a_copy_of_its_most_used_expert():
     cmoe.init_experts(llm, 3, generator=g)
     for ffn in llm.expert_ffns():
         with torch.no_grad():  # distinct non-zero experts, so a copy of the wrong one shows
-            for name in ("B_gate", "B_up", "B_down"):
-                getattr(ffn, f"train_{name}").normal_(generator=g)
+            for experts in ffn.experts.values():
+                experts.train_B.normal_(generator=g)
         ffn.freeze()
     cmoe.probe_start(llm, generator=g)
     assert [f.n_experts for f in llm.expert_ffns()] == [4, 4] and [len(f.routers) for f in llm.expert_ffns()] == [2, 2]
@@ -205,8 +225,8 @@ def test_pgke_grows_a_layer_by_a_copy_of_its_most_used_expert():
     cmoe.expand(llm, [True, False], sources, routers, n_new=1)
     grown, kept = llm.expert_ffns()
     assert grown.n_experts == 4 and kept.n_experts == 3 and grown.n_frozen == 3
-    for name in ("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"):
-        assert torch.equal(grown.bank(name)[3], grown.bank(name)[2]), name
+    for p in ("gate", "up", "down"):
+        assert torch.equal(grown.experts[p].A[3], grown.experts[p].A[2]) and torch.equal(grown.experts[p].B[3], grown.experts[p].B[2]), p
     # one router per task, probes gone; the new router starts from the probe router, the grown row from the probe's
     assert [len(f.routers) for f in llm.expert_ffns()] == [2, 2]
     assert torch.equal(grown.routers[1], torch.cat([probe_router[0][:3], probe_router[0][3:]]))
@@ -224,7 +244,7 @@ def test_probe_end_refuses_a_layer_without_counts():
 
 
 @pytest.mark.parametrize("mode,batch", [("dense", 2), ("sparse", 2), ("sparse", 1)])
-def test_compiled_fused_matches_loop_without_recompiles(mode, batch):
+def test_compiled_fused_matches_loop_without_recompiles(mode, batch, monkeypatch):
     torch._dynamo.reset()
     cfg = LlamaConfig(vocab_size=40, dim=D, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FF)
     torch.manual_seed(1)
@@ -238,7 +258,7 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch):
     ffn.add_experts(2, copy_from=0)
     ffn.add_router(torch.randn(5, D))
     with torch.no_grad():
-        ffn.train_B_gate.normal_()
+        ffn.experts["gate"].train_B.normal_()
     ids = torch.randint(0, 40, (batch, 6))  # batch 2 mixes tasks; batch 1 once broke the compiled router backward
     tids = torch.tensor([0, 1][-batch:])
 
@@ -246,12 +266,12 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch):
         logits, aux = mod(ids, task_ids=tids)
         return logits.pow(2).mean() + 0.01 * aux
 
-    ffn.dispatch = "loop"
+    set_dispatch(ffn, "loop", monkeypatch)
     ref = step(m)
     ref.backward()
-    ref_grad = ffn.train_B_gate.grad.clone()
-    ffn.train_B_gate.grad = None
-    ffn.dispatch = mode
+    ref_grad = ffn.experts["gate"].train_B.grad.clone()
+    ffn.experts["gate"].train_B.grad = None
+    set_dispatch(ffn, mode, monkeypatch)
     compiled = torch.compile(m, fullgraph=True)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -260,6 +280,6 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch):
             loss.backward()
             if i == 0:
                 torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(ffn.train_B_gate.grad, ref_grad, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(ffn.experts["gate"].train_B.grad, ref_grad, atol=1e-5, rtol=1e-5)
             opt.step()
             opt.zero_grad(set_to_none=True)

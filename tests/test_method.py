@@ -12,10 +12,20 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import cmoe  # noqa: E402
+import eval as ev  # noqa: E402
+import vision  # noqa: E402
 from cmoe import IMAGE_TOKEN_ID as IMG, ExpertConfig, Llama, LlamaConfig  # noqa: E402
+from test_experts import lora_loop  # noqa: E402
 
 D, FF, R = 8, 12, 2
 BANKS = ("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down")
+
+
+def bank(ffn, name, which=None):
+    """Expert tensor `name` ("A_gate", ...) of an FFN: both banks stacked, or `which` ("frozen" / "train") alone."""
+    ab, proj = name.split("_")
+    experts = ffn.experts[proj]
+    return getattr(experts, ab) if which is None else getattr(experts, f"{which}_{ab}")
 
 
 def tiny_llm(n_layers=2, k=2, seed=0, vocab=64):
@@ -28,8 +38,8 @@ def randomise(ffn, g, routers=False):
     """Distinct non-zero experts (B too), so every expert changes the output and a wrong copy shows."""
     with torch.no_grad():
         for name in BANKS:
-            for bank in ("frozen", "train"):
-                getattr(ffn, f"{bank}_{name}").normal_(generator=g)
+            for which in ("frozen", "train"):
+                bank(ffn, name, which).normal_(generator=g)
         if routers:
             for r in ffn.routers:
                 r.normal_(generator=g)
@@ -155,7 +165,7 @@ def test_pgke_probe_grow_structure_sources_and_router_rows_by_hand():
         f.freeze()
     ffns = llm.expert_ffns()
     assert [f.n_experts for f in ffns] == [3, 2, 2] and [len(f.routers) for f in ffns] == [2, 2, 2]
-    old = [{n: f.bank(n).clone() for n in BANKS} for f in ffns]
+    old = [{n: bank(f, n).clone() for n in BANKS} for f in ffns]
     old_routers = [[r.detach().clone() for r in f.routers] for f in ffns]
 
     cmoe.probe_start(llm, generator=g)
@@ -163,9 +173,9 @@ def test_pgke_probe_grow_structure_sources_and_router_rows_by_hand():
         assert f.n_experts == f.n_frozen + 1 and len(f.routers) == 3
         assert torch.equal(f.routers[2], torch.cat([rs[1], torch.zeros(1, D)]))  # latest router + a zero row
         assert [r.requires_grad for r in f.routers] == [False, False, True]
-        assert (f.train_B_gate == 0).all() and (f.train_B_down == 0).all() and f.train_A_up.abs().sum() > 0
+        assert (bank(f, "B_gate", "train") == 0).all() and (bank(f, "B_down", "train") == 0).all() and bank(f, "A_up", "train").abs().sum() > 0
         for n in BANKS:
-            assert torch.equal(f.bank(n)[:-1], o[n])
+            assert torch.equal(bank(f, n)[:-1], o[n])
     with torch.no_grad():  # probe training moved the probe routers (and so their probe row)
         for f in ffns:
             f.routers[2].normal_(generator=g)
@@ -181,7 +191,7 @@ def test_pgke_probe_grow_structure_sources_and_router_rows_by_hand():
     assert sources == [1, 0, 1]  # most-used OLD expert (not the winning probe); tie -> lowest index
     for f, pr, want in zip(ffns, prs, probe_routers):
         assert torch.equal(pr, want)
-        assert len(f.routers) == 2 and f.train_A_gate.shape[0] == 0 and not f.counting and f.usage.numel() == 0
+        assert len(f.routers) == 2 and bank(f, "A_gate", "train").shape[0] == 0 and not f.counting and f.usage.numel() == 0
     assert [f.n_experts for f in ffns] == [3, 2, 2]
 
     cmoe.expand(llm, [True, False, True], sources, prs, n_new=2, generator=g)
@@ -189,10 +199,10 @@ def test_pgke_probe_grow_structure_sources_and_router_rows_by_hand():
     for f, o, rs, pr, src, grow in zip(ffns, old, old_routers, probe_routers, sources, [True, False, True]):
         n_old = f.n_frozen
         for n in BANKS:
-            assert torch.equal(f.bank(n)[:n_old], o[n]), n  # old experts untouched
+            assert torch.equal(bank(f, n)[:n_old], o[n]), n  # old experts untouched
             for j in range(n_old, f.n_experts):
-                assert torch.equal(f.bank(n)[j], o[n][src]), (n, j)  # every new expert = the copy source
-        assert f.train_A_gate.shape[0] == (2 if grow else 0) and f.train_A_gate.requires_grad
+                assert torch.equal(bank(f, n)[j], o[n][src]), (n, j)  # every new expert = the copy source
+        assert bank(f, "A_gate", "train").shape[0] == (2 if grow else 0) and bank(f, "A_gate", "train").requires_grad
         for r, r0 in zip(f.routers[:2], rs):
             assert torch.equal(r, r0) and not r.requires_grad
         rows = [pr[e] for e in range(n_old)] + [pr[n_old]] * (f.n_experts - n_old)  # new rows = the probe's row
@@ -230,14 +240,14 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
             with torch.no_grad():
                 f.routers[-1].normal_(generator=g)
                 for n in ("B_gate", "B_up", "B_down"):
-                    getattr(f, f"train_{n}").normal_(generator=g)
+                    bank(f, n, "train").normal_(generator=g)
 
     counted = []
     real_forward = model.forward
     model.forward = lambda *a, **kw: (counted.extend((a[0][:, 2] - 2).tolist()), real_forward(*a, **kw))[1]
     monkeypatch.setattr(train, "train_stage", fake_train_stage)
     seen, handles = capture_ffn_inputs(llm)
-    old = [{n: f.bank(n).clone() for n in BANKS} for f in llm.expert_ffns()]
+    old = [{n: bank(f, n).clone() for n in BANKS} for f in llm.expert_ffns()]
     out = train.pgke(model, ds, args, t, lambda msg: None)
     for h in handles:
         h.remove()
@@ -252,7 +262,7 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
     # during the probe stage: old + probe experts, one router per earlier task + the probe router; trainable =
     # the probe experts and the probe routers only
     assert tr["experts"] == [3, 3, 3] and tr["routers"] == [2, 2, 2]
-    want_trainable = sorted([f"llm.layers.{i}.ffn.train_{n}" for i in range(3) for n in BANKS]
+    want_trainable = sorted([f"llm.layers.{i}.ffn.experts.{n[2:]}.train_{n[0]}" for i in range(3) for n in BANKS]
                             + [f"llm.layers.{i}.ffn.routers.1" for i in range(3)])
     assert tr["trainable"] == want_trainable
     # the counts come from the held-out forward only (2 batches of eval_batch 3 and 1), routed by hand
@@ -271,9 +281,9 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
     for f, o, gr, s in zip(llm.expert_ffns(), old, grow, src):
         assert len(f.routers) == t + 1 and f.n_experts == 2 + gr and f.n_frozen == 2
         for n in BANKS:
-            assert torch.equal(f.bank(n)[:2], o[n])
+            assert torch.equal(bank(f, n)[:2], o[n])
             if gr:
-                assert torch.equal(f.bank(n)[2], o[n][s])
+                assert torch.equal(bank(f, n)[2], o[n][s])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,7 +417,7 @@ def test_dispatch_at_block_edges_equals_hand_loop(k, mode):
     else:
         plan = cmoe.dispatch_plan(w, k)
         got = grads(lambda x, A, B: cmoe.lora_sparse(x, A, B, plan, s))
-    for ref in (hand, lambda x, A, B: cmoe.lora_loop(x, A, B, w, s)):
+    for ref in (hand, lambda x, A, B: lora_loop(x, A, B, w, s)):
         for a, b in zip(got, grads(ref)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert (got[2][2] == 0).all() and (got[3][2] == 0).all()  # the expert with zero rows gets zero gradient
@@ -470,7 +480,7 @@ def test_safetensors_write_failing_part_way_keeps_the_previous_checkpoint(tmp_pa
     import safetensors.torch as st
     path = tmp_path / "task_0" / "model.safetensors"
     old = {"w": torch.arange(6.0).view(2, 3)}
-    cmoe.save_safetensors(old, str(path), metadata={"step": 1})
+    vision.save_safetensors(old, str(path))
     before = path.read_bytes()
     real = st.save_file
 
@@ -481,9 +491,9 @@ def test_safetensors_write_failing_part_way_keeps_the_previous_checkpoint(tmp_pa
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(st, "save_file", fail_half_way)
     with pytest.raises(OSError):
-        cmoe.save_safetensors({"w": torch.ones(64, 64)}, str(path), metadata={"step": 2})
+        vision.save_safetensors({"w": torch.ones(64, 64)}, str(path))
     assert path.read_bytes() == before
-    assert torch.equal(cmoe.load_safetensors(str(path))["w"], old["w"])
+    assert torch.equal(vision.read_safetensors(str(path))["w"], old["w"])
     assert os.listdir(path.parent) == ["model.safetensors"]  # no partial temp file left behind
 
 
@@ -492,9 +502,9 @@ def test_json_and_prediction_writes_failing_part_way_keep_the_previous_file(tmp_
 
     import eval as ev
     path = tmp_path / "state.json"
-    cmoe.save_json({"finished_tasks": 1}, str(path))
+    vision.save_json({"finished_tasks": 1}, str(path))
     with pytest.raises(TypeError):  # json.dump streams: "{"finished_tasks": 2, "bad": " is written, then it fails
-        cmoe.save_json({"finished_tasks": 2, "bad": object()}, str(path))
+        vision.save_json({"finished_tasks": 2, "bad": object()}, str(path))
     assert json.loads(path.read_text()) == {"finished_tasks": 1}
     pred = tmp_path / "predictions" / "sqa.jsonl"
     ev.write_predictions(str(pred), [{"prediction": "A"}])
@@ -521,19 +531,19 @@ def test_continual_state_round_trip_rebuilds_pools_routers_flags_and_locator(tmp
     feats = torch.randn(20, D, generator=g)
     loc.add_task(feats, hidden=8, latent=2, steps=2)
     loc.add_task(feats * 2 + 1, hidden=8, latent=2, steps=2)
-    sd, meta = cmoe.cl_state(model, loc)
-    cmoe.save_safetensors(sd, str(tmp_path / "m.safetensors"))
-    cmoe.save_json(meta, str(tmp_path / "meta.json"))
+    sd, meta = ev.cl_state(model, loc)
+    vision.save_safetensors(sd, str(tmp_path / "m.safetensors"))
+    vision.save_json(meta, str(tmp_path / "meta.json"))
     import json
     fresh = cmoe.LLaVA(nn.Identity(), nn.Identity(), tiny_llm(n_layers=2, k=2, seed=0), pad_id=0)
-    loc2 = cmoe.load_cl_state(fresh, cmoe.load_safetensors(str(tmp_path / "m.safetensors")),
+    loc2 = ev.load_cl_state(fresh, vision.read_safetensors(str(tmp_path / "m.safetensors")),
                               json.loads((tmp_path / "meta.json").read_text()), "test")
     for a, b in zip(llm.expert_ffns(), fresh.llm.expert_ffns()):
         assert (b.n_frozen, b.n_experts) == (a.n_frozen, a.n_experts)
         for n in BANKS:
-            for bank in ("frozen", "train"):
-                ta, tb = getattr(a, f"{bank}_{n}"), getattr(b, f"{bank}_{n}")
-                assert torch.equal(ta, tb) and tb.requires_grad == (bank == "train")
+            for which in ("frozen", "train"):
+                ta, tb = bank(a, n, which), bank(b, n, which)
+                assert torch.equal(ta, tb) and tb.requires_grad == (which == "train")
         assert [r.requires_grad for r in b.routers] == [False, True]
         for ra, rb in zip(a.routers, b.routers):
             assert torch.equal(ra, rb)

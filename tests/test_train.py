@@ -202,7 +202,7 @@ def test_eval_rejects_checkpoint_from_another_config(ptl_run, tmp_path):
     cfg["method"] = "lora"
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="field 'method'"):
-        train.reevaluate(str(out))
+        ev.reevaluate(str(out))
 
 
 # Real kills (SIGKILL from inside a subprocess, at exact points chosen by tests/killrun.py), chained in one run
@@ -254,3 +254,43 @@ def test_real_kills_then_resume_reproduce_the_uninterrupted_run(tmp_path, base_d
     log = (out / "log.txt").read_text()
     assert log.count("resume:") == len(KILL_CHAIN) - 2  # the first two kills left no progress marker to resume from
     assert not list(out.glob("task_*/partial*")), "partial checkpoints are removed when a task finishes"
+
+
+def test_eval_refuses_a_run_that_names_no_base(ptl_run, tmp_path):
+    import shutil
+    import eval as ev
+    out = tmp_path / "nobase"
+    shutil.copytree(ptl_run[0], out)
+    m = json.loads((out / "metrics.json").read_text())
+    del m["base"]
+    (out / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="metrics name no base model"):
+        ev.reevaluate(str(out))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# settings: TrainConfig fields as flags, --set, the --quick preset
+
+def test_every_train_flag_in_the_readme_is_a_setting():
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", readme))
+    others = {"show",  # data.py
+              "compare", "from-predictions",  # eval.py
+              "dispatch", "reps", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
+              "result-file", "annotation-file", "output-dir"}  # CoIN's own eval scripts
+    names = {f.name.replace("_", "-") for f in train.dataclasses.fields(train.TrainConfig)} | {"set", "help"}
+    assert len(flags - others) > 30 and flags - others <= names, sorted(flags - others - names)
+
+
+def test_settings_from_flags_set_and_quick_preset():
+    c = train.parse_args(["--quick", "--steps", "7", "--alpha", "-0.5", "--grad-ckpt", "--set", "lr=1e-3",
+                          "--set", "train-n=none", "--method", "lora"])
+    assert (c.steps, c.alpha, c.grad_ckpt, c.lr, c.train_n, c.method) == (7, -0.5, True, 1e-3, None, "lora")
+    assert (c.probe_steps, c.tasks, c.out) == (train.QUICK["probe_steps"], "sqa,cls,count", "out/minicoin-quick-lora")
+    d = train.parse_args([])
+    assert (d.steps, d.tasks, d.max_len, d.out) == (300, None, 48, "out/minicoin-cmoe")
+    for bad, says in ((["--set", "rank=x"], "rank=x"), (["--set", "nope=1"], "NAME one of"),
+                      (["--set", "method=bad"], "method must be one of"), (["--bad-images", "x"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
