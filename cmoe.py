@@ -529,14 +529,25 @@ class LLaVA(nn.Module):
         return ids.to(device)
 
     @torch.no_grad()
-    def features(self, prompts, images):
-        """PTL feature: the frozen base model's final hidden state at the last prompt token (no experts)."""
+    def features(self, prompts, images, kind="last"):
+        """PTL feature of the frozen base model (no experts): "last", the paper's final hidden state at the last
+        prompt token [B,D]; or "mean", the mean hidden state over the image slots beside the mean over the valid text
+        (instruction) tokens [B,2D], which sees both what is shown and what is asked (a text-only prompt: zeros)."""
         ids = self._left_pad(prompts, images.device)
         x, valid, _ = self.splice(ids, images)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = self._mask(valid, x.shape[1], x.shape[1], 0)
-        h, _ = self.llm(inputs_embeds=x, pos_BT=pos, mask_BTT=mask, use_experts=False, return_hidden=True)
-        return h[:, -1].float()
+        h_BSD, _ = self.llm(inputs_embeds=x, pos_BT=pos, mask_BTT=mask, use_experts=False, return_hidden=True)
+        if kind == "last":
+            return h_BSD[:, -1].float()
+        if kind != "mean":
+            raise ValueError(f"locator feature must be 'last' or 'mean', not {kind!r}")
+        P = images.shape[1] if images.dim() == 3 else self.vision.cfg.num_patches
+        rel_BS = torch.arange(x.shape[1], device=x.device)[None] - (ids == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
+        img_BS = (rel_BS >= 0) & (rel_BS < P) & (ids == IMAGE_TOKEN_ID).any(1, keepdim=True)  # as splice places them
+        means = [(h_BSD.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+                 for m in (img_BS.float(), (valid & ~img_BS).float())]
+        return torch.cat(means, -1)
 
     @staticmethod
     def _mask(valid_BS, Tq, Tk, t0):
@@ -548,9 +559,9 @@ class LLaVA(nn.Module):
         return ((k <= q)[None] & keys_B1K) | (k == q)[None]
 
     @torch.no_grad()
-    def generate(self, prompts, images, task_ids=None, max_new_tokens=16, stop_ids=()):
+    def generate(self, prompts, images, task_ids=None, max_new_tokens=16, stop_ids=(), use_experts=True):
         """Greedy decoding of a batch of prompts (lists of ids, one IMAGE_TOKEN_ID each, or none in a text-only
-        prompt) -> new ids per row."""
+        prompt) -> new ids per row. use_experts=False: the frozen base alone."""
         dev = images.device
         ids = self._left_pad(prompts, dev)
         x, valid, _ = self.splice(ids, images)
@@ -567,7 +578,7 @@ class LLaVA(nn.Module):
         for _ in range(max_new_tokens):
             mask = self._mask(valid, step_x.shape[1], total, t0)
             logits, _ = self.llm(inputs_embeds=step_x, pos_BT=step_pos, mask_BTT=mask, cache=cache, t0=t0,
-                                 task_ids=task_ids, valid_BT=None)
+                                 task_ids=task_ids, valid_BT=None, use_experts=use_experts)
             nxt_B = logits[:, -1].argmax(-1)
             for b in range(B):
                 if not done[b]:
@@ -669,6 +680,7 @@ class TaskVAE(nn.Module):
             self.register_buffer(name, torch.zeros(dim) if name == "feat_mean" else torch.ones(dim))
         self.register_buffer("err_mean", torch.zeros(()))
         self.register_buffer("err_std", torch.ones(()))
+        self.register_buffer("accept_z", torch.tensor(float("nan")))  # reject option: the largest z it accepts
 
     def loss(self, f_BD, beta=1e-3, generator=None):
         x = (f_BD - self.feat_mean) / self.feat_std
@@ -708,8 +720,9 @@ def fit_vae(features_ND, hidden=128, latent=16, steps=400, lr=3e-3, batch=64, se
 class Locator(nn.Module):
     """One VAE per task seen; per sample, pick the task whose VAE explains the feature best (z-scored)."""
 
-    def __init__(self):
+    def __init__(self, feature="last"):
         super().__init__()
+        self.feature = feature  # which LLaVA.features the VAEs model: "last" (the paper's) or "mean"
         self.vaes = nn.ModuleList()
 
     def add_task(self, features_ND, **kw):
@@ -720,9 +733,26 @@ class Locator(nn.Module):
         f = f_BD.float().cpu()
         return torch.stack([(v.recon_error(f) - v.err_mean) / v.err_std for v in self.vaes], -1)
 
-    def locate(self, f_BD):
-        """Hard, per-sample choice: argmin_t z_t."""
-        return self.scores(f_BD).argmin(-1)
+    @torch.no_grad()
+    def calibrate(self, features_ND, quantile=0.99):
+        """Reject option: the latest task's VAE accepts z up to the `quantile` of its z-scores on held-out features
+        of its own training data (not the ones it was fitted on)."""
+        vae = self.vaes[-1]
+        z_N = (vae.recon_error(features_ND.float().cpu()) - vae.err_mean) / vae.err_std
+        vae.accept_z.fill_(float(torch.quantile(z_N, quantile)))
+
+    def locate(self, f_BD, reject=False):
+        """Hard, per-sample choice: argmin_t z_t. reject: only among the tasks that accept the sample (z_t within
+        its calibrated bound); -1 where none does (the caller answers with the base model alone)."""
+        z_BN = self.scores(f_BD)
+        if not reject:
+            return z_BN.argmin(-1)
+        bound_N = torch.stack([v.accept_z for v in self.vaes])
+        if bound_N.isnan().any():
+            raise ValueError("the locator's reject bounds were never calibrated (a checkpoint from before the reject "
+                             "option: field 'accept_z' of its VAEs is unset); evaluate it without --reject")
+        z_BN = z_BN.masked_fill(z_BN > bound_N, float("inf"))
+        return torch.where(z_BN.isinf().all(-1), -1, z_BN.argmin(-1))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -157,11 +157,6 @@ class ChatTemplate:
             body += ([IMAGE_TOKEN_ID] if k else []) + tok.encode_ordinary(part)
         return self._special(tok, pre), body, self._special(tok, post) + self._special(tok, self.assistant)
 
-    def prompt_ids(self, tok, user_text):
-        """ids of one user turn up to where the assistant's answer starts."""
-        pre, body, post = self.user_parts(tok, user_text)
-        return pre + body + post
-
     def answer_ids(self, tok, text):
         return tok.encode_ordinary(text) + self._special(tok, self.end)
 
@@ -268,21 +263,6 @@ def encode_dataset(examples, tok, template, max_len, image_size, task_id):
     return dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values,
                 task_ids=torch.full((N,), task_id, dtype=torch.long),
                 index=torch.tensor([i for i, *_ in rows], dtype=torch.long), skipped=skipped)
-
-
-def batches(ds, batch_size, shuffle=False, seed=0, drop_last=None):
-    """Batches of every tensor in ds. drop_last (default: = shuffle, i.e. training) keeps every batch the same size so
-    a compiled model never recompiles; without it the last, smaller batch is yielded too (evaluation)."""
-    drop_last = shuffle if drop_last is None else drop_last
-    keys = [k for k, v in ds.items() if torch.is_tensor(v)]
-    N = len(ds[keys[0]])
-    if drop_last and N < batch_size:
-        raise ValueError(f"dataset has {N} rows, fewer than batch_size={batch_size} (drop_last would yield nothing)")
-    order = torch.randperm(N, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(N)
-    stop = N - N % batch_size if drop_last else N
-    for s in range(0, stop, batch_size):
-        idx = order[s:s + batch_size]
-        yield {k: ds[k][idx] for k in keys}
 
 
 # -----------------------------------------------------------------------------
@@ -807,7 +787,8 @@ def coin_accuracy(metric, rows):
 
 MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
 TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exact", "count": "exact", "ground": "iou",
-               "caption": "exact", "instruct": "exact"}
+               "caption": "exact", "instruct": "exact", "textcolor": "exact"}
+UNSEEN_TASKS = ("textcolor",)  # scored after every stage, never trained: how much zero-shot ability a method keeps
 IMAGE_SIZE = 48
 MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33
 MINICOIN_VERSION = 3  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
@@ -976,6 +957,9 @@ def _task_sample(task, rng):
         o = scene["objs"][rng.integers(len(scene["objs"]))]
         box = [v / IMAGE_SIZE for v in (o["x"], o["y"], o["x"] + o["s"], o["y"] + o["s"])]
         return scene, f"<image>\n{GROUND_PROMPT}{o['color']} {o['shape']}.", box_text(box)
+    if task == "textcolor":  # unseen: a question kind the base learned in stage 0b, asked CoIN-style
+        scene = _text_scene(rng)
+        return scene, f"<image>\nWhat is the color of the text?\n{SUFFIX_SHORT}", scene["text"]["color"]
     if task == "caption":  # stage 0, part 1: every kind of scene the tasks use, described in full
         scene = _any_scene(rng)
         return scene, "<image>\nDescribe the image.", _caption(scene)
@@ -1105,6 +1089,21 @@ def task_list(cfg):
             raise SystemExit(f"unknown {'MiniCoIN' if cfg.benchmark == 'minicoin' else 'CoIN'} task '{n}'; "
                              f"known: {', '.join(known)}")
     return names, {n: known[n] for n in names}
+
+
+def unseen_list(cfg, trained):
+    """Held-out tasks scored after every stage and never trained: cfg.unseen (comma-separated, "none" for none),
+    by default MiniCoIN's UNSEEN_TASKS (CoIN: none). {task: metric}."""
+    if cfg.unseen is None:
+        names = list(UNSEEN_TASKS) if cfg.benchmark == "minicoin" else []
+    else:
+        names = [n for n in cfg.unseen.split(",") if n and n != "none"]
+    known = TASK_METRIC if cfg.benchmark == "minicoin" else dict(COIN_TASKS)
+    for n in names:
+        if n not in known or n in trained or n in BASE_SETS:
+            raise SystemExit(f"--unseen: '{n}' is not a task outside the trained sequence; known: "
+                             f"{', '.join(k for k in known if k not in trained and k not in BASE_SETS)}")
+    return {n: known[n] for n in names}
 
 
 def load_examples(cfg, task, split):

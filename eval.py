@@ -59,16 +59,34 @@ def continual_metrics(acc, joint=None):
     fwt = _mean([a[i - 1][i] for i in range(1, min(R + 1, T))])  # a[R-1][R] is a valid zero-shot too
     return dict(last=last, avg=avg, bwt=bwt if R > 1 else None, fwt=fwt, plasticity=plasticity)
 
-def locator_accuracy(confusion):
-    """confusion[true][chosen] counts -> percent of samples routed to their own task (None when empty)."""
+def locator_accuracy(confusion, rejected=None):
+    """confusion[true][chosen] counts (+ rejected[true]: samples no task accepted, --reject) -> percent of samples
+    routed to their own task (None when empty)."""
     if not confusion:
         return None
     n = len(confusion)
     for t, row in enumerate(confusion):
         if len(row) != n:
             raise ValueError(f"locator confusion row {t} has {len(row)} entries, expected {n} (square matrix)")
-    total = sum(sum(r) for r in confusion)
+    total = sum(sum(r) for r in confusion) + sum(rejected or [])
     return 100.0 * sum(confusion[t][t] for t in range(n)) / total if total else None
+
+def record(metrics, result, t):
+    """Stage t's Benchmark.evaluate result into metrics (t = -1: row 0, the bare base): the accuracy row, the unseen
+    tasks' row and their retention (accuracy now / the base's zero-shot accuracy), the locator's confusion."""
+    unseen = metrics["unseen"]
+    if t < 0:
+        metrics["zero_shot"], unseen["zero_shot"] = result["acc"], result["unseen"]
+        return
+    metrics["acc"].append(result["acc"])
+    unseen["acc"].append(result["unseen"])
+    unseen["retention"] = [None if a is None or not z else a / z for a, z in zip(result["unseen"], unseen["zero_shot"])]
+    if metrics["method"] != "cmoe":  # the baselines share one router: nothing to locate
+        metrics["locator"] = {"confusion": None, "rejected": None, "acc": None}
+        return
+    acc = locator_accuracy(result["confusion"], result["rejected"])
+    metrics["locator_acc"].append(acc)
+    metrics["locator"] = {"confusion": result["confusion"], "rejected": result["rejected"], "acc": acc}
 
 # -----------------------------------------------------------------------------
 # run folders: the cached base, task checkpoints (safetensors + JSON sidecar, written atomically), predictions
@@ -125,7 +143,7 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
             "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_ffns()]}
     if locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
-        meta["n_vae"] = len(locator.vaes)
+        meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
         if len(locator.vaes):
             v = locator.vaes[0]
             meta["vae"] = {"hidden": v.enc[0].out_features, "latent": v.dec[0].in_features}
@@ -137,7 +155,7 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
     for i, ffn in enumerate(model.llm.expert_ffns()):
         ffn.reset_experts(model.llm.ecfg)
         ffn.load_experts(tensors, f"llm.layers.{i}.ffn.", meta["router_trainable"][i], source)
-    loc = cmoe.Locator()
+    loc = cmoe.Locator(meta.get("locator_feature", "last"))
     for t in range(meta.get("n_vae", 0)):
         pre = f"locator.vaes.{t}."
         vae = cmoe.TaskVAE(tensors[pre + "feat_mean"].shape[0], **meta["vae"])
@@ -215,17 +233,19 @@ def image_features(model: LLaVA, examples, cfg):
     return torch.cat(out)
 
 def task_features(model: LLaVA, examples, tok, template, cfg):
-    """PTL features of examples (the frozen base's last prompt-token state), in eval batches."""
+    """PTL features (cfg.locator_feature of the frozen base) of examples, in eval batches."""
     images = image_features(model, examples, cfg)
     return torch.cat([model.features([data.encode_prompt(tok, ex, template, cfg.max_len) for ex in
-                                      examples[i:i + cfg.eval_batch]], images[i:i + cfg.eval_batch].to(cfg.device)).cpu()
-                      for i in range(0, len(examples), cfg.eval_batch)])
+                                      examples[i:i + cfg.eval_batch]], images[i:i + cfg.eval_batch].to(cfg.device),
+                                     cfg.locator_feature).cpu() for i in range(0, len(examples), cfg.eval_batch)])
 
 @torch.no_grad()
-def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, use_locator, fixed_task=None):
+def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed):
     """Greedy answers for `examples` (`images`: their projected features); returns rows for predictions/<task>.jsonl
-    and the chosen task ids. Routers: `fixed_task`, else the locator's choice (use_locator, >1 task seen), else the
-    oracle (the true task, or the latest router for a task not trained yet)."""
+    and the chosen task ids. Routers per sample: routed=False (the baselines' one pool; the bare base): task 0; else
+    the locator's choice (--locator ptl, once 2 tasks are seen or with --reject, where a sample no task accepts gets
+    -1), else the oracle: the true task, or the latest router for a task not trained yet (an unseen task: -1).
+    -1 means the frozen base alone, without experts."""
     model.eval()
     rows, chosen = [], []
     stops = data.stop_ids(tok, template)
@@ -233,18 +253,24 @@ def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_ta
         exs = examples[i:i + cfg.eval_batch]
         prompts = [data.encode_prompt(tok, ex, template, cfg.max_len) for ex in exs]
         img = images[i:i + cfg.eval_batch].to(cfg.device)
-        if fixed_task is not None:
-            tids = torch.full((len(exs),), fixed_task, dtype=torch.long)
-        elif use_locator and seen > 1:
-            tids = locator.locate(model.features(prompts, img))
+        if not routed:
+            tids = torch.zeros(len(exs), dtype=torch.long)
+        elif cfg.locator == "ptl" and (seen > 1 or cfg.reject):
+            tids = locator.locate(model.features(prompts, img, cfg.locator_feature), reject=cfg.reject)
         else:
-            tids = torch.full((len(exs),), min(true_task, seen - 1), dtype=torch.long)
-        with cmoe.autocast(cfg.device):
-            outs = model.generate(prompts, img, tids.to(cfg.device), cfg.max_new_tokens, stops)
+            tids = torch.full((len(exs),), -1 if true_task is None else min(true_task, seen - 1), dtype=torch.long)
+        outs = [None] * len(exs)
+        for experts in (True, False):  # located samples with their routers; rejected ones by the base alone
+            idx = [j for j in range(len(exs)) if bool(tids[j] >= 0) == experts]
+            if idx:
+                with cmoe.autocast(cfg.device):
+                    gen = model.generate([prompts[j] for j in idx], img[idx], tids[idx].clamp(min=0).to(cfg.device),
+                                         cfg.max_new_tokens, stops, use_experts=experts)
+                for j, o in zip(idx, gen):
+                    outs[j] = o
         for j, (ex, o) in enumerate(zip(exs, outs)):
             rows.append({"index": i + j, "prediction": tok.decode(o).strip(), "answer": ex.answer,
-                         "answers": ex.answers, "true_task": true_task,
-                         "located": int(tids[j]) if fixed_task is None else None})
+                         "answers": ex.answers, "true_task": true_task, "located": int(tids[j]) if routed else None})
             if "question_id" in ex.meta:  # CoIN test record: keep its id for the CoIN-format answer file
                 rows[-1].update(question_id=ex.meta["question_id"], prompt=ex.turns[-1][0])
             if "size" in ex.meta:  # CoIN Grounding: boxes are scaled by the image size before the IoU
@@ -269,32 +295,37 @@ def scoring_rules(cfg, names, metric, tests, log=print):
     return rules
 
 class Benchmark:
-    """The test side of a run: every task's test set, its image features (computed once per run: tower and projector
-    are frozen), its scoring rule; evaluate() scores every task after a stage."""
+    """The test side of a run: every task's test set (the trained sequence, then the unseen tasks), its image features
+    (computed once per run: tower and projector are frozen), its scoring rule; evaluate() scores them after a stage."""
 
     def __init__(self, cfg, model: LLaVA, tok, template, log=print):
         self.cfg, self.tok, self.template = cfg, tok, template
         self.names, self.metric = data.task_list(cfg)
-        self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names}
+        self.unseen = list(data.unseen_list(cfg, self.names))
+        self.metric.update(data.unseen_list(cfg, self.names))
+        self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names + self.unseen}
         self.images = {n: image_features(model, exs, cfg) for n, exs in self.tests.items()}
-        self.scoring = scoring_rules(cfg, self.names, self.metric, self.tests, log)
+        self.scoring = scoring_rules(cfg, self.names + self.unseen, self.metric, self.tests, log)
 
     def evaluate(self, model: LLaVA, locator, t):
-        """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task (seen and
-        not yet seen) with the routers chosen per sample; writes predictions/<task>.jsonl; returns the accuracy row
-        and the locator confusion (seen tasks)."""
-        cfg = self.cfg
-        row, conf = [], [[0] * (t + 1) for _ in self.names]
-        routed = cfg.method == "cmoe" and t >= 0
-        for i, n in enumerate(self.names):
-            rows, chosen = predict(model, locator, self.tests[n], self.images[n], self.tok, self.template, cfg, i, t + 1,
-                                   use_locator=routed and cfg.locator == "ptl", fixed_task=None if routed else 0)
-            for c in chosen if t >= 0 else ():
-                conf[i][c] += 1
-            row.append(None if cfg.predict_only else task_accuracy(rows, self.metric[n]))
+        """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task (seen, not
+        yet seen, unseen) with the routers chosen per sample; writes predictions/<task>.jsonl. Returns {"acc": the
+        accuracy row, "unseen": the unseen tasks' accuracies, "confusion": [true][chosen] over the seen tasks,
+        "rejected": per seen task, the samples no task accepted (--reject)}."""
+        cfg, routed, T = self.cfg, self.cfg.method == "cmoe" and t >= 0, len(self.names)
+        out = {"acc": [], "unseen": [], "confusion": [[0] * (t + 1) for _ in range(t + 1)], "rejected": [0] * (t + 1)}
+        for i, n in enumerate(self.names + self.unseen):
+            rows, chosen = predict(model, locator, self.tests[n], self.images[n], self.tok, self.template, cfg,
+                                   i if i < T else None, t + 1, routed)
+            out["acc" if i < T else "unseen"].append(None if cfg.predict_only else task_accuracy(rows, self.metric[n]))
+            for c in chosen if routed and i <= t else ():
+                if c < 0:
+                    out["rejected"][i] += 1
+                else:
+                    out["confusion"][i][c] += 1
             trained = "Zero_shot" if t < 0 else "Joint" if cfg.method == "joint" else self.names[t]  # CoIN's STAGE
             save_predictions(cfg.out, n, t, rows, trained if cfg.benchmark == "coin" else None)
-        return row, conf[: t + 1]
+        return out
 
 def reevaluate(run_dir, device=None):
     """Rebuild a finished (or partly finished) run from its base and task checkpoints and regenerate every stage's
@@ -311,20 +342,17 @@ def reevaluate(run_dir, device=None):
     tok, template = data.tokenizer(cfg)
     model = load_model(metrics["base"], data.pad_id(tok)).to(cfg.device).requires_grad_(False)
     bench = Benchmark(cfg, model, tok, template, log)
-    metrics["zero_shot"], _ = bench.evaluate(model, None, -1)  # before any expert
-    metrics["acc"] = []
+    metrics.update(acc=[], locator_acc=[], unseen={"tasks": bench.unseen, "acc": []})
+    record(metrics, bench.evaluate(model, None, -1), -1)  # before any expert
     for t in [0] if cfg.method == "joint" else range(metrics["finished_tasks"]):  # joint: one checkpoint, one row
         tdir = os.path.join(run_dir, f"task_{t}")
         meta = read_json(os.path.join(tdir, "meta.json"))
-        for field, want in (("method", cfg.method), ("tasks", bench.names)):
-            if meta.get(field) != want:
+        for field, want in (("method", cfg.method), ("tasks", bench.names), ("locator_feature", cfg.locator_feature)):
+            if meta.get(field, want if field == "locator_feature" and not meta.get("n_vae") else None) != want:
                 raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} "
                                  f"but the run config says {want!r}")
-        row, conf = bench.evaluate(model, load_task(model, tdir), t)
-        metrics["acc"].append(row)
-        if cfg.method == "cmoe":
-            metrics["locator"] = {"confusion": conf, "acc": locator_accuracy(conf)}
-        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_f(a)}" for n, a in zip(bench.names, row)))
+        record(metrics, bench.evaluate(model, load_task(model, tdir), t), t)
+        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_f(a)}" for n, a in zip(bench.names, metrics["acc"][-1])))
     metrics.update(continual_metrics(metrics["acc"], joint=cfg.method == "joint"))
     save_json(metrics, os.path.join(run_dir, "metrics.json"))
     return metrics
@@ -354,7 +382,7 @@ def recompute(run_dir, score=None):
     tasks, T = m["tasks"], len(m["tasks"])
     acc = [list(r) for r in m["acc"]]
     final = m["finished_tasks"] - 1 if m.get("method") != "joint" else 0
-    conf, located_any = [[0] * T for _ in range(T)], False
+    conf, rejected, located_any = [[0] * T for _ in range(T)], [0] * T, False
     for i, task in enumerate(tasks):
         path = os.path.join(run_dir, "predictions", f"{task}.jsonl")
         if not os.path.isfile(path):
@@ -369,9 +397,13 @@ def recompute(run_dir, score=None):
             stages[int(r["stage"])].append(r)
             if r.get("located") is not None and int(r["stage"]) == final:
                 t, c = int(r.get("true_task", i)), int(r["located"])
-                if not (0 <= t < T and 0 <= c < T):
-                    raise ValueError(f"{path}: record {k} has true_task {t} / located {c} outside 0..{T - 1}")
-                conf[t][c] += 1
+                if not (0 <= t < T and -1 <= c < T):
+                    raise ValueError(f"{path}: record {k} has true_task {t} / located {c} outside 0..{T - 1} "
+                                     f"(-1: rejected)")
+                if c < 0:
+                    rejected[t] += 1
+                else:
+                    conf[t][c] += 1
                 located_any = True
         for j, rs in stages.items():
             if j < 0:  # stage -1: the frozen base before task 1 (row 0, zero-shot)
@@ -382,7 +414,7 @@ def recompute(run_dir, score=None):
             acc[j][i] = task_accuracy(rs, metric, score)
     m["acc"] = acc
     if located_any and m.get("method", "cmoe") == "cmoe":  # baselines share one router: nothing to locate
-        m["locator"] = dict(m.get("locator") or {}, confusion=conf)
+        m["locator"] = dict(m.get("locator") or {}, confusion=conf, rejected=rejected)
     return m
 
 # -----------------------------------------------------------------------------
@@ -479,7 +511,8 @@ def summarize(m):
     joint = m.get("method") == "joint"
     acc = m["acc"] if joint else m["acc"][: m.get("finished_tasks") or len(m["acc"])]
     s = continual_metrics(acc, joint=joint)
-    s["locator_acc"] = locator_accuracy((m.get("locator") or {}).get("confusion"))
+    loc = m.get("locator") or {}
+    s["locator_acc"] = locator_accuracy(loc.get("confusion"), loc.get("rejected"))
     return s
 
 def _write_text(path, text):
@@ -519,16 +552,25 @@ def write_report(run_dir, metrics):
     return m
 
 def _report_locator(m, s, figs):
-    conf, tasks = (m.get("locator") or {}).get("confusion"), m["tasks"]
-    if not conf:
-        return []
-    tot = [max(sum(r), 1) for r in conf]
-    draw_heatmap(os.path.join(figs, "locator_confusion.png"), conf, tasks[: len(conf)], tasks[: len(conf)],
-                 f"Task locator: {_f(s['locator_acc'])}% correct", "chosen task", "true task", fmt="{:d}",
-                 shade=[[c / tot[t] for c in r] for t, r in enumerate(conf)])
-    return ["## Task locator\n", f"Accuracy {_f(s['locator_acc'])}% (true task row, chosen task column).\n",
-            _table(["true \\ chosen", *tasks[: len(conf)]], [[t, *r] for t, r in zip(tasks, conf)]),
-            "![locator confusion](figures/locator_confusion.png)\n"]
+    """The locator's confusion (+ a "rejected" column with --reject) and the unseen tasks' retention."""
+    loc, tasks, md = m.get("locator") or {}, m["tasks"], []
+    conf, rej, unseen = loc.get("confusion"), loc.get("rejected"), m.get("unseen") or {}
+    if conf:
+        full = [r + ([rej[t]] if rej and any(rej) else []) for t, r in enumerate(conf)]
+        tot = [max(sum(r), 1) for r in full]
+        cols = tasks[: len(conf)] + (["rejected"] if rej and any(rej) else [])
+        draw_heatmap(os.path.join(figs, "locator_confusion.png"), full, tasks[: len(conf)], cols,
+                     f"Task locator: {_f(s['locator_acc'])}% correct", "chosen task", "true task", fmt="{:d}",
+                     shade=[[c / tot[t] for c in r] for t, r in enumerate(full)])
+        md += ["## Task locator\n", f"Accuracy {_f(s['locator_acc'])}% (true task row, chosen task column).\n",
+               _table(["true \\ chosen", *cols], [[t, *r] for t, r in zip(tasks, full)]),
+               "![locator confusion](figures/locator_confusion.png)\n"]
+    if unseen.get("tasks") and unseen.get("acc"):
+        md += ["## Unseen tasks (scored every stage, never trained)\n",
+               _table(["task", "base zero-shot", "after the last task", "retention"],
+                      [[n, _f(z), _f(a), _f(k, 2)] for n, z, a, k in zip(unseen["tasks"], unseen["zero_shot"],
+                                                                         unseen["acc"][-1], unseen["retention"])])]
+    return md
 
 def _report_growth(m, figs):
     """Parameters per task, experts per layer (table + figure), PGKE decisions."""

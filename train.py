@@ -40,8 +40,13 @@ class TrainConfig:
     # run
     benchmark: str = "minicoin"  # minicoin | coin
     method: str = "cmoe"  # cmoe | lora | moelora | joint (baselines: one shared pool; joint: all tasks at once)
-    expand: str = "probe"  # PGKE: grow where probes say (probe), or every layer (all)
+    expand: str = "probe"  # PGKE: grow where probes say (probe), every layer (all), or by probe gradient norm (gradnorm)
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
+    locator_feature: str = "last"  # PTL's input: last (the paper's last prompt token) | mean (image + instruction means)
+    reject: bool = False  # a sample no task's VAE accepts is answered by the base model without experts
+    reject_quantile: float = 0.99  # each VAE accepts z-scores up to this quantile of its held-out training z-scores
+    calib_n: int = 200  # held-out training examples per task that calibrate its reject bound
+    unseen: str | None = None  # tasks scored every stage, never trained (default: MiniCoIN's textcolor; CoIN: none)
     tasks: str | None = None  # comma-separated task names (default: the benchmark's full sequence)
     out: str | None = None  # run folder (default out/<benchmark>-<method>[-ablations])
     quick: bool = False  # a small slice of everything (QUICK): a pipeline check in about a minute
@@ -108,8 +113,8 @@ class TrainConfig:
 
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
              instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
-CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint"), expand=("probe", "all"),
-               locator=("ptl", "oracle"), compile=("auto", "on", "off"), bad_images=("fail", "skip"),
+CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint"),
+               expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"), compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                plan_dtype=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
@@ -149,7 +154,9 @@ def parse_args(argv=None) -> TrainConfig:
     except ValueError as e:
         p.error(str(e))
     if cfg.out is None:
-        tag = cfg.method + ("-expandall" if cfg.expand == "all" else "") + ("-oracle" if cfg.locator == "oracle" else "")
+        tag = cfg.method + ("" if cfg.expand == "probe" else f"-expand{cfg.expand}") + (
+            "-oracle" if cfg.locator == "oracle" else "") + ("-mean" if cfg.locator_feature == "mean" else "") + (
+            "-reject" if cfg.reject else "")
         cfg.out = os.path.join("out", f"{cfg.benchmark}{'-quick' if cfg.quick else ''}-{tag}")
     return cfg
 
@@ -352,9 +359,12 @@ def run(cfg: TrainConfig):
             with clock("locator"):  # PTL: this task's VAE on frozen-base features of its training data
                 feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
                 locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
+                held_out = exs[cfg.locator_n: cfg.locator_n + cfg.calib_n]  # reject bound: data the VAE never saw
+                locator.calibrate(ev.task_features(model, held_out, r.tok, r.template, cfg) if held_out else feats,
+                                  cfg.reject_quantile)
         with clock("eval"):
-            row, conf = bench.evaluate(model, locator, t)
-        r.finish_stage(t, model, locator, row, conf, decision)
+            result = bench.evaluate(model, locator, t)
+        r.finish_stage(t, model, locator, result, decision)
     return r.finish()
 
 
@@ -388,6 +398,12 @@ def pgke(model: LLaVA, ds, cfg, t, log):
     expand, thr = cmoe.pgke_decide(freq, cfg.alpha)
     if cfg.expand == "all":
         expand = [True] * len(expand)
+    if cfg.expand == "gradnorm":  # D-MoLE's allocator, at the probe rule's budget: as many layers, by gradient norm
+        cmoe.set_counting(model.llm, False)  # keeps the counts probe_end reads
+        norms = probe_gradnorms(model, probe_hold, cfg)
+        top = sorted(range(len(norms)), key=lambda l: -norms[l])[: sum(expand)]
+        expand = [l in top for l in range(len(norms))]
+        log(f"PGKE task {t}: probe gradient norm per layer " + " ".join(f"{g:.3g}" for g in norms))
     sources, probe_routers = cmoe.probe_end(model.llm)  # reads the usage counts, then stops counting
     cmoe.expand(model.llm, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
     copied = [src if grow else None for grow, src in zip(expand, sources)]
@@ -395,6 +411,22 @@ def pgke(model: LLaVA, ds, cfg, t, log):
         + "".join("1" if e else "0" for e in expand) + " | copied from "
         + " ".join("-" if c is None else str(c) for c in copied))
     return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied}
+
+
+def probe_gradnorms(model: LLaVA, ds, cfg):
+    """Per layer, the gradient norm of the task loss w.r.t. the layer's probe expert (its trainable A and B of gate,
+    up and down) over `ds` (D-MoLE's allocation signal)."""
+    model.zero_grad(set_to_none=True)
+    n = ds["input_ids"].shape[0]
+    for i in range(0, n, cfg.eval_batch):
+        b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in ds.items() if isinstance(v, torch.Tensor)}
+        with cmoe.autocast(cfg.device):
+            _, loss, _ = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
+        (loss * b["input_ids"].shape[0] / n).backward()
+    norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for e in f.experts.values() for p in (e.train_A, e.train_B)
+                           if p.grad is not None)) for f in model.llm.expert_ffns()]
+    model.zero_grad(set_to_none=True)
+    return norms
 
 
 def stage_data(cfg, model, r, t):
@@ -501,7 +533,7 @@ class RunState:
         t_base = time.time() - t0
         set_experts(model.llm, expert_config(cfg))
         model.llm.grad_ckpt = cfg.grad_ckpt
-        bench, locator = ev.Benchmark(cfg, model, self.tok, self.template, self.log), cmoe.Locator()
+        bench, locator = ev.Benchmark(cfg, model, self.tok, self.template, self.log), cmoe.Locator(cfg.locator_feature)
         if cfg.resume and os.path.exists(self.state_path):
             self.metrics = read_json(self.state_path)
             self.first = self.metrics["finished_tasks"]
@@ -515,8 +547,10 @@ class RunState:
         self.metrics["time"]["base"] += t_base
         self.metrics["base"], self.metrics["scoring"] = base, bench.scoring
         if "zero_shot" not in self.metrics:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
-            self.metrics["zero_shot"], _ = bench.evaluate(model, None, -1)
-            self.log("base zero-shot: " + " ".join(f"{n}={ev._f(a)}" for n, a in zip(self.names, self.metrics["zero_shot"])))
+            self.metrics["unseen"] = {"tasks": bench.unseen, "acc": []}
+            ev.record(self.metrics, bench.evaluate(model, None, -1), -1)
+            self.log("base zero-shot: " + " ".join(f"{n}={ev._f(a)}" for n, a in zip(
+                self.names + bench.unseen, self.metrics["zero_shot"] + self.metrics["unseen"]["zero_shot"])))
         return model, bench, locator
 
     def begin(self, t, model):
@@ -543,22 +577,20 @@ class RunState:
             save_json(meta, stem + ".json")
         return save
 
-    def finish_stage(self, t, model, locator, row, conf, decision):
+    def finish_stage(self, t, model, locator, result, decision):
         """Stage t's metrics, its checkpoint, then the progress marker: a crash before it redoes the stage."""
         cfg, metrics, clock, located = self.cfg, self.metrics, self.clock, self.cfg.method == "cmoe"
         metrics["pgke"] += [decision] if decision is not None else []
-        metrics["acc"].append(row)
-        metrics["locator_acc"] += [ev.locator_accuracy(conf)] if located else []
-        metrics["locator"] = {"confusion": conf, "acc": metrics["locator_acc"][-1]} if located else {
-            "confusion": None, "acc": None}  # the baselines share one router: nothing to locate
+        ev.record(metrics, result, t)
         ffns = model.llm.expert_ffns()
         metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
             f.n_experts for f in ffns), "added": ev.count_params(model)[1] - clock.n_before})
         metrics["experts_per_layer"].append([f.n_experts for f in ffns])
         metrics["time"]["tasks"].append(clock.seconds)
         metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
-        self.log(f"after task {t + 1} ({clock.name}): " + " ".join(f"{n}={ev._f(a)}" for n, a in zip(self.names, row))
-                 + (f" | locator {metrics['locator_acc'][-1]:.1f}%" if located else ""))
+        scores = zip(self.names + metrics["unseen"]["tasks"], result["acc"] + result["unseen"])
+        self.log(f"after task {t + 1} ({clock.name}): " + " ".join(f"{n}={ev._f(a)}" for n, a in scores)
+                 + (f" | locator {ev._f(metrics['locator']['acc'])}%" if located else ""))
         tdir = os.path.join(cfg.out, f"task_{t}")
         sd, meta = ev.cl_state(model, locator)
         save_safetensors(sd, os.path.join(tdir, "model.safetensors"))
@@ -577,6 +609,7 @@ class RunState:
         save_json(metrics, self.state_path)
         save_json(metrics, os.path.join(self.cfg.out, "metrics.json"))
         cell = lambda a: f"{a:8.1f}" if a is not None else f"{'':>8}"  # noqa: E731
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         log("accuracy matrix (row: after training task j; column: task i)")
         log("            " + " ".join(f"{n[:8]:>8}" for n in self.names))
         labels = ["base"] + (self.names if metrics["method"] != "joint" else ["joint"])
@@ -584,7 +617,9 @@ class RunState:
             log(f"{label[:10]:>10}  " + " ".join(map(cell, row)))
         if metrics.get("plasticity"):
             log(f"{'plasticity':>10}  " + " ".join(map(cell, metrics["plasticity"])))
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        unseen = metrics["unseen"]
+        for n, z, a, k in zip(unseen["tasks"], unseen["zero_shot"], unseen["acc"][-1], unseen.get("retention") or []):
+            log(f"unseen task {n}: base zero-shot {ev._f(z)}, after the last task {ev._f(a)}, retention {fmt(k)}")
         log(f"Last {fmt(metrics['last'])} | Avg {fmt(metrics['avg'])} | BWT {fmt(metrics['bwt'])} | "
             f"FWT {fmt(metrics.get('fwt'))} | locator {fmt(metrics['locator'].get('acc'))} | "
             f"total {metrics['time']['total']:.0f}s")

@@ -233,7 +233,7 @@ def test_truncation_keeps_answer_and_image(tok):
     assert len(data.encode_prompt(tok, ex, COMPACT, 12)) == 12
 
 
-def test_encode_dataset_and_batches(tok):
+def test_encode_dataset_and_training_batches(tok):
     exs = data.minicoin("count", "train", 10)
     exs[3] = Example(exs[3].image, [("<image>", "far too long " * 30)], "count")
     ds = data.encode_dataset(exs, tok, COMPACT, data.MAX_LEN, data.IMAGE_SIZE, task_id=2)
@@ -244,13 +244,12 @@ def test_encode_dataset_and_batches(tok):
     row = ds["input_ids"][3].tolist()
     assert row[:len(ids)] == ids and set(row[len(ids):]) == {data.pad_id(tok)}
     assert ds["labels"][3].tolist() == labels + [IGNORE_INDEX] * (data.MAX_LEN - len(labels))
-    train = list(data.batches(ds, 4, shuffle=True, seed=0))
-    assert [len(b["input_ids"]) for b in train] == [4, 4]  # drop_last: fixed shapes
-    assert train[0]["index"].tolist() == list(data.batches(ds, 4, shuffle=True, seed=0))[0]["index"].tolist()
-    assert len(set(torch.cat([b["index"] for b in train]).tolist())) == 8
-    ev = list(data.batches(ds, 4))
-    assert [len(b["index"]) for b in ev] == [4, 4, 1] and torch.equal(torch.cat([b["index"] for b in ev]), ds["index"])
-    assert set(ev[0]) == {"input_ids", "labels", "pixel_values", "task_ids", "index"}
+    import train  # training batches: the step-th batch is a function of (seed, step) alone
+    b0, b1, b2 = (train.batch_at(ds, step, 4, seed=0) for step in range(3))
+    assert len(b0["input_ids"]) == len(b1["input_ids"]) == len(b2["input_ids"]) == 4  # fixed shapes
+    assert torch.equal(b0["index"], train.batch_at(ds, 0, 4, seed=0)["index"])  # resume-exact
+    assert len(set(b0["index"].tolist() + b1["index"].tolist())) == 8  # an epoch (9 // 4 batches) repeats nothing
+    assert set(b0) == {"input_ids", "labels", "pixel_values", "task_ids", "index"}
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -565,6 +565,26 @@ def test_features_last_prompt_token(llava, llava_files):
         close(f[b], h[0, -1])
 
 
+
+@torch.no_grad()
+def test_features_mean_of_image_slots_and_instruction_tokens(llava, llava_files):
+    """The richer PTL feature: [mean hidden state over the P image slots, mean over the prompt's text tokens], from
+    the float64 reference forward of each prompt alone (no padding)."""
+    EMB = llava_files["llm_t"]["model.embed_tokens.weight"]
+    px = pixels(3, seed=5)
+    feats = llava.image_features(px)
+    f = llava.features(PROMPTS, px, "mean")
+    P = feats.shape[1]
+    assert f.shape == (3, 2 * EMB.shape[1])
+    for b, p in enumerate(PROMPTS):
+        h = ref_llama_logits(llava_files["llm_t"], llava_files["cfg"], None,
+                             embeds_BTD=manual_splice(EMB, p, feats[b])[None], return_hidden=True)[0]
+        k = p.index(IMG)
+        text = [i for i in range(len(p) - 1 + P) if not k <= i < k + P]
+        close(f[b], torch.cat([h[k:k + P].mean(0), h[text].mean(0)]))
+    with pytest.raises(ValueError, match="'last' or 'mean'"):
+        llava.features(PROMPTS, px, "first")
+
 # -----------------------------------------------------------------------------------------------------------
 # 5. optional parity with transformers
 

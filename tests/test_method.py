@@ -286,6 +286,59 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
                 assert torch.equal(bank(f, n)[2], o[n][s])
 
 
+def _probe_setup(seed=3, N=40, P=2, t=1):
+    """A 3-layer model after task 1 (2 frozen experts per layer) and a task-t dataset of N image+text examples."""
+    g = torch.Generator().manual_seed(seed)
+    llm = tiny_llm(n_layers=3, k=1)
+    cmoe.init_experts(llm, 2, generator=g)
+    for f in llm.expert_ffns():
+        randomise(f, g, routers=True)
+        f.freeze()
+    ids = torch.randint(3, 60, (N, 6), generator=g)
+    ids[:, 1] = IMG
+    ds = {"input_ids": ids, "labels": ids.clamp(min=0), "images": torch.randn(N, P, D, generator=g),
+          "task_ids": torch.full((N,), t)}
+    return cmoe.LLaVA(nn.Identity(), nn.Identity(), llm, pad_id=0), ds, g
+
+
+def test_gradnorm_allocator_grows_the_probe_rules_count_of_layers_by_gradient_norm(monkeypatch):
+    import train
+    model, ds, g = _probe_setup()
+    cfg = train.parse_args(["--expand", "gradnorm", "--set", "probe_frac=0.25", "--set", "eval_batch=3"])
+    cfg.device = "cpu"
+
+    def fake_train_stage(m, d, a, steps, lr, task_id, tag, log, **kw):  # "trains" the probes: non-zero B
+        with torch.no_grad():
+            for f in m.llm.expert_ffns():
+                for n in ("B_gate", "B_up", "B_down"):
+                    bank(f, n, "train").normal_(generator=g)
+    monkeypatch.setattr(train, "train_stage", fake_train_stage)
+    monkeypatch.setattr(train, "probe_gradnorms", lambda *a: [0.5, 0.1, 0.9])
+    out = train.pgke(model, ds, cfg, 1, lambda msg: None)
+    k = sum(cmoe.pgke_decide(out["freq"], cfg.alpha)[0])  # the probe rule's budget, from the same frequencies
+    assert 0 < k < 3 and out["expand"] == [[False, False, True], [True, False, True]][k - 1]
+    assert [f.n_experts for f in model.llm.expert_ffns()] == [2 + e for e in out["expand"]]
+
+
+def test_probe_gradnorms_are_the_norms_of_each_layers_probe_expert_gradient():
+    import train
+    model, ds, g = _probe_setup(seed=5)
+    cmoe.probe_start(model.llm, generator=g)
+    for f in model.llm.expert_ffns():
+        randomise(f, g)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".train_" in n or ".routers.1" in n)  # the probes and the probe router
+    cfg = train.parse_args(["--set", "eval_batch=64"])  # one batch: the reference is one backward of the whole loss
+    cfg.device = "cpu"
+    got = train.probe_gradnorms(model, ds, cfg)
+    _, loss, _ = model(ds["input_ids"], ds["images"], ds["labels"], ds["task_ids"])
+    params = [[getattr(e, w) for e in f.experts.values() for w in ("train_A", "train_B")] for f in model.llm.expert_ffns()]
+    grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
+    want = [math.sqrt(sum(float(x.pow(2).sum()) for x in grads[6 * i:6 * i + 6])) for i in range(3)]
+    assert got == pytest.approx(want, rel=1e-5) and min(want) > 0
+    assert all(p.grad is None for p in model.parameters())  # leaves no gradient behind
+
+
 # ----------------------------------------------------------------------------------------------------------
 # PTL
 

@@ -103,6 +103,33 @@ def test_pgke_rule_on_hand_made_frequencies():
     assert cmoe.pgke_decide(freq, 0.0)[0] == [False, True, True, False]
 
 
+def test_reject_option_calibrates_per_task_and_rejects_what_no_task_accepts():
+    g = torch.Generator().manual_seed(1)
+    centers = [torch.zeros(16), torch.zeros(16)]
+    centers[0][:8], centers[1][8:] = 4.0, 4.0
+    loc = cmoe.Locator()
+    with pytest.raises(ValueError, match="never calibrated"):
+        loc.add_task(centers[0] + 0.3 * torch.randn(200, 16, generator=g), steps=200)
+        loc.locate(centers[0][None], reject=True)
+    held = []
+    for t, c in enumerate(centers):
+        if t:
+            loc.add_task(c + 0.3 * torch.randn(200, 16, generator=g), steps=200)
+        held.append(c + 0.3 * torch.randn(200, 16, generator=g))
+        loc.calibrate(held[-1], quantile=0.9)
+    for t, v in enumerate(loc.vaes):  # the bound: the 0.9 quantile of the task's own held-out z-scores, by hand
+        z = sorted(((v.recon_error(held[t]) - v.err_mean) / v.err_std).tolist())
+        want = z[179] + 0.1 * (z[180] - z[179])  # linear interpolation at position 0.9 * (200 - 1) = 179.1
+        assert float(v.accept_z) == pytest.approx(want, rel=1e-5)
+        assert int(((v.recon_error(held[t]) - v.err_mean) / v.err_std <= v.accept_z).sum()) == 180  # z[0..179]
+    far = torch.full((3, 16), 40.0)  # explained by neither task
+    f = torch.cat([centers[0] + 0.3 * torch.randn(4, 16, generator=g), centers[1] + 0.3 * torch.randn(4, 16, generator=g), far])
+    assert -1 not in loc.locate(f).tolist()  # without the reject option every sample goes to some task
+    got = loc.locate(f, reject=True).tolist()
+    assert got[-3:] == [-1, -1, -1] and got[:8].count(-1) <= 1 and [x for x in got[:8] if x >= 0] == [
+        t for t, x in zip([0] * 4 + [1] * 4, got[:8]) if x >= 0]
+
+
 def test_ptl_locates_separated_tasks_per_sample():
     g = torch.Generator().manual_seed(0)
     centers = [torch.zeros(32), torch.zeros(32), torch.zeros(32)]
@@ -294,3 +321,53 @@ def test_settings_from_flags_set_and_quick_preset():
                       (["--set", "method=bad"], "method must be one of"), (["--bad-images", "x"], "invalid choice")):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
+
+
+
+def test_unseen_task_bookkeeping_in_metrics(ptl_run):
+    out, M = ptl_run
+    u = json.loads((out / "metrics.json").read_text())["unseen"]
+    assert u["tasks"] == ["textcolor"] and len(u["zero_shot"]) == 1 and len(u["acc"]) == 2 == len(M["acc"])
+    assert u["retention"] == [u["acc"][-1][0] / u["zero_shot"][0]] if u["zero_shot"][0] else [None]
+    rows = [json.loads(line) for line in (out / "predictions/textcolor.jsonl").read_text().splitlines()]
+    assert sorted({r["stage"] for r in rows}) == [-1, 0, 1] and all(r["true_task"] is None for r in rows)
+    for stage, acc in zip((-1, 0, 1), [u["zero_shot"][0]] + [a[0] for a in u["acc"]]):
+        scored = [r["prediction"].strip().rstrip(".").lower() == r["answer"] for r in rows if r["stage"] == stage]
+        assert acc == pytest.approx(100 * sum(scored) / len(scored))
+
+
+def test_rejected_samples_are_answered_by_the_base_alone(ptl_run, tmp_path):
+    """Every VAE's bound set below any z: with --reject every sample of every stage is rejected, so each stage's
+    predictions are the bare base's (stage -1) exactly; the confusion gains the rejected counts."""
+    import shutil
+    import eval as ev
+    from safetensors.torch import save_file
+    out = tmp_path / "reject"
+    shutil.copytree(ptl_run[0], out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "reject": True}))
+    for t in (0, 1):
+        path = out / f"task_{t}/model.safetensors"
+        sd = load_file(str(path))
+        sd.update({k: torch.tensor(float("-inf")) for k in sd if k.endswith(".accept_z")})
+        save_file(sd, str(path))
+    M = ev.reevaluate(str(out))
+    for task in ("sqa", "cls", "textcolor"):
+        rows = [json.loads(line) for line in (out / f"predictions/{task}.jsonl").read_text().splitlines()]
+        base = [r["prediction"] for r in rows if r["stage"] == -1]
+        for stage in (0, 1):
+            assert [r["prediction"] for r in rows if r["stage"] == stage] == base, (task, stage)
+            assert all(r["located"] == -1 for r in rows if r["stage"] == stage)
+    assert M["acc"] == [M["zero_shot"]] * 2 and M["locator"]["rejected"] == [8, 8] and M["locator"]["acc"] == 0.0
+    assert M["unseen"]["retention"] == [1.0] or M["unseen"]["zero_shot"] == [0.0]
+
+
+def test_eval_refuses_a_locator_of_another_feature(ptl_run, tmp_path):
+    import shutil
+    import eval as ev
+    out = tmp_path / "feature"
+    shutil.copytree(ptl_run[0], out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "locator_feature": "mean"}))
+    with pytest.raises(ValueError, match="field 'locator_feature'"):
+        ev.reevaluate(str(out))
