@@ -32,7 +32,8 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 METHOD = ["tests/test_method.py"]
 EXPERTS = ["tests/test_experts.py"]
 TRAIN_FAST = ["tests/test_train.py::test_pgke_rule_on_hand_made_frequencies",
-              "tests/test_train.py::test_ptl_locates_separated_tasks_per_sample"]
+              "tests/test_train.py::test_ptl_locates_separated_tasks_per_sample",
+              "tests/test_train.py::test_reject_option_calibrates_per_task_and_rejects_what_no_task_accepts"]
 LLAMA = ["tests/test_llama.py"]
 EVAL = ["tests/test_eval.py"]
 DESELECT = ["tests/test_experts.py::test_compiled_fused_matches_loop_without_recompiles"]
@@ -118,8 +119,12 @@ MUTATIONS = [
     # --- PTL
     ("cmoe.py", "(v.recon_error(f) - v.err_mean) / v.err_std", "(v.recon_error(f) - v.err_mean)",
      "locator: z-score not divided by the error std", PTL),
-    ("cmoe.py", "return self.scores(f_BD).argmin(-1)", "return self.scores(f_BD).argmax(-1)",
+    ("cmoe.py", "            return z_BN.argmin(-1)", "            return z_BN.argmax(-1)",
      "locator: argmax instead of argmin", PTL),
+    ("cmoe.py", "vae.accept_z.fill_(float(torch.quantile(z_N, quantile)))",
+     "vae.accept_z.fill_(float(torch.quantile(z_N, 1 - quantile)))", "reject bound at the complementary quantile", PTL),
+    ("cmoe.py", "z_BN = z_BN.masked_fill(z_BN > bound_N, float(\"inf\"))",
+     "z_BN = z_BN.masked_fill(z_BN < bound_N, float(\"inf\"))", "reject: refuses what a task accepts", PTL),
     ("cmoe.py", "mu, _ = self.enc(x).chunk(2, -1)", "_, mu = self.enc(x).chunk(2, -1)",
      "VAE recon error decodes the log-variance half", PTL),
     ("cmoe.py", "vae.err_std.copy_(err.std().clamp(min=1e-6))", "vae.err_std.copy_(err.var().clamp(min=1e-6))",
