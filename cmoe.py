@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -346,10 +348,15 @@ class ExpertFFN(nn.Module):
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
         """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
         m = torch.ones(w_BTE.shape[:2], device=w_BTE.device) if valid_BT is None else valid_BT.float()
-        n = m.sum().clamp(min=1)
-        frac_E = ((w_BTE > 0).float() * m[..., None]).sum((0, 1)) / (n * self.ecfg.top_k)
-        prob_E = (probs_BTE * m[..., None]).sum((0, 1)) / n
-        return probs_BTE.shape[-1] * (frac_E * prob_E).sum()
+        n, E = m.sum(), probs_BTE.shape[-1]
+        hits_E, psum_E = ((w_BTE > 0).float() * m[..., None]).sum((0, 1)), (probs_BTE * m[..., None]).sum((0, 1))
+        if dist.is_available() and dist.is_initialized() and torch.is_grad_enabled():  # torchrun: the whole batch's
+            stats = dist_nn.all_reduce(torch.cat([hits_E, psum_E, n[None]]))  # statistics, as one process has them
+            hits_E, psum_E, n = stats[:E], stats[E:2 * E], stats[-1]
+        n = n.clamp(min=1)
+        frac_E = hits_E / (n * self.ecfg.top_k)
+        prob_E = psum_E / n
+        return E * (frac_E * prob_E).sum()
 
     @torch.no_grad()
     def count(self, w_BTE, valid_BT):

@@ -17,6 +17,7 @@ import types
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 import cmoe
@@ -91,13 +92,19 @@ def record(metrics, result, t):
 # -----------------------------------------------------------------------------
 # run folders: the cached base, task checkpoints (safetensors + JSON sidecar, written atomically), predictions
 
+def rank_world():
+    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
 class Log:
-    """print, and append to the run's log.txt."""
+    """print, and append to the run's log.txt (rank 0 only)."""
 
     def __init__(self, path):
         self.path = path
 
     def __call__(self, msg):
+        if rank_world()[0]:
+            return
         print(msg, flush=True)
         with open(self.path, "a") as f:
             f.write(msg + "\n")
@@ -159,7 +166,10 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
     for t in range(meta.get("n_vae", 0)):
         pre = f"locator.vaes.{t}."
         vae = cmoe.TaskVAE(tensors[pre + "feat_mean"].shape[0], **meta["vae"])
-        vae.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        missing, unexpected = vae.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)},
+                                                  strict=False)
+        if [k for k in missing if k != "accept_z"] or unexpected:  # no accept_z: uncalibrated, --reject says so
+            raise KeyError(f"{source}: locator VAE {t}: missing {missing}, unexpected {unexpected}")
         loc.vaes.append(vae.eval())
     return loc
 
@@ -314,9 +324,12 @@ class Benchmark:
         "rejected": per seen task, the samples no task accepted (--reject)}."""
         cfg, routed, T = self.cfg, self.cfg.method == "cmoe" and t >= 0, len(self.names)
         out = {"acc": [], "unseen": [], "confusion": [[0] * (t + 1) for _ in range(t + 1)], "rejected": [0] * (t + 1)}
+        rank, world = rank_world()
         for i, n in enumerate(self.names + self.unseen):
-            rows, chosen = predict(model, locator, self.tests[n], self.images[n], self.tok, self.template, cfg,
-                                   i if i < T else None, t + 1, routed)
+            mine = list(range(rank, len(self.tests[n]), world))  # under torchrun each rank predicts every world-th
+            rows, chosen = predict(model, locator, [self.tests[n][k] for k in mine], self.images[n][mine], self.tok,
+                                   self.template, cfg, i if i < T else None, t + 1, routed)
+            rows, chosen = gather_in_order(mine, rows, chosen)
             out["acc" if i < T else "unseen"].append(None if cfg.predict_only else task_accuracy(rows, self.metric[n]))
             for c in chosen if routed and i <= t else ():
                 if c < 0:
@@ -324,14 +337,28 @@ class Benchmark:
                 else:
                     out["confusion"][i][c] += 1
             trained = "Zero_shot" if t < 0 else "Joint" if cfg.method == "joint" else self.names[t]  # CoIN's STAGE
-            save_predictions(cfg.out, n, t, rows, trained if cfg.benchmark == "coin" else None)
+            if rank == 0:
+                save_predictions(cfg.out, n, t, rows, trained if cfg.benchmark == "coin" else None)
         return out
 
-def reevaluate(run_dir, device=None):
+def gather_in_order(mine, rows, chosen):
+    """Every rank's predictions for its samples (`mine`: their indices) -> all rows and choices in test order."""
+    for r, k in zip(rows, mine):
+        r["index"] = k
+    if rank_world()[1] == 1:
+        return rows, chosen
+    parts = [None] * rank_world()[1]
+    dist.all_gather_object(parts, (rows, chosen))
+    merged = sorted(((r["index"], r, c) for rs, cs in parts for r, c in zip(rs, cs)), key=lambda x: x[0])
+    return [r for _, r, _ in merged], [c for _, _, c in merged]
+
+def reevaluate(run_dir, device=None, reject=None):
     """Rebuild a finished (or partly finished) run from its base and task checkpoints and regenerate every stage's
-    predictions and accuracy rows. Returns the refreshed metrics dict (also written to metrics.json)."""
+    predictions and accuracy rows (reject: override the run's reject option). Returns the refreshed metrics dict
+    (also written to metrics.json)."""
     cfg = types.SimpleNamespace(**read_json(os.path.join(run_dir, "config.json")))
     cfg.out, cfg.device = run_dir, device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.reject = cfg.reject if reject is None else reject
     log = Log(os.path.join(run_dir, "log.txt"))
     done = os.path.join(run_dir, "metrics.json")
     metrics = read_json(done if os.path.exists(done) else os.path.join(run_dir, "state.json"))
@@ -342,7 +369,7 @@ def reevaluate(run_dir, device=None):
     tok, template = data.tokenizer(cfg)
     model = load_model(metrics["base"], data.pad_id(tok)).to(cfg.device).requires_grad_(False)
     bench = Benchmark(cfg, model, tok, template, log)
-    metrics.update(acc=[], locator_acc=[], unseen={"tasks": bench.unseen, "acc": []})
+    metrics.update(acc=[], locator_acc=[], unseen={"tasks": bench.unseen, "acc": []}, reject=cfg.reject)
     record(metrics, bench.evaluate(model, None, -1), -1)  # before any expert
     for t in [0] if cfg.method == "joint" else range(metrics["finished_tasks"]):  # joint: one checkpoint, one row
         tdir = os.path.join(run_dir, f"task_{t}")
@@ -630,9 +657,11 @@ def compare(run_dirs, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Re-evaluate / report a cmoe run, or compare several runs.")
     p.add_argument("runs", nargs="+", help="run folder(s), e.g. out/minicoin-cmoe")
-    p.add_argument("--compare", action="store_true", help="compare several runs in one table + bar chart")
+    p.add_argument("--compare", action="store_true", help="compare several runs in one table + figure")
     p.add_argument("--out", default=None, help="output folder for --compare (default: <runs parent>/compare)")
     p.add_argument("--from-predictions", action="store_true", help="skip the model; rescore saved predictions")
+    p.add_argument("--reject", action="store_true", help="re-evaluate with the locator's reject option (the bounds "
+                   "are calibrated during training whether or not the run used it)")
     args = p.parse_args(argv)
     try:
         if args.compare:
@@ -646,7 +675,7 @@ def main(argv=None):
         load_run(rd)  # fail early with a clear message
         if not args.from_predictions and glob.glob(os.path.join(rd, "task_*", "model.safetensors")):
             try:
-                reevaluate(rd)
+                reevaluate(rd, reject=args.reject or None)
             except NotImplementedError as e:
                 print(f"note: {e}; rescoring the saved predictions instead", file=sys.stderr)
         m = write_report(rd, recompute(rd))

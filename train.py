@@ -22,6 +22,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import cmoe
 import data
@@ -213,6 +215,21 @@ def concat(dss):
 # ----------------------------------------------------------------------------------------------------------
 # the base model (stage 0)
 
+def init_distributed(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, one GPU per rank; gloo on CPU). Returns
+    this process's rank (0 in a plain run)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if world > cfg.batch_size:
+        raise SystemExit(f"torchrun started {world} ranks but --batch-size is {cfg.batch_size}: each rank needs at "
+                         f"least one sample of every batch (use --nproc_per_node <= the batch size)")
+    return ev.rank_world()[0]
+
+
 def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
     """The frozen base and where it comes from (kept in metrics.json, so eval.reevaluate loads the same model):
     real checkpoints (a projector without a file is saved into the run folder), or the tiny MiniCoIN base."""
@@ -228,8 +245,9 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
                 train_stage(model, encode(model, exs, tok, template, cfg, 0, feats=False), cfg, cfg.base_steps,
                             cfg.base_lr, 0, "align", log, experts=False)
             base["projector"] = os.path.join(cfg.out, "projector.safetensors")
-            save_safetensors({f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()},
-                             base["projector"])
+            if ev.rank_world()[0] == 0:
+                save_safetensors({f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()},
+                                 base["projector"])
         return model, base
     # tiny MiniCoIN base, made the way LLaVA is (captions, then general instructions); each stage's result is
     # cached under a key of everything that shaped it, so changing stage 0b reuses stage 0a
@@ -254,7 +272,8 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
         ds = encode(model, data.minicoin(task, "train", n, seed=cfg.seed), tok, template, cfg, 0, feats=False)
         model.vision.requires_grad_(tag == "base")  # as LLaVA: the tower learns to see in 0a, is frozen in 0b
         train_stage(model, ds, cfg, steps, cfg.base_lr, 0, tag, log, experts=False)
-        ev.save_base(model, folder)
+        if ev.rank_world()[0] == 0:
+            ev.save_base(model, folder)
     return model, {"tiny": folder}
 
 
@@ -279,7 +298,9 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
         step0 = start[0]
         load_optimizer(opt, named, start[1])
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
-    fwd = torch.compile(model) if compiled else model
+    world = ev.rank_world()[1]  # torchrun: DDP over the trainable parameters, rebuilt per stage (PGKE grows them)
+    fwd = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    fwd = torch.compile(fwd) if compiled else fwd
     model.train()
     t_last, tok_count, interval = time.time(), 0, max(1, steps // 10)
     for step in range(step0, steps):
@@ -287,17 +308,17 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
             g["lr"] = lr_at(step, steps, lr, cfg.warmup)
         loss_sum = aux_sum = 0.0
         for micro in range(cfg.grad_accum):
-            b = batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id)
+            b, share = rank_shard(batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id))
             b = {k: v.to(cfg.device) for k, v in b.items()}
             tids = b["task_ids"] if task_ids_fixed is None else torch.full_like(b["task_ids"], task_ids_fixed)
             with cmoe.autocast(cfg.device):
                 _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
-            total = loss + cfg.lambda_aux * aux
-            if not torch.isfinite(total):
+            total = (loss * share if world > 1 else loss) + cfg.lambda_aux * aux
+            if not all_finite(total):
                 raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step {step + 1}: "
                                          f"stopping; checkpoints already on disk are untouched")
             (total / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
+            loss_sum += (all_sum(loss.detach() * share / world) if world > 1 else float(loss.detach())) / cfg.grad_accum
             aux_sum += float(aux.detach()) / cfg.grad_accum
             tok_count += int((b["input_ids"] != model.pad_id).sum())
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -311,6 +332,33 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
         if ckpt is not None and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             ckpt(step + 1, optimizer_state(opt, named))
     model.eval()
+
+
+def rank_shard(b):
+    """Under torchrun: this rank's rows of the global batch b (every world-th), and `share`, the factor that makes
+    DDP's mean of the ranks' gradients the single process's gradient of the token-mean loss over the whole batch:
+    world * (this rank's labelled tokens) / (the batch's)."""
+    rank, world = ev.rank_world()
+    if world == 1:
+        return b, 1.0
+    n_all = int((b["labels"] != cmoe.IGNORE_INDEX).sum())
+    b = {k: v[rank::world] for k, v in b.items()}
+    return b, world * int((b["labels"] != cmoe.IGNORE_INDEX).sum()) / max(n_all, 1)
+
+
+def all_finite(x):
+    """torch.isfinite(x), agreed by every rank (one rank's NaN stops them all at the same step)."""
+    bad = (~torch.isfinite(x.detach())).float().reshape(1)
+    if ev.rank_world()[1] > 1:
+        dist.all_reduce(bad)
+    return not bool(bad)
+
+
+def all_sum(x):
+    """Sum of a scalar over the ranks."""
+    x = x.detach().float().reshape(1).clone()
+    dist.all_reduce(x)
+    return float(x)
 
 
 def optimizer_state(opt, named) -> dict:
@@ -357,15 +405,27 @@ def run(cfg: TrainConfig):
             for f in model.llm.expert_ffns():
                 f.freeze()
             with clock("locator"):  # PTL: this task's VAE on frozen-base features of its training data
-                feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
-                locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
-                held_out = exs[cfg.locator_n: cfg.locator_n + cfg.calib_n]  # reject bound: data the VAE never saw
-                locator.calibrate(ev.task_features(model, held_out, r.tok, r.template, cfg) if held_out else feats,
-                                  cfg.reject_quantile)
+                fit_task_vae(model, locator, exs, r, cfg, t)
         with clock("eval"):
             result = bench.evaluate(model, locator, t)
         r.finish_stage(t, model, locator, result, decision)
     return r.finish()
+
+
+def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
+    """PTL for task t: a VAE on locator_n training examples' features, its reject bound from the next calib_n (data
+    the VAE never saw). Under torchrun rank 0 fits it and broadcasts it."""
+    rank, world = ev.rank_world()
+    if rank == 0:
+        feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
+        locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
+        held_out = exs[cfg.locator_n: cfg.locator_n + cfg.calib_n]
+        locator.calibrate(ev.task_features(model, held_out, r.tok, r.template, cfg) if held_out else feats,
+                          cfg.reject_quantile)
+    else:
+        locator.vaes.append(cmoe.TaskVAE(model.llm.cfg.dim * (2 if cfg.locator_feature == "mean" else 1)).eval())
+    for v in locator.vaes[-1].state_dict().values() if world > 1 else ():
+        dist.broadcast(v, 0)
 
 
 def grow(model: LLaVA, ds, cfg, t, log):
@@ -390,10 +450,15 @@ def pgke(model: LLaVA, ds, cfg, t, log):
     trainable_cl(model)
     train_stage(model, probe_train, cfg, cfg.probe_steps, cfg.lr, t, f"probe{t}", log)
     cmoe.set_counting(model.llm, True)
+    rank, world = ev.rank_world()
+    mine = subset(probe_hold, torch.arange(rank, n_hold, world))  # torchrun: each rank counts its share, then sums
     with torch.no_grad():
-        for i in range(0, n_hold, cfg.eval_batch):
-            b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in probe_hold.items() if isinstance(v, torch.Tensor)}
+        for i in range(0, mine["input_ids"].shape[0], cfg.eval_batch):
+            b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in mine.items() if isinstance(v, torch.Tensor)}
             model(b["input_ids"], b["images"], None, b["task_ids"])
+    for f in model.llm.expert_ffns() if world > 1 else ():  # every rank takes the same decision
+        f.usage = f.usage if f.usage.numel() == f.n_experts else torch.zeros(f.n_experts, device=cfg.device)
+        dist.all_reduce(f.usage)
     freq = cmoe.probe_frequencies(model.llm)
     expand, thr = cmoe.pgke_decide(freq, cfg.alpha)
     if cfg.expand == "all":
@@ -504,6 +569,7 @@ class RunState:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.t_start = cfg, time.time()
+        self.rank = init_distributed(cfg)
         os.makedirs(cfg.out, exist_ok=True)
         self.log = Log(os.path.join(cfg.out, "log.txt"))
         if cfg.threads:
@@ -513,12 +579,15 @@ class RunState:
         self.n_stages = 1 if cfg.method == "joint" else len(self.names)
         self.tok, self.template = data.tokenizer(cfg)
         self.state_path = os.path.join(cfg.out, "state.json")
-        if not cfg.resume:
+        if not cfg.resume and self.rank == 0:
             for f in ("state.json", "metrics.json"):  # a fresh run must not inherit an old run's progress
                 if os.path.exists(os.path.join(cfg.out, f)):
                     os.remove(os.path.join(cfg.out, f))
-        save_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
-        self.log(f"run {cfg.out}: {cfg.method} on {cfg.benchmark} tasks {self.names} device {cfg.device}")
+        if self.rank == 0:
+            save_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
+        world = ev.rank_world()[1]
+        self.log(f"run {cfg.out}: {cfg.method} on {cfg.benchmark} tasks {self.names} device {cfg.device}"
+                 + (f", {world} ranks (torchrun: DDP, batches split, evaluation sharded)" if world > 1 else ""))
         self.metrics = {"benchmark": cfg.benchmark, "method": cfg.method, "expand": cfg.expand, "locator": cfg.locator,
                   "tasks": self.names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
                   "locator_acc": [], "time": {"base": 0.0, "tasks": []}, "finished_tasks": 0}
@@ -571,6 +640,8 @@ class RunState:
         clock, stem = self.clock, os.path.join(self.cfg.out, f"task_{self.t}", "partial")
 
         def save(step, opt_state):
+            if self.rank:  # under torchrun only rank 0 writes
+                return
             sd, meta = ev.cl_state(model)
             meta.update(step=step, pgke=decision, time=clock.seconds, n_before=clock.n_before)
             save_safetensors({**sd, **opt_state}, stem + ".safetensors")
@@ -592,6 +663,8 @@ class RunState:
         self.log(f"after task {t + 1} ({clock.name}): " + " ".join(f"{n}={ev._f(a)}" for n, a in scores)
                  + (f" | locator {ev._f(metrics['locator']['acc'])}%" if located else ""))
         tdir = os.path.join(cfg.out, f"task_{t}")
+        if self.rank:
+            return
         sd, meta = ev.cl_state(model, locator)
         save_safetensors(sd, os.path.join(tdir, "model.safetensors"))
         save_json({**meta, "task": clock.name, "index": t, "tasks": self.names, "method": cfg.method},
@@ -606,8 +679,9 @@ class RunState:
         metrics, log = self.metrics, self.log
         metrics["time"]["total"] = metrics["time"].get("total", 0.0) + time.time() - self.t_start
         metrics.update(ev.continual_metrics(metrics["acc"], joint=metrics["method"] == "joint"))
-        save_json(metrics, self.state_path)
-        save_json(metrics, os.path.join(self.cfg.out, "metrics.json"))
+        if self.rank == 0:
+            save_json(metrics, self.state_path)
+            save_json(metrics, os.path.join(self.cfg.out, "metrics.json"))
         cell = lambda a: f"{a:8.1f}" if a is not None else f"{'':>8}"  # noqa: E731
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         log("accuracy matrix (row: after training task j; column: task i)")
@@ -765,6 +839,9 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,3 +10,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: runs train.py under torchrun (2 gloo ranks); deselect with "
+                            "-m 'not distributed'")

@@ -7,6 +7,7 @@ KIND  log     kill right after the N-th log line matching the regex PATTERN has 
       before  kill just before the N-th atomic write (vision.atomic_path: json, safetensors, predictions) to a path
               ending in PATTERN
       after   kill just after that write has completed (renamed into place)
+Under torchrun, KILL_RANK=r in the environment kills rank r only (default: every rank that reaches the point).
 """
 import contextlib
 import os
@@ -27,7 +28,7 @@ def main():
 
     def hit():
         seen[0] += 1
-        if seen[0] == n:
+        if seen[0] == n and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", os.environ.get("RANK", "0")):
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 

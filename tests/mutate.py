@@ -84,7 +84,8 @@ MUTATIONS = [
     ("cmoe.py", "hits_E = (w_BTE > 0).float()", "hits_E = (w_BTE >= 0).float()",
      "PGKE counts: every expert counted, not only the top-k", PGKE),
     ("cmoe.py", "/ (n * self.ecfg.top_k)", "/ n", "balance loss: assignment fractions not divided by k", ROUTE),
-    ("cmoe.py", "prob_E = (probs_BTE * m[..., None]).sum((0, 1)) / n", "prob_E = probs_BTE.mean((0, 1))",
+    ("cmoe.py", "psum_E = ((w_BTE > 0).float() * m[..., None]).sum((0, 1)), (probs_BTE * m[..., None]).sum((0, 1))",
+     "psum_E = ((w_BTE > 0).float() * m[..., None]).sum((0, 1)), probs_BTE.sum((0, 1))",
      "balance loss: padding tokens in the mean router probability", ROUTE),
     # --- PGKE
     ("cmoe.py", "ffn.add_router(latest)", "ffn.add_router(None)",

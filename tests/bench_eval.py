@@ -1,0 +1,54 @@
+"""Evaluation cost of the task locator (a script, not a pytest test).
+
+    python tests/bench_eval.py out/minicoin-cmoe [--reps 3] [--reject]
+
+Rebuilds the run's last stage (base, experts, locator) and times eval.Benchmark.evaluate over every test set, with
+the locator choosing each sample's routers (PTL features of the frozen base + the VAEs, then generation) and with
+the oracle (generation only), median of --reps, both in this one process; prints the two and their ratio.
+Predictions go to a temporary folder: the run folder is not touched."""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+from vision import read_json  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reject", action="store_true", help="time the locator with its reject option")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = types.SimpleNamespace(**read_json(os.path.join(a.run, "config.json")))
+    metrics = read_json(os.path.join(a.run, "metrics.json"))
+    cfg.device, cfg.out, cfg.reject = "cpu", tempfile.mkdtemp(prefix="bench-eval-"), a.reject
+    tok, template = data.tokenizer(cfg)
+    model = ev.load_model(metrics["base"], data.pad_id(tok)).requires_grad_(False)
+    bench = ev.Benchmark(cfg, model, tok, template, log=lambda m: None)
+    t = metrics["finished_tasks"] - 1
+    locator = ev.load_task(model, os.path.join(a.run, f"task_{t}"))
+    times = {}
+    for mode in ("ptl", "oracle", "ptl", "oracle") * a.reps:  # interleaved: drift hits both alike
+        cfg.locator = mode
+        t0 = time.perf_counter()
+        bench.evaluate(model, locator, t)
+        times.setdefault(mode, []).append(time.perf_counter() - t0)
+    ptl, oracle = statistics.median(times["ptl"]), statistics.median(times["oracle"])
+    print(f"{a.run}: stage {t}, {sum(len(x) for x in bench.tests.values())} test samples, {a.threads} threads, "
+          f"median of {len(times['ptl'])}: located {ptl:.2f} s, oracle {oracle:.2f} s, ratio {ptl / oracle:.2f}x"
+          f"{' (with --reject)' if a.reject else ''}")
+
+
+if __name__ == "__main__":
+    main()

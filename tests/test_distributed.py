@@ -1,0 +1,73 @@
+"""torchrun data parallelism: two gloo ranks on the CPU against one process, same global batch (marked
+`distributed`: deselect with -m "not distributed")."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tasks", "sqa,cls", "--base-steps", "30", "--instruct-steps", "10", "--caption-n", "64", "--instruct-n", "64",
+        "--steps", "10", "--probe-steps", "4", "--train-n", "48", "--test-n", "8", "--batch-size", "8",
+        "--locator-n", "24", "--calib-n", "8", "--save-every", "5", "--threads", "1", "--set", "eval_batch=16"]
+
+
+def run(out, base, nproc=1, extra=(), script=("train.py",), env=()):
+    argv = [*TINY, "--out", str(out), "--base-dir", str(base), *extra]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable]) + [os.path.join(ROOT, script[0]), *script[1:], *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_reproduce_one_process(tmp_path):
+    one, two, base = tmp_path / "one", tmp_path / "two", tmp_path / "base"
+    p = run(one, base)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run(two, base, nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for key in ("acc", "zero_shot", "unseen", "locator", "params", "experts_per_layer"):
+        assert a[key] == b[key], key
+    assert [d["expand"] for d in a["pgke"]] == [d["expand"] for d in b["pgke"]]  # the same PGKE decisions
+    assert [d["copied_from"] for d in a["pgke"]] == [d["copied_from"] for d in b["pgke"]]
+    for d, e in zip(a["pgke"], b["pgke"]):
+        assert d["freq"] == pytest.approx(e["freq"], abs=1e-9)  # counts summed over the ranks' halves
+    for t in (0, 1):
+        x, y = (load_file(str(d / f"task_{t}/model.safetensors")) for d in (one, two))
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"task_{t} {k}: {m}")
+    log = (two / "log.txt").read_text()
+    assert ", 2 ranks (torchrun" in log and log.count("=== task") == 2  # one writer: rank 0 logs, once per task
+    for task in ("sqa", "cls", "textcolor"):  # predictions gathered from both ranks, in test order
+        rows = [json.loads(line) for line in (two / f"predictions/{task}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in rows if r["stage"] == 1] == list(range(8))
+
+
+@pytest.mark.distributed
+def test_more_ranks_than_the_batch_is_refused(tmp_path):
+    p = run(tmp_path / "run", tmp_path / "base", nproc=3, extra=["--batch-size", "2"])
+    assert p.returncode != 0 and "--batch-size is 2" in p.stderr + p.stdout
+
+
+@pytest.mark.distributed
+def test_a_rank_killed_mid_task_stops_every_rank_and_resume_under_torchrun_finishes_the_run(tmp_path):
+    ref, out, base = tmp_path / "ref", tmp_path / "killed", tmp_path / "base"
+    assert run(ref, base).returncode == 0
+    killer = ("tests/killrun.py", "log:^task1:cls step:3", "--")  # rank 1 dies (SIGKILL) in task 2's training
+    p = run(out, base, nproc=2, script=killer, env={"KILL_RANK": "1"})
+    assert p.returncode != 0
+    assert json.loads((out / "state.json").read_text())["finished_tasks"] == 1  # task 1 saved whole, task 2 not
+    assert not (out / "task_1/model.safetensors").exists() and not list(out.glob("**/*.tmp*"))
+    p = run(out, base, nproc=2, extra=["--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
+    assert a["acc"] == b["acc"] and [d["expand"] for d in a["pgke"]] == [d["expand"] for d in b["pgke"]]
+    x, y = (load_file(str(d / "task_1/model.safetensors")) for d in (ref, out))
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=0)
