@@ -741,10 +741,10 @@ class Locator(nn.Module):
         return torch.stack([(v.recon_error(f) - v.err_mean) / v.err_std for v in self.vaes], -1)
 
     @torch.no_grad()
-    def calibrate(self, features_ND, quantile=0.99):
-        """Reject option: the latest task's VAE accepts z up to the `quantile` of its z-scores on held-out features
-        of its own training data (not the ones it was fitted on)."""
-        vae = self.vaes[-1]
+    def calibrate(self, features_ND, quantile=0.99, task=-1):
+        """Reject option: task `task`'s VAE (default: the latest) accepts z up to the `quantile` of its z-scores on
+        held-out features of its own training data (not the ones it was fitted on)."""
+        vae = self.vaes[task]
         z_N = (vae.recon_error(features_ND.float().cpu()) - vae.err_mean) / vae.err_std
         vae.accept_z.fill_(float(torch.quantile(z_N, quantile)))
 

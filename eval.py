@@ -352,13 +352,15 @@ def gather_in_order(mine, rows, chosen):
     merged = sorted(((r["index"], r, c) for rs, cs in parts for r, c in zip(rs, cs)), key=lambda x: x[0])
     return [r for _, r, _ in merged], [c for _, _, c in merged]
 
-def reevaluate(run_dir, device=None, reject=None):
+def reevaluate(run_dir, device=None, reject=None, quantile=None):
     """Rebuild a finished (or partly finished) run from its base and task checkpoints and regenerate every stage's
-    predictions and accuracy rows (reject: override the run's reject option). Returns the refreshed metrics dict
-    (also written to metrics.json)."""
+    predictions and accuracy rows. reject: override the run's reject option; quantile: recalibrate every task's
+    reject bound at this quantile, from the same held-out training examples training used. Returns the refreshed
+    metrics dict (also written to metrics.json)."""
     cfg = types.SimpleNamespace(**read_json(os.path.join(run_dir, "config.json")))
     cfg.out, cfg.device = run_dir, device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.reject = cfg.reject if reject is None else reject
+    cfg.reject_quantile = cfg.reject_quantile if quantile is None else quantile
     log = Log(os.path.join(run_dir, "log.txt"))
     done = os.path.join(run_dir, "metrics.json")
     metrics = read_json(done if os.path.exists(done) else os.path.join(run_dir, "state.json"))
@@ -369,8 +371,10 @@ def reevaluate(run_dir, device=None, reject=None):
     tok, template = data.tokenizer(cfg)
     model = load_model(metrics["base"], data.pad_id(tok)).to(cfg.device).requires_grad_(False)
     bench = Benchmark(cfg, model, tok, template, log)
-    metrics.update(acc=[], locator_acc=[], unseen={"tasks": bench.unseen, "acc": []}, reject=cfg.reject)
+    metrics.update(acc=[], locator_acc=[], unseen={"tasks": bench.unseen, "acc": []}, reject=cfg.reject,
+                   reject_quantile=cfg.reject_quantile)
     record(metrics, bench.evaluate(model, None, -1), -1)  # before any expert
+    held_out = {}
     for t in [0] if cfg.method == "joint" else range(metrics["finished_tasks"]):  # joint: one checkpoint, one row
         tdir = os.path.join(run_dir, f"task_{t}")
         meta = read_json(os.path.join(tdir, "meta.json"))
@@ -378,7 +382,13 @@ def reevaluate(run_dir, device=None, reject=None):
             if meta.get(field, want if field == "locator_feature" and not meta.get("n_vae") else None) != want:
                 raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} "
                                  f"but the run config says {want!r}")
-        record(metrics, bench.evaluate(model, load_task(model, tdir), t), t)
+        locator = load_task(model, tdir)
+        for k in range(len(locator.vaes)) if quantile is not None else ():
+            if k not in held_out:  # the base is frozen: a task's held-out features are the same at every stage
+                exs = data.load_examples(cfg, bench.names[k], "train")[cfg.locator_n: cfg.locator_n + cfg.calib_n]
+                held_out[k] = task_features(model, exs, tok, template, cfg)
+            locator.calibrate(held_out[k], quantile, task=k)
+        record(metrics, bench.evaluate(model, locator, t), t)
         log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_f(a)}" for n, a in zip(bench.names, metrics["acc"][-1])))
     metrics.update(continual_metrics(metrics["acc"], joint=cfg.method == "joint"))
     save_json(metrics, os.path.join(run_dir, "metrics.json"))
@@ -662,6 +672,8 @@ def main(argv=None):
     p.add_argument("--from-predictions", action="store_true", help="skip the model; rescore saved predictions")
     p.add_argument("--reject", action="store_true", help="re-evaluate with the locator's reject option (the bounds "
                    "are calibrated during training whether or not the run used it)")
+    p.add_argument("--reject-quantile", type=float, help="implies --reject: recalibrate every task's bound at this "
+                   "quantile of its held-out training z-scores (recomputed from the run's training data)")
     args = p.parse_args(argv)
     try:
         if args.compare:
@@ -675,7 +687,8 @@ def main(argv=None):
         load_run(rd)  # fail early with a clear message
         if not args.from_predictions and glob.glob(os.path.join(rd, "task_*", "model.safetensors")):
             try:
-                reevaluate(rd, reject=args.reject or None)
+                reevaluate(rd, reject=args.reject or args.reject_quantile is not None or None,
+                           quantile=args.reject_quantile)
             except NotImplementedError as e:
                 print(f"note: {e}; rescoring the saved predictions instead", file=sys.stderr)
         m = write_report(rd, recompute(rd))

@@ -371,3 +371,16 @@ def test_eval_refuses_a_locator_of_another_feature(ptl_run, tmp_path):
     (out / "config.json").write_text(json.dumps({**cfg, "locator_feature": "mean"}))
     with pytest.raises(ValueError, match="field 'locator_feature'"):
         ev.reevaluate(str(out))
+
+
+def test_reject_bounds_recalibrated_from_the_training_data_equal_the_trained_ones(ptl_run, tmp_path):
+    import shutil
+    import eval as ev
+    stored, recal = tmp_path / "stored", tmp_path / "recal"
+    for d in (stored, recal):
+        shutil.copytree(ptl_run[0], d)
+    a = ev.reevaluate(str(stored), reject=True)
+    b = ev.reevaluate(str(recal), reject=True, quantile=json.loads((recal / "config.json").read_text())["reject_quantile"])
+    assert a["acc"] == b["acc"] and a["locator"] == b["locator"] and a["unseen"] == b["unseen"]
+    for task in ("sqa", "cls", "textcolor"):
+        assert (stored / f"predictions/{task}.jsonl").read_text() == (recal / f"predictions/{task}.jsonl").read_text()
