@@ -242,17 +242,18 @@ def image_features(model: LLaVA, examples, cfg):
             out.append(model.image_features(px).cpu())
     return torch.cat(out)
 
-def task_features(model: LLaVA, examples, tok, template, cfg):
-    """PTL features (cfg.locator_feature of the frozen base) of examples, in eval batches."""
-    images = image_features(model, examples, cfg)
+def task_features(model: LLaVA, examples, tok, template, cfg, images=None):
+    """PTL features (cfg.locator_feature of the frozen base) of examples (`images`: their image features, if known),
+    in eval batches."""
+    images = image_features(model, examples, cfg) if images is None else images
     return torch.cat([model.features([data.encode_prompt(tok, ex, template, cfg.max_len) for ex in
                                       examples[i:i + cfg.eval_batch]], images[i:i + cfg.eval_batch].to(cfg.device),
                                      cfg.locator_feature).cpu() for i in range(0, len(examples), cfg.eval_batch)])
 
 @torch.no_grad()
-def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed):
-    """Greedy answers for `examples` (`images`: their projected features); returns rows for predictions/<task>.jsonl
-    and the chosen task ids. Routers per sample: routed=False (the baselines' one pool; the bare base): task 0; else
+def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed, feats=None):
+    """Greedy answers for `examples` (`images`: their projected features; `feats`: their PTL features, or None to
+    compute them here); returns rows for predictions/<task>.jsonl and the chosen task ids. Routers per sample: routed=False (the baselines' one pool; the bare base): task 0; else
     the locator's choice (--locator ptl, once 2 tasks are seen or with --reject, where a sample no task accepts gets
     -1), else the oracle: the true task, or the latest router for a task not trained yet (an unseen task: -1).
     -1 means the frozen base alone, without experts."""
@@ -266,7 +267,8 @@ def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_ta
         if not routed:
             tids = torch.zeros(len(exs), dtype=torch.long)
         elif cfg.locator == "ptl" and (seen > 1 or cfg.reject):
-            tids = locator.locate(model.features(prompts, img, cfg.locator_feature), reject=cfg.reject)
+            f = model.features(prompts, img, cfg.locator_feature) if feats is None else feats[i:i + cfg.eval_batch]
+            tids = locator.locate(f, reject=cfg.reject)
         else:
             tids = torch.full((len(exs),), -1 if true_task is None else min(true_task, seen - 1), dtype=torch.long)
         outs = [None] * len(exs)
@@ -316,6 +318,7 @@ class Benchmark:
         self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names + self.unseen}
         self.images = {n: image_features(model, exs, cfg) for n, exs in self.tests.items()}
         self.scoring = scoring_rules(cfg, self.names + self.unseen, self.metric, self.tests, log)
+        self.feats = {}  # PTL features of each test set: the base is frozen, so computed once, at their first use
 
     def evaluate(self, model: LLaVA, locator, t):
         """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task (seen, not
@@ -327,8 +330,11 @@ class Benchmark:
         rank, world = rank_world()
         for i, n in enumerate(self.names + self.unseen):
             mine = list(range(rank, len(self.tests[n]), world))  # under torchrun each rank predicts every world-th
-            rows, chosen = predict(model, locator, [self.tests[n][k] for k in mine], self.images[n][mine], self.tok,
-                                   self.template, cfg, i if i < T else None, t + 1, routed)
+            exs = [self.tests[n][k] for k in mine]
+            if routed and cfg.locator == "ptl" and n not in self.feats:
+                self.feats[n] = task_features(model, exs, self.tok, self.template, cfg, self.images[n][mine])
+            rows, chosen = predict(model, locator, exs, self.images[n][mine], self.tok, self.template, cfg,
+                                   i if i < T else None, t + 1, routed, self.feats.get(n))
             rows, chosen = gather_in_order(mine, rows, chosen)
             out["acc" if i < T else "unseen"].append(None if cfg.predict_only else task_accuracy(rows, self.metric[n]))
             for c in chosen if routed and i <= t else ():

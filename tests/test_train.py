@@ -305,7 +305,8 @@ def test_every_train_flag_in_the_readme_is_a_setting():
     others = {"show",  # data.py
               "compare", "from-predictions",  # eval.py
               "dispatch", "reps", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
-              "result-file", "annotation-file", "output-dir"}  # CoIN's own eval scripts
+              "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
+              "standalone", "nproc"}  # torchrun's own
     names = {f.name.replace("_", "-") for f in train.dataclasses.fields(train.TrainConfig)} | {"set", "help"}
     assert len(flags - others) > 30 and flags - others <= names, sorted(flags - others - names)
 
