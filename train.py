@@ -46,7 +46,7 @@ class TrainConfig:
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
     locator_feature: str = "last"  # PTL's input: last (the paper's last prompt token) | mean (image + instruction means)
     reject: bool = False  # a sample no task's VAE accepts is answered by the base model without experts
-    reject_quantile: float = 0.99  # each VAE accepts z-scores up to this quantile of its held-out training z-scores
+    reject_quantile: float = 1.0  # each VAE accepts z-scores up to this quantile of its held-out training z-scores
     calib_n: int = 200  # held-out training examples per task that calibrate its reject bound
     unseen: str | None = None  # tasks scored every stage, never trained (default: MiniCoIN's textcolor; CoIN: none)
     tasks: str | None = None  # comma-separated task names (default: the benchmark's full sequence)

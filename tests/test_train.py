@@ -306,7 +306,7 @@ def test_every_train_flag_in_the_readme_is_a_setting():
               "compare", "from-predictions",  # eval.py
               "dispatch", "reps", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
-              "standalone", "nproc"}  # torchrun's own
+              "standalone", "nproc", "whole"}  # torchrun's own; tests/bench_eval.py
     names = {f.name.replace("_", "-") for f in train.dataclasses.fields(train.TrainConfig)} | {"set", "help"}
     assert len(flags - others) > 30 and flags - others <= names, sorted(flags - others - names)
 
