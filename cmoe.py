@@ -242,10 +242,10 @@ class LoRAExperts(nn.Module):
                 pair.append(tensors[key].to(self.frozen_A.device, torch.float32))
             self._set(bank, *pair)
 
-    def forward(self, x_TD, w_TE, scale, plan=None):
+    def forward(self, x_TD, w_TE, scale, plan=None, rows=None):
         if plan is None:
             return lora_dense(x_TD, self.A, self.B, w_TE, scale)
-        return lora_sparse(x_TD, self.A, self.B, plan, scale)  # the fast path (end of file)
+        return lora_sparse(x_TD, self.A, self.B, plan, scale, rows)  # the fast path (end of file)
 
 
 class ExpertFFN(nn.Module):
@@ -333,8 +333,9 @@ class ExpertFFN(nn.Module):
             self.count(w_BTE, valid_BT)
         x_TD, w_TE, s, ex = x_BTD.reshape(B * T, D), w_BTE.reshape(B * T, -1), self.ecfg.scale, self.experts
         plan = dispatch_plan(w_TE, self.ecfg.top_k) if self.sparse() else None  # shared by gate, up and down
-        g_TF = self.gate_proj(x_TD) + ex["gate"](x_TD, w_TE, s, plan)
-        u_TF = self.up_proj(x_TD) + ex["up"](x_TD, w_TE, s, plan)
+        rows = None if plan is None else to_rows(x_TD, plan)  # gate's and up's input rows, gathered once
+        g_TF = self.gate_proj(x_TD) + ex["gate"](x_TD, w_TE, s, plan, rows)
+        u_TF = self.up_proj(x_TD) + ex["up"](x_TD, w_TE, s, plan, rows)
         h_TF = F.silu(g_TF) * u_TF
         y_TD = self.down_proj(h_TF) + ex["down"](h_TF, w_TE, s, plan)
         return y_TD.view(B, T, D), aux
@@ -796,7 +797,7 @@ class _ToRows(torch.autograd.Function):
 
     @staticmethod
     def forward(x_TD, tok_M, pos_N):
-        return x_TD[tok_M]
+        return x_TD.index_select(0, tok_M)  # index_select: several times faster than x[idx] on the CPU
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -806,7 +807,7 @@ class _ToRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_MD):
         (pos_N,) = ctx.saved_tensors
-        return g_MD[pos_N].view(ctx.T, -1, g_MD.shape[-1]).sum(1), None, None
+        return g_MD.index_select(0, pos_N).view(ctx.T, -1, g_MD.shape[-1]).sum(1), None, None
 
 
 class _FromRows(torch.autograd.Function):
@@ -814,7 +815,7 @@ class _FromRows(torch.autograd.Function):
 
     @staticmethod
     def forward(y_MO, tok_M, pos_N, T):
-        return y_MO[pos_N].view(T, -1, y_MO.shape[-1]).sum(1)
+        return y_MO.index_select(0, pos_N).view(T, -1, y_MO.shape[-1]).sum(1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -823,14 +824,39 @@ class _FromRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TO):
         (tok_M,) = ctx.saved_tensors
-        return g_TO[tok_M], None, None, None
+        return g_TO.index_select(0, tok_M), None, None, None
 
 
-def lora_sparse(x_TD, a_EDR, b_ERO, plan, scale):
-    """sum_e w_e * B_e A_e x over each token's top-k experts only, via the block plan."""
+class _PerBlock(torch.autograd.Function):
+    """Each block's expert weights W[e_b] [nb,...]; backward sums the blocks' gradients per expert with a one-hot GEMM
+    (the gradient of an index is a scatter-add, several times slower on the CPU)."""
+
+    @staticmethod
+    def forward(W_E, e_b):
+        return W_E.index_select(0, e_b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.E = inputs[0].shape[0]
+
+    @staticmethod
+    def backward(ctx, g_b):
+        (e_b,) = ctx.saved_tensors
+        return (F.one_hot(e_b, ctx.E).to(g_b.dtype).T @ g_b.flatten(1)).view(ctx.E, *g_b.shape[1:]), None
+
+
+def to_rows(x_TD, plan):
+    """Each assignment's token row, grouped in blocks [nb, BLOCK, D]: shared by gate and up (the same input)."""
+    pos_N, tok_M, _, e_b = plan
+    return _ToRows.apply(x_TD, tok_M, pos_N).view(e_b.shape[0], -1, x_TD.shape[-1])
+
+
+def lora_sparse(x_TD, a_EDR, b_ERO, plan, scale, x_bLD=None):
+    """sum_e w_e * B_e A_e x over each token's top-k experts only, via the block plan (x_bLD: to_rows(x_TD, plan))."""
     pos_N, tok_M, w_M, e_b = plan
-    nb, (T, D) = e_b.shape[0], x_TD.shape
-    x_bLD = _ToRows.apply(x_TD, tok_M, pos_N).view(nb, -1, D)
-    h_bLR = torch.bmm(x_bLD, a_EDR[e_b])
+    nb, T = e_b.shape[0], x_TD.shape[0]
+    x_bLD = to_rows(x_TD, plan) if x_bLD is None else x_bLD
+    h_bLR = torch.bmm(x_bLD, _PerBlock.apply(a_EDR, e_b))
     h_bLR = h_bLR * (w_M.to(h_bLR.dtype) * scale).view(nb, -1, 1)  # gate in rank space: cheapest place
-    return _FromRows.apply(torch.bmm(h_bLR, b_ERO[e_b]).flatten(0, 1), tok_M, pos_N, T)
+    return _FromRows.apply(torch.bmm(h_bLR, _PerBlock.apply(b_ERO, e_b)).flatten(0, 1), tok_M, pos_N, T)

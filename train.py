@@ -744,7 +744,7 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
       router     T*D*4 (fp32 input) + T*(E*4 probs + K*12 top-k weights, indices + 8) + B*E*D*4 (each sample's router)
       ffn        3 x T*F*dt (gate, silu(gate), up)
       lora       the inputs the A's gradients need: dense T*F*dt (down's) + T*D*dt (gate's, up's; fp32: the router's);
-                 sparse M*din*dt per projection (its gathered rows) + M*8 + T*K*16 (where rows go);
+                 sparse M*(D + F)*dt (the gathered rows: gate's and up's are one) + M*8 + T*K*16 (where rows go);
                  and per projection din -> dout (gate, up, down): n*(2R + 1)*dt (rank space before / after gating,
                  gates) + nw*R*(din + dout)*dt (the A, B the dispatch uses);
                  dense: n = T*E, nw = E; sparse (E > 2K): n = M = T*K + E*31 rounded up to 32-row blocks, nw = M/32
@@ -760,8 +760,8 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
     t = {"norms": 2 * T * (4 * D + 4), "attention": T * (4 * H * lc.head_dim * dt + 4 * H),
          "router": T * D * 4 + T * (4 * E + 12 * K + 8) + B * E * D * 4,
          "ffn": 3 * T * F * dt,
-         "lora": (M * 8 + T * K * 16 if sparse else T * (F + D * (dt != 4)) * dt)
-         + sum(n * (2 * R + 1) + nw * R * (i + o) + (M * i if sparse else 0) for i, o in proj) * dt}
+         "lora": (M * 8 + T * K * 16 + M * (D + F) * dt if sparse else T * (F + D * (dt != 4)) * dt)
+         + sum(n * (2 * R + 1) + nw * R * (i + o) for i, o in proj) * dt}
     layer = sum(t.values())
     first = layer - t["norms"] - t["attention"] - B * E * D * 4 - 2 * nw * D * R * dt
     once = 2 * T * lc.head_dim * dt + T * (4 * D + 4) + (T - B) * (4 * lc.vocab_size + 8)
