@@ -313,8 +313,8 @@ class Benchmark:
     def __init__(self, cfg, model: LLaVA, tok, template, log=print):
         self.cfg, self.tok, self.template = cfg, tok, template
         self.names, self.metric = data.task_list(cfg)
-        self.unseen = list(data.unseen_list(cfg, self.names))
-        self.metric.update(data.unseen_list(cfg, self.names))
+        unseen = data.unseen_list(cfg, self.names)
+        self.unseen, self.metric = list(unseen), {**self.metric, **unseen}
         self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names + self.unseen}
         self.images = {n: image_features(model, exs, cfg) for n, exs in self.tests.items()}
         self.scoring = scoring_rules(cfg, self.names + self.unseen, self.metric, self.tests, log)

@@ -329,7 +329,7 @@ def test_unseen_task_bookkeeping_in_metrics(ptl_run):
     out, M = ptl_run
     u = json.loads((out / "metrics.json").read_text())["unseen"]
     assert u["tasks"] == ["textcolor"] and len(u["zero_shot"]) == 1 and len(u["acc"]) == 2 == len(M["acc"])
-    assert u["retention"] == [u["acc"][-1][0] / u["zero_shot"][0]] if u["zero_shot"][0] else [None]
+    assert u["retention"] == ([u["acc"][-1][0] / u["zero_shot"][0]] if u["zero_shot"][0] else [None])
     rows = [json.loads(line) for line in (out / "predictions/textcolor.jsonl").read_text().splitlines()]
     assert sorted({r["stage"] for r in rows}) == [-1, 0, 1] and all(r["true_task"] is None for r in rows)
     for stage, acc in zip((-1, 0, 1), [u["zero_shot"][0]] + [a[0] for a in u["acc"]]):
