@@ -250,13 +250,20 @@ def task_features(model: LLaVA, examples, tok, template, cfg, images=None):
                                       examples[i:i + cfg.eval_batch]], images[i:i + cfg.eval_batch].to(cfg.device),
                                      cfg.locator_feature).cpu() for i in range(0, len(examples), cfg.eval_batch)])
 
+def reject_features(model: LLaVA, examples, tok, template, cfg):
+    """The features that calibrate a task's reject bound: its training examples after the locator_n its VAE was
+    fitted on (the next calib_n: data the VAE never saw); without any, the fitted ones."""
+    held_out = examples[cfg.locator_n: cfg.locator_n + cfg.calib_n] or examples[: cfg.locator_n]
+    return task_features(model, held_out, tok, template, cfg)
+
 @torch.no_grad()
 def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed, feats=None):
-    """Greedy answers for `examples` (`images`: their projected features; `feats`: their PTL features, or None to
-    compute them here); returns rows for predictions/<task>.jsonl and the chosen task ids. Routers per sample: routed=False (the baselines' one pool; the bare base): task 0; else
-    the locator's choice (--locator ptl, once 2 tasks are seen or with --reject, where a sample no task accepts gets
-    -1), else the oracle: the true task, or the latest router for a task not trained yet (an unseen task: -1).
-    -1 means the frozen base alone, without experts."""
+    """Greedy answers for `examples` (`images`: their projected features; `feats`: their PTL features, needed when the
+    locator chooses); returns rows for predictions/<task>.jsonl and the chosen task ids. Routers per sample:
+    routed=False (the baselines' one pool; the bare base): task 0; else the locator's choice (--locator ptl, once
+    2 tasks are seen or with --reject, where a sample no task accepts gets -1), else the oracle: the true task, or
+    the latest router for a task not trained yet (an unseen task: -1). -1 means the frozen base alone, without
+    experts."""
     model.eval()
     rows, chosen = [], []
     stops = data.stop_ids(tok, template)
@@ -267,8 +274,7 @@ def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_ta
         if not routed:
             tids = torch.zeros(len(exs), dtype=torch.long)
         elif cfg.locator == "ptl" and (seen > 1 or cfg.reject):
-            f = model.features(prompts, img, cfg.locator_feature) if feats is None else feats[i:i + cfg.eval_batch]
-            tids = locator.locate(f, reject=cfg.reject)
+            tids = locator.locate(feats[i:i + cfg.eval_batch], reject=cfg.reject)
         else:
             tids = torch.full((len(exs),), -1 if true_task is None else min(true_task, seen - 1), dtype=torch.long)
         outs = [None] * len(exs)
@@ -385,14 +391,13 @@ def reevaluate(run_dir, device=None, reject=None, quantile=None):
         tdir = os.path.join(run_dir, f"task_{t}")
         meta = read_json(os.path.join(tdir, "meta.json"))
         for field, want in (("method", cfg.method), ("tasks", bench.names), ("locator_feature", cfg.locator_feature)):
-            if meta.get(field, want if field == "locator_feature" and not meta.get("n_vae") else None) != want:
+            if meta.get(field) != want:
                 raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} "
                                  f"but the run config says {want!r}")
         locator = load_task(model, tdir)
         for k in range(len(locator.vaes)) if quantile is not None else ():
             if k not in held_out:  # the base is frozen: a task's held-out features are the same at every stage
-                exs = data.load_examples(cfg, bench.names[k], "train")[cfg.locator_n: cfg.locator_n + cfg.calib_n]
-                held_out[k] = task_features(model, exs, tok, template, cfg)
+                held_out[k] = reject_features(model, data.load_examples(cfg, bench.names[k], "train"), tok, template, cfg)
             locator.calibrate(held_out[k], quantile, task=k)
         record(metrics, bench.evaluate(model, locator, t), t)
         log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_f(a)}" for n, a in zip(bench.names, metrics["acc"][-1])))

@@ -116,7 +116,8 @@ class TrainConfig:
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
              instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
 CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint"),
-               expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"), compile=("auto", "on", "off"), bad_images=("fail", "skip"),
+               expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"),
+               compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                plan_dtype=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
@@ -419,9 +420,7 @@ def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
     if rank == 0:
         feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
         locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
-        held_out = exs[cfg.locator_n: cfg.locator_n + cfg.calib_n]
-        locator.calibrate(ev.task_features(model, held_out, r.tok, r.template, cfg) if held_out else feats,
-                          cfg.reject_quantile)
+        locator.calibrate(ev.reject_features(model, exs, r.tok, r.template, cfg), cfg.reject_quantile)
     else:
         locator.vaes.append(cmoe.TaskVAE(model.llm.cfg.dim * (2 if cfg.locator_feature == "mean" else 1)).eval())
     for v in locator.vaes[-1].state_dict().values() if world > 1 else ():
