@@ -141,12 +141,11 @@ class Attention(nn.Module):
             cache["k"][:, :, t0:t0 + T] = k
             cache["v"][:, :, t0:t0 + T] = v
             k, v = cache["k"], cache["v"]
-        rep = c.n_heads // c.n_kv_heads  # GQA: each kv head serves `rep` query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = c.n_heads != c.n_kv_heads  # GQA: each kv head serves n_heads / n_kv_heads query heads
         if mask_BTT is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None], enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -328,7 +327,7 @@ class ExpertFFN(nn.Module):
         if task_ids_B is None:
             task_ids_B = torch.full((B,), len(self.routers) - 1, dtype=torch.long, device=x_BTD.device)
         w_BTE, probs_BTE = route(x_BTD, *self.router_table(), task_ids_B, self.ecfg.top_k)
-        aux = self.balance_loss(w_BTE, probs_BTE, valid_BT)
+        aux = self.balance_loss(w_BTE, probs_BTE, valid_BT) if torch.is_grad_enabled() else x_BTD.new_zeros(())
         if self.counting:
             self.count(w_BTE, valid_BT)
         x_TD, w_TE, s, ex = x_BTD.reshape(B * T, D), w_BTE.reshape(B * T, -1), self.ecfg.scale, self.experts
@@ -343,8 +342,10 @@ class ExpertFFN(nn.Module):
     def sparse(self):
         if self.dispatch not in ("auto", "dense", "sparse"):
             raise ValueError(f"ExpertFFN.dispatch must be auto, dense or sparse, not {self.dispatch!r}")
-        # measured crossover (tests/bench_moe.py): the block dispatch wins once E > 2 * top-k
-        return self.dispatch == "sparse" or (self.dispatch == "auto" and self.n_experts > 2 * self.ecfg.top_k)
+        # measured crossovers (tests/bench_moe.py): training (forward + backward), the block dispatch wins once
+        # E > 2 * top-k; forward only (generation, PGKE's usage counts), the dense GEMM is faster up to E = 6 * top-k
+        crossover = 2 if torch.is_grad_enabled() else 6
+        return self.dispatch == "sparse" or (self.dispatch == "auto" and self.n_experts > crossover * self.ecfg.top_k)
 
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
         """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
@@ -409,8 +410,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, pos_BT=None, mask_BTT=None, cache=None, t0=0,
                 task_ids=None, valid_BT=None, use_experts=True, return_hidden=False):
-        """Returns (logits [B,T,V], balance loss summed over layers); hidden states instead of logits when
-        return_hidden. Without a mask, attention is plain causal (right padding needs none)."""
+        """Returns (logits [B,T,V], balance loss summed over layers: a training term, 0 without autograd); hidden
+        states instead of logits when return_hidden. Without a mask, attention is plain causal (right padding needs none)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if pos_BT is None:
@@ -585,9 +586,9 @@ class LLaVA(nn.Module):
         step_x, step_pos, t0 = x, pos, 0
         for _ in range(max_new_tokens):
             mask = self._mask(valid, step_x.shape[1], total, t0)
-            logits, _ = self.llm(inputs_embeds=step_x, pos_BT=step_pos, mask_BTT=mask, cache=cache, t0=t0,
-                                 task_ids=task_ids, valid_BT=None, use_experts=use_experts)
-            nxt_B = logits[:, -1].argmax(-1)
+            h_BTD, _ = self.llm(inputs_embeds=step_x, pos_BT=step_pos, mask_BTT=mask, cache=cache, t0=t0,
+                                task_ids=task_ids, valid_BT=None, use_experts=use_experts, return_hidden=True)
+            nxt_B = self.llm.lm_head(h_BTD[:, -1]).argmax(-1)  # logits of the last position only
             for b in range(B):
                 if not done[b]:
                     out[b].append(int(nxt_B[b]))
@@ -764,10 +765,10 @@ class Locator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fast path: sparse block dispatch (ExpertFFN.dispatch 'auto' picks it once E > 2 * top-k): lora_dense's result,
-# computed on each token's top-k experts only. Each (token, top-k slot) assignment gets one row in a buffer grouped
-# by expert, each group padded to a multiple of BLOCK rows so that every block of rows belongs to one expert; then
-# two batched GEMMs over blocks. All shapes are static (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place
+# Fast path: sparse block dispatch (ExpertFFN.dispatch 'auto' picks it once E > 2 * top-k in training, 6 * top-k
+# forward only): lora_dense's result, computed on each token's top-k experts only. Each (token, top-k slot)
+# assignment gets one row in a buffer grouped by expert, each group padded to a multiple of BLOCK rows so that every
+# block of rows belongs to one expert; then two batched GEMMs over blocks. All shapes are static (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place
 # comes from a cumsum over one-hot (no sort, bincount or nonzero, which break the graph).
 BLOCK = 32
 

@@ -1,6 +1,8 @@
 """Speed benchmark of one MoE-LoRA FFN layer, fwd+bwd (a script, not a pytest test).
 
     python tests/bench_moe.py [--quick] [--device cuda] [--dispatch fused] [--T 256 2048] [--E 2 8 32]
+    python tests/bench_moe.py --forward [--dims 128 384 8] [--T 100 8192] [--E 4 8 12 16 32]
+
 
 Builds cmoe.ExpertFFN (dim 512, ffn 1376, LoRA rank 16, top-2), E trainable experts with random A and B
 and a random router (so routing is non-trivial), frozen base weights (no weight grads; the input grad flows).
@@ -10,7 +12,9 @@ Per (T, E) it times, as medians over repeats after warm-up:
   fused      the project's fused dispatch (ffn.dispatch = --dispatch), eager and
              torch.compile(ffn, fullgraph=True, dynamic=False)
 The loss includes the balance loss, so the router gets gradients as in training. Ratios are against the
-compiled floor. fp32 on CPU, bf16 on CUDA. The last line is the headline."""
+compiled floor. fp32 on CPU, bf16 on CUDA. The last line is the headline.
+--forward times the forward alone (no autograd, eager: as generation runs it) of the dense and sparse dispatches,
+for the crossover that ExpertFFN's "auto" uses without autograd; --dims sets the layer (the MiniCoIN model: 128 384 8)."""
 from __future__ import annotations
 
 import argparse
@@ -29,10 +33,10 @@ from test_experts import lora_loop  # noqa: E402  (tests/ is this script's folde
 DENSE = cmoe.lora_dense
 
 
-def build(T, E, device, dtype, seed=0, batch=8):
+def build(T, E, device, dtype, seed=0, batch=8, dims=(512, 1376, 16)):
     g = torch.Generator().manual_seed(seed)
-    cfg = cmoe.LlamaConfig(dim=512, ffn_dim=1376, n_heads=8, n_kv_heads=8, n_layers=1)
-    ecfg = cmoe.ExpertConfig(rank=16, alpha=32.0, top_k=2)
+    cfg = cmoe.LlamaConfig(dim=dims[0], ffn_dim=dims[1], n_heads=8, n_kv_heads=8, n_layers=1)
+    ecfg = cmoe.ExpertConfig(rank=dims[2], alpha=2.0 * dims[2], top_k=2)
     ffn = cmoe.ExpertFFN(cfg, ecfg)
     with torch.no_grad():
         for lin in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
@@ -80,6 +84,30 @@ def compiled(ffn):
     return torch.compile(ffn, fullgraph=True, dynamic=False)
 
 
+def forward_crossover(a, dev, dtype, sync):
+    """Forward-only, eager, no autograd: dense vs sparse dispatch per (T, E), median of a.reps."""
+    print(f"forward only, eager, no autograd: D={a.dims[0]} F={a.dims[1]} r={a.dims[2]} top-2, median of {a.reps} (ms)")
+    for T in a.T:
+        for E in a.E:
+            ffn, x, _ = build(T, E, dev, dtype, batch=min(a.batch, T), dims=a.dims)
+            ms = {}
+            with torch.no_grad():
+                for d in ("dense", "sparse"):
+                    ffn.dispatch = d
+                    for _ in range(a.warm):
+                        ffn(x)
+                    ts = []
+                    for _ in range(a.reps):
+                        sync()
+                        t0 = time.perf_counter()
+                        ffn(x)
+                        sync()
+                        ts.append(time.perf_counter() - t0)
+                    ms[d] = statistics.median(ts) * 1e3
+            print(f"T={T:>5} E={E:>3}: dense {ms['dense']:8.2f}  sparse {ms['sparse']:8.2f}  sparse/dense "
+                  f"{ms['sparse'] / ms['dense']:.2f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T=256, E=8 only, 3 repeats")
@@ -92,6 +120,8 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the dev machine has 2 shared cores)")
+    ap.add_argument("--forward", action="store_true", help="forward-only dense vs sparse (the no-autograd crossover)")
+    ap.add_argument("--dims", type=int, nargs=3, default=[512, 1376, 16], metavar=("D", "F", "R"))
     a = ap.parse_args()
     if a.quick:
         a.T, a.E, a.reps, a.warm = [256], [8], 3, 1
@@ -100,9 +130,11 @@ def main():
     torch.set_num_threads(a.threads)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    if a.forward:
+        return forward_crossover(a, dev, dtype, sync)
 
     print(f"torch {torch.__version__}  device {dev}  dtype {str(dtype).split('.')[-1]}  threads "
-          f"{torch.get_num_threads()}  dispatch {' '.join(a.dispatch)}  batch {a.batch}  D=512 F=1376 r=16 top-2  fwd+bwd median of {a.reps}")
+          f"{torch.get_num_threads()}  dispatch {' '.join(a.dispatch)}  batch {a.batch}  D={a.dims[0]} F={a.dims[1]} r={a.dims[2]} top-2  fwd+bwd median of {a.reps}")
     hdr = (f"{'T':>5} {'E':>3} {'fused':>6} | {'floor eag':>9} {'floor cmp':>9} | {'loop eag':>9} {'fused eag':>9} {'fused cmp':>9}"
            f" | {'loop/fl':>7} {'fus_e/fl':>8} {'fus_c/fl':>8} {'loop/fus_c':>10} | {'max err':>8}")
     print(hdr)
@@ -110,7 +142,7 @@ def main():
     res = {}
     for T in a.T:
         for E in a.E:
-            ffn, x, gy = build(T, E, dev, dtype, batch=a.batch)
+            ffn, x, gy = build(T, E, dev, dtype, batch=a.batch, dims=a.dims)
             r = {}
             r["floor_e"] = timeit(ffn, ffn, x, gy, False, a.reps, a.warm, sync)
             r["floor_c"] = timeit(compiled(ffn), ffn, x, gy, False, a.reps, a.warm, sync)

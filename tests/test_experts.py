@@ -120,6 +120,23 @@ def test_experts_with_no_tokens_get_zero_grad_and_match_loop(mode, monkeypatch):
     torch.testing.assert_close(ffn(x)[0], y, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("E, grad, sparse", [(4, True, False), (5, True, True), (5, False, False), (12, False, False),
+                                             (13, False, True)])
+def test_auto_dispatch_crossover_with_and_without_autograd(E, grad, sparse, monkeypatch):
+    """auto: the block plan from E > 2*top-k with autograd (training), E > 6*top-k without (generation);
+    the balance loss is a training term: 0 without autograd. Either way the output is the loop's."""
+    ffn, x, plans = make_ffn(E, 2), torch.randn(2, 5, D), []
+    monkeypatch.setattr(cmoe, "dispatch_plan", lambda *a: plans.append(1) or REAL_PLAN(*a))
+    with torch.set_grad_enabled(grad):
+        y, aux = ffn(x)
+    assert bool(plans) == sparse and (float(aux) > 0) == grad
+    set_dispatch(ffn, "loop", monkeypatch)
+    torch.testing.assert_close(ffn(x)[0], y, atol=1e-5, rtol=1e-5)
+
+
+REAL_PLAN = cmoe.dispatch_plan
+
+
 def test_mixed_batch_equals_each_sample_alone():
     ffn = make_ffn(6, 2, n_tasks=3)
     x = torch.randn(4, 5, D)
