@@ -141,11 +141,12 @@ class Attention(nn.Module):
             cache["k"][:, :, t0:t0 + T] = k
             cache["v"][:, :, t0:t0 + T] = v
             k, v = cache["k"], cache["v"]
-        gqa = c.n_heads != c.n_kv_heads  # GQA: each kv head serves n_heads / n_kv_heads query heads
+        rep = c.n_heads // c.n_kv_heads  # GQA: each kv head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask_BTT is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None], enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
