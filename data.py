@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cmoe import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (data.IMAGE_TOKEN_ID is used by callers)
-from vision import atomic_path, load_image, preprocess, read_json
+from vision import load_image, preprocess, read_json, write_text
 
 
 # -----------------------------------------------------------------------------
@@ -73,12 +73,7 @@ def save_tokenizer(ranks, path):
     """Write ranks {bytes: rank} as a Llama-3 tokenizer.model file (atomic: temp file + rename)."""
     path = os.fspath(path)
     lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
-    _atomic_write(path, "".join(lines).encode())
-
-
-def _atomic_write(path, data: bytes):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+    write_text(path, "".join(lines))
 
 
 def minicoin_corpus(per_task=40, seed=0):
@@ -258,8 +253,7 @@ def encode_dataset(examples, tok, template, max_len, image_size, task_id):
         input_ids[r, :len(ids)] = torch.tensor(ids)
         labels[r, :len(lab)] = torch.tensor(lab)
         if ex.image is not None:
-            img = ex.image if isinstance(ex.image, Image.Image) else load_image(ex.image)
-            pixel_values[r] = preprocess(img, image_size)
+            pixel_values[r] = preprocess(ex.image, image_size)  # a PIL image or a path
     return dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values,
                 task_ids=torch.full((N,), task_id, dtype=torch.long),
                 index=torch.tensor([i for i, *_ in rows], dtype=torch.long), skipped=skipped)
@@ -360,10 +354,7 @@ def _check_images(examples, source, bad_images, decode):
     out = ExampleList(ex for ex in examples if ex.image is None or ex.image not in bad)
     out.skipped = len(examples) - len(out)
     if bad and bad_images == "fail":
-        first = {}
-        for ex in examples:
-            if ex.image in bad and ex.image not in first:
-                first[ex.image] = ex.meta
+        first = {ex.image: ex.meta for ex in reversed(examples)}  # each path's first record
         where = lambda m: f"record {m.get('index')}" + "".join(  # noqa: E731
             f" ({k} {m[k]!r})" for k in ("id", "question_id") if k in m) + ", field 'image'"
         raise ValueError(f"{source}: {len(bad)} bad image file(s) (pass bad_images='skip' to drop their records):\n"
@@ -405,8 +396,10 @@ def load_coin_train(json_path, image_root, bad_images="fail", task="", decode=Fa
     return _check_images(examples, json_path, bad_images, decode)
 
 
-def _box_text(box):
-    return "[" + ", ".join(str(float(v)) for v in box) + "]"  # full precision: the scorer reads these numbers
+def box_text(box, fmt="{:.2f}"):
+    """LLaVA's grounding answer: [x1, y1, x2, y2] with two decimals, normalised to the (square) image. CoIN's
+    reference boxes given as numbers keep full precision (fmt "{}"): the scorer reads them."""
+    return "[" + ", ".join(fmt.format(float(v)) for v in box) + "]"
 
 
 def coin_gold_box(text):
@@ -437,7 +430,7 @@ def _test_answer(name, rec, task, answers, require_answer):
     field_ = "answer_bbox" if "answer_bbox" in rec else "answer"
     answer = rec.get(field_)
     if isinstance(answer, list) and field_ == "answer_bbox":  # a box given as numbers
-        answer = _box_text(answer)
+        answer = box_text(answer, "{}")
     if answer is None and answers:
         answer = collections.Counter(answers).most_common(1)[0][0]
     if answer is None:
@@ -676,8 +669,7 @@ def _spellings(c):
 
 M4C_CONTRACTIONS = {k: c for c in _M4C_CONTRACTED for k in _spellings(c)}
 M4C_CONTRACTIONS["somebody'd"] = "somebodyd"
-M4C_NUMBERS = {**{w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())},
-               "none": "0"}
+M4C_NUMBERS = {**_NUMBER_WORDS, "none": "0"}
 M4C_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 
 
@@ -910,11 +902,6 @@ def _related(o, anchor, rel):
 SUFFIX_LETTER = "Answer with the option's letter from the given choices directly."
 SUFFIX_SHORT = "Answer the question using a single word or phrase."
 GROUND_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
-
-
-def box_text(box):
-    """LLaVA's grounding answer: [x1, y1, x2, y2] with two decimals, normalised to the (square) image."""
-    return "[" + ", ".join(f"{float(v):.2f}" for v in box) + "]"
 
 
 def _task_sample(task, rng):

@@ -24,7 +24,7 @@ import cmoe
 import data
 from cmoe import ExpertConfig, LLaVA, Llama, LlamaConfig
 from vision import (CLIPVision, Projector, VisionConfig, atomic_path, load_clip, load_projector, preprocess, read_json,
-                    read_safetensors, save_json, save_safetensors)
+                    read_safetensors, save_json, save_safetensors, write_text)
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -185,8 +185,7 @@ def count_params(model: LLaVA):
     return trainable, added
 
 def write_predictions(path, rows):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 def read_predictions(path):
     rows = read_json(path)
@@ -563,10 +562,6 @@ def summarize(m):
     s["locator_acc"] = locator_accuracy(loc.get("confusion"), loc.get("rejected"))
     return s
 
-def _write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-
 def write_report(run_dir, metrics):
     """report.md + figures/*.png for one run; metrics.json is refreshed with the recomputed summary."""
     m = dict(metrics)
@@ -596,7 +591,7 @@ def write_report(run_dir, metrics):
           "Plasticity: the accuracy on a task right after training it.\n" if s["plasticity"] else "",
           "![accuracy matrix](figures/acc_matrix.png)\n"]
     md += _report_locator(m, s, figs) + _report_growth(m, figs) + _report_time(m.get("time") or {})
-    _write_text(os.path.join(run_dir, "report.md"), "\n".join(md))
+    write_text(os.path.join(run_dir, "report.md"), "\n".join(md))
     return m
 
 def _report_locator(m, s, figs):
@@ -668,7 +663,7 @@ def compare(run_dirs, out_dir):
                 [[r["run"], r["method"], _f(r["last"]), _f(r["avg"]), _f(r["bwt"]), _f(r["locator"]),
                   _human(r["added"]), _f(r["time"])] for r in rows])
     print(md, end="")
-    _write_text(os.path.join(out_dir, "compare.md"), md)
+    write_text(os.path.join(out_dir, "compare.md"), md)
     draw_heatmap(os.path.join(out_dir, "compare.png"), [[r["last"], r["avg"], r["locator"]] for r in rows],
                  [r["run"] for r in rows], ["Last", "Avg", "locator"], "Method comparison (%)", "", "run")
     return rows

@@ -75,9 +75,13 @@ def read_json(path):
 
 
 
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def save_json(obj, path):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def save_safetensors(tensors: dict, path):

@@ -304,7 +304,7 @@ def test_every_train_flag_in_the_readme_is_a_setting():
     flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", readme))
     others = {"show",  # data.py
               "compare", "from-predictions",  # eval.py
-              "dispatch", "reps", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
+              "dispatch", "reps", "forward", "dims", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
               "standalone", "nproc", "whole"}  # torchrun's own; tests/bench_eval.py
     names = {f.name.replace("_", "-") for f in train.dataclasses.fields(train.TrainConfig)} | {"set", "help"}
