@@ -1080,8 +1080,8 @@ def task_list(cfg):
 
 def unseen_list(cfg, trained):
     """Held-out tasks scored after every stage and never trained: cfg.unseen (comma-separated, "none" for none),
-    by default MiniCoIN's UNSEEN_TASKS (CoIN: none). {task: metric}."""
-    if cfg.unseen is None:
+    "auto" (None in older run folders): MiniCoIN's UNSEEN_TASKS (CoIN: none). {task: metric}."""
+    if cfg.unseen in (None, "auto"):
         names = list(UNSEEN_TASKS) if cfg.benchmark == "minicoin" else []
     else:
         names = [n for n in cfg.unseen.split(",") if n and n != "none"]

@@ -318,6 +318,10 @@ def test_settings_from_flags_set_and_quick_preset():
     assert (c.probe_steps, c.tasks, c.out) == (train.QUICK["probe_steps"], "sqa,cls,count", "out/minicoin-quick-lora")
     d = train.parse_args([])
     assert (d.steps, d.tasks, d.max_len, d.out) == (300, None, 48, "out/minicoin-cmoe")
+    names = d.tasks and d.tasks.split(",") or list(train.data.MINICOIN_TASKS)  # --unseen: auto, none, a list
+    for argv, want in (([], ["textcolor"]), (["--unseen", "none"], []), (["--set", "unseen=none"], []),
+                       (["--unseen", "textcolor"], ["textcolor"])):
+        assert list(train.data.unseen_list(train.parse_args(argv), names)) == want, argv
     for bad, says in ((["--set", "rank=x"], "rank=x"), (["--set", "nope=1"], "NAME one of"),
                       (["--set", "method=bad"], "method must be one of"), (["--bad-images", "x"], "invalid choice")):
         with pytest.raises(SystemExit):
