@@ -459,8 +459,8 @@ def test_coin_test_record_errors_name_file_record_and_field(coin_dir):
         t([{"question_id": 4, "image": "a.png", "text": "box", "answer_bbox": "[0.1, 0.2]", "size": [4, 3]}])
     with pytest.raises(ValueError, match=r"record 0 \(id 5\): 'answer' should be an option letter"):
         t([{"question_id": 5, "text": "q", "answer": "dog"}], task="ScienceQA")
-    g = t([{"question_id": 4, "image": "a.png", "text": "box", "answer_bbox": [0.1, 0.2, 0.5, 0.6], "size": [4, 3]}])
-    assert g[0].meta["size"] == [4, 3] and data.coin_gold_box(g[0].answer) == [0.1, 0.2, 0.5, 0.6]
+    g = t([{"question_id": 4, "image": "a.png", "text": "box", "answer_bbox": [0.1234567, 0.2, 0.5, 0.6], "size": [4, 3]}])
+    assert g[0].meta["size"] == [4, 3] and data.coin_gold_box(g[0].answer) == [0.1234567, 0.2, 0.5, 0.6]  # full precision
     # TextVQA's 10 human answers come from its own annotation file, keyed by str(question_id)
     ann = coin_dir / "TextVQA_0.5.1_val.json"
     ann.write_text(json.dumps({"data": [{"question_id": 7, "answers": ["a"] * 10}]}))
