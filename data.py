@@ -1075,6 +1075,8 @@ def task_list(cfg):
         if n not in known:
             raise SystemExit(f"unknown {'MiniCoIN' if cfg.benchmark == 'minicoin' else 'CoIN'} task '{n}'; "
                              f"known: {', '.join(known)}")
+    if len(set(names)) < len(names):  # one router, one VAE and one predictions file per task
+        raise SystemExit(f"--tasks: {', '.join(sorted({n for n in names if names.count(n) > 1}))} listed twice")
     return names, {n: known[n] for n in names}
 
 

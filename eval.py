@@ -213,12 +213,14 @@ def save_predictions(out, task, stage, rows, trained=None):
             write_predictions(os.path.join(out, "predictions", "CoIN", data.coin_folder(task), tag, "merge.jsonl"), lines)
 
 def load_run(run_dir):
-    """metrics.json of a run folder with at least one finished task; clear errors otherwise."""
+    """metrics.json of a run folder (state.json of an unfinished one) with at least one finished task; clear errors
+    otherwise."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"no finished task in {run_dir} (no metrics.json)")
+    path = next((p for p in (os.path.join(run_dir, f) for f in ("metrics.json", "state.json")) if os.path.isfile(p)),
+                None)
+    if path is None:
+        raise ValueError(f"no finished task in {run_dir} (neither metrics.json nor state.json)")
     m = read_json(path)
     if not m.get("finished_tasks"):
         raise ValueError(f"no finished task in {run_dir}")
@@ -681,6 +683,10 @@ def main(argv=None):
     p.add_argument("--reject-quantile", type=float, help="implies --reject: recalibrate every task's bound at this "
                    "quantile of its held-out training z-scores (recomputed from the run's training data)")
     args = p.parse_args(argv)
+    if args.reject_quantile is not None and not 0.0 <= args.reject_quantile <= 1.0:
+        p.error(f"--reject-quantile must be in [0, 1], not {args.reject_quantile}")
+    if args.from_predictions and (args.reject or args.reject_quantile is not None):
+        p.error("--reject and --reject-quantile re-run the model: leave out --from-predictions")
     try:
         if args.compare:
             out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "compare")

@@ -111,6 +111,13 @@ class TrainConfig:
         for name, options in CHOICES.items():
             if getattr(self, name) not in options:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, options))}, not {getattr(self, name)!r}")
+        for name in AT_LEAST_ONE:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if not 0.0 <= self.reject_quantile <= 1.0:  # also refuses nan
+            raise ValueError(f"reject_quantile must be in [0, 1], not {self.reject_quantile!r}")
+        if not 0.0 < self.gpu_mem < float("inf"):
+            raise ValueError(f"gpu_mem must be a positive number of GiB, not {self.gpu_mem!r}")
 
 
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
@@ -119,6 +126,9 @@ CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora"
                expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                plan_dtype=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
+AT_LEAST_ONE = ("rank", "top_k", "n_init", "n_new", "batch_size", "grad_accum", "eval_batch", "save_every",
+                "max_new_tokens", "locator_n", "train_n", "test_n")
+RESUME_MAY_CHANGE = ("resume", "device", "threads")  # everything else must match the interrupted run's config.json
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
          "out": "run folder", "quick": "small slice of everything", "resume": "continue an interrupted run",
@@ -255,7 +265,7 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
     stages = [("base", "caption", cfg.caption_n, cfg.base_steps), ("instruct", "instruct", cfg.instruct_n,
                                                                    cfg.instruct_steps)]
     shaped_by = [cfg.seed, cfg.max_len, cfg.base_lr, cfg.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
-                 "stage 0b: tower frozen"]
+                 "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
     model = None
     for k, (tag, task, n, steps) in enumerate(stages):
         key = hashlib.sha1(json.dumps(shaped_by + stages[: k + 1]).encode()).hexdigest()[:10]
@@ -421,6 +431,9 @@ def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
         feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
         locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
         locator.calibrate(ev.reject_features(model, exs, r.tok, r.template, cfg), cfg.reject_quantile)
+        if len(exs) <= cfg.locator_n:
+            r.log(f"note: task {t} has no training example beyond the VAE's {cfg.locator_n}: its reject bound is "
+                  f"calibrated on the features the VAE was fitted on (raise --train-n or lower --locator-n)")
     else:
         locator.vaes.append(cmoe.TaskVAE(model.llm.cfg.dim * (2 if cfg.locator_feature == "mean" else 1)).eval())
     for v in locator.vaes[-1].state_dict().values() if world > 1 else ():
@@ -562,11 +575,25 @@ class Clock:
         self.seconds[stage] += time.time() - t0
 
 
+def check_resume(cfg: TrainConfig):
+    """--resume continues the run in cfg.out with the settings it was started with (its config.json): a changed
+    setting would mix two runs in one folder, so it is refused, naming the setting, before anything is written."""
+    path = os.path.join(cfg.out, "config.json")
+    if not cfg.resume or not os.path.isfile(path):
+        return
+    saved = read_json(path)
+    for name, value in dataclasses.asdict(cfg).items():
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+            raise SystemExit(f"--resume: {name} is {value!r} but the run in {cfg.out} was started with {saved[name]!r} "
+                             f"({path}); resume with the same settings, or start a new run with another --out")
+
+
 class RunState:
     """Log, metrics (state.json, which doubles as the progress marker), the resume point, timing and checkpoints:
     task_t/model.safetensors + meta.json after each task, task_t/partial.* every save_every steps."""
 
     def __init__(self, cfg: TrainConfig):
+        check_resume(cfg)
         self.cfg, self.t_start = cfg, time.time()
         self.rank = init_distributed(cfg)
         os.makedirs(cfg.out, exist_ok=True)
@@ -818,8 +845,12 @@ def plan(args):
     for ck in (False, True):
         print(f"  {'with' if ck else 'without'} --grad-ckpt: {gib(act[ck][0])} per sample (incl. loss peak "
               f"{gib(loss_peak)}: logits + 2 fp32 log-prob gradients) + {act[ck][1] / 2**20:.1f} MiB per step")
-    print(f"fits {args.gpu_mem:g} GiB, {PLAN_MARGIN:.0%} left free: micro-batch {fit[False]} without --grad-ckpt, "
-          f"{fit[True]} with")
+    if fit[True] < 1:  # not even one sample with checkpointing: say so rather than print a micro-batch of 0
+        print(f"does not fit {args.gpu_mem:g} GiB ({PLAN_MARGIN:.0%} left free): weights and optimizer state "
+              f"{gib(sum(mem.values()))}, one sample with --grad-ckpt {gib(act[True][0] + act[True][1])} more")
+    else:
+        print(f"fits {args.gpu_mem:g} GiB, {PLAN_MARGIN:.0%} left free: micro-batch {fit[False]} without --grad-ckpt, "
+              f"{fit[True]} with")
     if dt == 2:
         print(f"note: train.py keeps fp32 weights under CUDA bf16 autocast: +{gib(2 * (frozen + added))} of weights, "
               f"and autocast's bf16 copies of the frozen LLM weights (~{gib(2 * base['llm'])}) are kept for backward")

@@ -174,6 +174,16 @@ def test_cli_errors(tmp_path):
         f.write('{"index": 0, "prediction": "a", "answer": "a", "stage": 0}\n{oops\n')
     r = run(rd)
     assert r.returncode != 0 and "ocr.jsonl: malformed JSON at line 2" in r.stderr and "Traceback" not in r.stderr
+    for flags, says in ((["--reject-quantile", "1.5"], "must be in [0, 1]"),
+                        (["--from-predictions", "--reject"], "leave out --from-predictions")):
+        r = run(rd, *flags)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, flags
+
+
+def test_an_unfinished_run_is_read_from_its_progress_marker(tmp_path):
+    rd, _ = make_run(str(tmp_path), "killed", ACC)
+    os.replace(os.path.join(rd, "metrics.json"), os.path.join(rd, "state.json"))  # as a run killed mid-task leaves it
+    assert ev.load_run(rd)["acc"] == ACC
 
 
 def test_cli_report_and_compare(tmp_path):

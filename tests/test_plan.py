@@ -185,6 +185,12 @@ def test_plan_rejects_what_is_not_a_llama(tmp_path, change, words):
         assert w in msg, msg
 
 
+def test_plan_says_when_nothing_fits(tmp_path, capsys):
+    plan("--llm", folder(tmp_path, "llm", LLAMA_32_1B), "--vision", folder(tmp_path, "clip", CLIP_L_336), "--gpu-mem", "2")
+    out = capsys.readouterr().out
+    assert "does not fit 2 GiB" in out and "micro-batch" not in out  # 1B in bf16 alone is 2.9 GiB
+
+
 def test_plan_needs_a_model():
     with pytest.raises(SystemExit, match="--preset, or --llm and --vision"):
         train.main(["--plan"])

@@ -311,7 +311,7 @@ def test_every_train_flag_in_the_readme_is_a_setting():
     assert len(flags - others) > 30 and flags - others <= names, sorted(flags - others - names)
 
 
-def test_settings_from_flags_set_and_quick_preset():
+def test_settings_from_flags_set_and_quick_preset(capsys):
     c = train.parse_args(["--quick", "--steps", "7", "--alpha", "-0.5", "--grad-ckpt", "--set", "lr=1e-3",
                           "--set", "train-n=none", "--method", "lora"])
     assert (c.steps, c.alpha, c.grad_ckpt, c.lr, c.train_n, c.method) == (7, -0.5, True, 1e-3, None, "lora")
@@ -323,9 +323,28 @@ def test_settings_from_flags_set_and_quick_preset():
                        (["--unseen", "textcolor"], ["textcolor"])):
         assert list(train.data.unseen_list(train.parse_args(argv), names)) == want, argv
     for bad, says in ((["--set", "rank=x"], "rank=x"), (["--set", "nope=1"], "NAME one of"),
-                      (["--set", "method=bad"], "method must be one of"), (["--bad-images", "x"], "invalid choice")):
+                      (["--set", "method=bad"], "method must be one of"), (["--bad-images", "x"], "invalid choice"),
+                      (["--grad-accum", "0"], "grad_accum must be at least 1"), (["--rank", "0"], "rank must be"),
+                      (["--train-n", "0"], "train_n must be"), (["--reject-quantile", "1.5"], "reject_quantile must"),
+                      (["--reject-quantile", "nan"], "reject_quantile must"), (["--gpu-mem", "inf"], "gpu_mem must")):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
+        assert says in capsys.readouterr().err, bad
+    with pytest.raises(SystemExit, match="sqa listed twice"):
+        train.data.task_list(train.parse_args(["--tasks", "sqa,cls,sqa"]))
+
+
+def test_resume_with_changed_settings_is_refused_before_anything_is_written(tmp_path):
+    out = str(tmp_path / "run")
+    first = train.parse_args(["--quick", "--out", out])
+    os.makedirs(out)
+    train.save_json(train.dataclasses.asdict(first), os.path.join(out, "config.json"))
+    before = open(os.path.join(out, "config.json")).read()
+    train.check_resume(train.parse_args(["--quick", "--out", out, "--resume", "--threads", "1"]))  # may change
+    for argv, field in ((["--tasks", "sqa,cls"], "tasks"), (["--method", "lora"], "method"), (["--set", "lr=1"], "lr")):
+        with pytest.raises(SystemExit, match=f"--resume: {field} is"):
+            train.RunState(train.parse_args(["--quick", "--out", out, "--resume"] + argv))
+    assert open(os.path.join(out, "config.json")).read() == before and os.listdir(out) == ["config.json"]
 
 
 
