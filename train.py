@@ -163,7 +163,8 @@ def parse_args(argv=None) -> TrainConfig:
         except (KeyError, ValueError):
             p.error(f"--set {item}: invalid value for a {types[name.replace('-', '_')]} setting")
     try:
-        cfg = TrainConfig(**{**(QUICK if given.get("quick") else {}), **given})
+        quick = {k: v for k, v in QUICK.items() if k != "tasks" or given.get("benchmark", "minicoin") == "minicoin"}
+        cfg = TrainConfig(**{**(quick if given.get("quick") else {}), **given})  # QUICK's tasks are MiniCoIN's
     except ValueError as e:
         p.error(str(e))
     if cfg.out is None:

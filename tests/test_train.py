@@ -330,6 +330,8 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert says in capsys.readouterr().err, bad
+    coin = train.parse_args(["--quick", "--benchmark", "coin"])  # QUICK's MiniCoIN task list stays out of CoIN
+    assert coin.tasks is None and coin.steps == train.QUICK["steps"]
     with pytest.raises(SystemExit, match="sqa listed twice"):
         train.data.task_list(train.parse_args(["--tasks", "sqa,cls,sqa"]))
 
