@@ -149,6 +149,11 @@ MUTATIONS = [
      "lab_BS = labels_BT.gather(1, src_BS)", "splice: image slots keep labels", LLAMA),
     ("cmoe.py", "is_img_BS = (rel_BS >= 0) & (rel_BS < P)", "is_img_BS = (rel_BS >= 0) & (rel_BS <= P)",
      "splice: one image slot too many", LLAMA),
+    ("cmoe.py", "crossover = 2 if torch.is_grad_enabled() else 6", "crossover = 2",
+     "auto dispatch: the block plan forward-only from E > 2 * top-k (no forward-only crossover)", EXPERTS),
+    ("train.py", "and saved[name] != value:", "and False:",
+     "--resume accepts changed settings (two runs mixed in one folder)",
+     ["tests/test_train.py::test_resume_with_changed_settings_is_refused_before_anything_is_written"]),
     # --- checkpoints
     ("vision.py", 'tmp = f"{path}.tmp{os.getpid()}"', "tmp = path",
      "the atomic writer writes in place (no temp file + rename): checkpoints, JSON, predictions", METHOD),
