@@ -412,7 +412,8 @@ class Llama(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, pos_BT=None, mask_BTT=None, cache=None, t0=0,
                 task_ids=None, valid_BT=None, use_experts=True, return_hidden=False):
         """Returns (logits [B,T,V], balance loss summed over layers: a training term, 0 without autograd); hidden
-        states instead of logits when return_hidden. Without a mask, attention is plain causal (right padding needs none)."""
+        states instead of logits when return_hidden. Without a mask, attention is plain causal (right padding needs
+        none)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if pos_BT is None:
@@ -769,8 +770,9 @@ class Locator(nn.Module):
 # Fast path: sparse block dispatch (ExpertFFN.dispatch 'auto' picks it once E > 2 * top-k in training, 6 * top-k
 # forward only): lora_dense's result, computed on each token's top-k experts only. Each (token, top-k slot)
 # assignment gets one row in a buffer grouped by expert, each group padded to a multiple of BLOCK rows so that every
-# block of rows belongs to one expert; then two batched GEMMs over blocks. All shapes are static (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place
-# comes from a cumsum over one-hot (no sort, bincount or nonzero, which break the graph).
+# block of rows belongs to one expert; then two batched GEMMs over blocks. All shapes are static
+# (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place comes from a cumsum over one-hot (no sort, bincount or
+# nonzero, which break the graph).
 BLOCK = 32
 
 

@@ -48,7 +48,7 @@ class TrainConfig:
     reject: bool = False  # a sample no task's VAE accepts is answered by the base model without experts
     reject_quantile: float = 1.0  # each VAE accepts z-scores up to this quantile of its held-out training z-scores
     calib_n: int = 200  # held-out training examples per task that calibrate its reject bound
-    unseen: str = "auto"  # tasks scored every stage, never trained: a,b,c; none; auto = MiniCoIN's textcolor (CoIN: none)
+    unseen: str = "auto"  # scored every stage, never trained: a,b,c | none | auto (MiniCoIN: textcolor; CoIN: none)
     tasks: str | None = None  # comma-separated task names (default: the benchmark's full sequence)
     out: str | None = None  # run folder (default out/<benchmark>-<method>[-ablations])
     quick: bool = False  # a small slice of everything (QUICK): a pipeline check in about a minute

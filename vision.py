@@ -74,7 +74,6 @@ def read_json(path):
         raise CheckpointError(f"{path}: not UTF-8 text ({e})") from e
 
 
-
 def write_text(path, text):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
