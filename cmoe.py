@@ -248,6 +248,13 @@ class LoRAExperts(nn.Module):
         return lora_sparse(x_TD, self.A, self.B, plan, scale, rows)  # the fast path (end of file)
 
 
+def sparse_wins(E, top_k, grad):
+    """The "auto" dispatch rule, from measured crossovers (tests/bench_moe.py): in training (forward + backward) the
+    sparse block dispatch wins once E > 2 * top-k; forward only (generation, PGKE's usage counts) the dense GEMM is
+    faster up to E = 6 * top-k."""
+    return E > (2 if grad else 6) * top_k
+
+
 class ExpertFFN(nn.Module):
     """SwiGLU FFN (frozen base weights) + LoRA experts on gate, up and down, chosen per token by the task's router.
     `routers[t]` is task t's [E_t, D] weight over the first E_t experts (experts added later are invisible to it)."""
@@ -343,10 +350,8 @@ class ExpertFFN(nn.Module):
     def sparse(self):
         if self.dispatch not in ("auto", "dense", "sparse"):
             raise ValueError(f"ExpertFFN.dispatch must be auto, dense or sparse, not {self.dispatch!r}")
-        # measured crossovers (tests/bench_moe.py): training (forward + backward), the block dispatch wins once
-        # E > 2 * top-k; forward only (generation, PGKE's usage counts), the dense GEMM is faster up to E = 6 * top-k
-        crossover = 2 if torch.is_grad_enabled() else 6
-        return self.dispatch == "sparse" or (self.dispatch == "auto" and self.n_experts > crossover * self.ecfg.top_k)
+        return self.dispatch == "sparse" or (
+            self.dispatch == "auto" and sparse_wins(self.n_experts, self.ecfg.top_k, torch.is_grad_enabled()))
 
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
         """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""

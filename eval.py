@@ -217,9 +217,10 @@ def load_run(run_dir):
     otherwise."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    path = next((p for p in (os.path.join(run_dir, f) for f in ("metrics.json", "state.json")) if os.path.isfile(p)),
-                None)
-    if path is None:
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        path = os.path.join(run_dir, "state.json")  # an unfinished run's progress marker
+    if not os.path.isfile(path):
         raise ValueError(f"no finished task in {run_dir} (neither metrics.json nor state.json)")
     m = read_json(path)
     if not m.get("finished_tasks"):
@@ -375,10 +376,7 @@ def reevaluate(run_dir, device=None, reject=None, quantile=None):
     cfg.reject = cfg.reject if reject is None else reject
     cfg.reject_quantile = cfg.reject_quantile if quantile is None else quantile
     log = Log(os.path.join(run_dir, "log.txt"))
-    done = os.path.join(run_dir, "metrics.json")
-    metrics = read_json(done if os.path.exists(done) else os.path.join(run_dir, "state.json"))
-    if not metrics.get("finished_tasks"):
-        raise ValueError(f"no finished task in {run_dir}")
+    metrics = load_run(run_dir)
     if "base" not in metrics:
         raise ValueError(f"{run_dir}: metrics name no base model (a run folder from before the 'base' field: rerun it)")
     tok, template = data.tokenizer(cfg)

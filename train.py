@@ -780,7 +780,7 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
     --grad-ckpt keeps each layer's input T*D*dt instead, and recomputes one layer at a time in backward (in fp32, that
     layer's first norm keeps the saved input itself). Returns (total bytes, the terms of one layer after the first)."""
     T, D, F, R, H, K, blk = B * S, lc.dim, lc.ffn_dim, ecfg.rank, lc.n_heads, min(ecfg.top_k, E), cmoe.BLOCK
-    sparse = E > 2 * ecfg.top_k  # ExpertFFN's "auto" dispatch
+    sparse = cmoe.sparse_wins(E, ecfg.top_k, grad=True)  # ExpertFFN's "auto" dispatch in training
     M = -(-(T * K + E * (blk - 1)) // blk) * blk
     n, nw = (M, M // blk) if sparse else (T * E, E)
     proj = ((D, F), (D, F), (F, D))
@@ -841,8 +841,9 @@ def plan(args):
     print(f"memory ({args.plan_dtype} weights, gradients, activations; AdamW: fp32 m and v = 8 B per trainable "
           f"parameter, no fp32 master copy)\n  " + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
     terms = {k: v / 64 for k, v in activation_bytes(lc, ecfg, E, S, 64, dt)[1].items()}  # per sample, not per step
-    print(f"  activations kept for backward, per sample and decoder layer ({'sparse' if E > 2 * ecfg.top_k else 'dense'}"
-          f" expert dispatch, E = {E}):\n    " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in terms.items()) + " MiB")
+    dispatch = "sparse" if cmoe.sparse_wins(E, ecfg.top_k, grad=True) else "dense"
+    print(f"  activations kept for backward, per sample and decoder layer ({dispatch} expert dispatch, E = {E}):\n    "
+          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in terms.items()) + " MiB")
     for ck in (False, True):
         print(f"  {'with' if ck else 'without'} --grad-ckpt: {gib(act[ck][0])} per sample (incl. loss peak "
               f"{gib(loss_peak)}: logits + 2 fp32 log-prob gradients) + {act[ck][1] / 2**20:.1f} MiB per step")

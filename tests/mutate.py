@@ -149,7 +149,7 @@ MUTATIONS = [
      "lab_BS = labels_BT.gather(1, src_BS)", "splice: image slots keep labels", LLAMA),
     ("cmoe.py", "is_img_BS = (rel_BS >= 0) & (rel_BS < P)", "is_img_BS = (rel_BS >= 0) & (rel_BS <= P)",
      "splice: one image slot too many", LLAMA),
-    ("cmoe.py", "crossover = 2 if torch.is_grad_enabled() else 6", "crossover = 2",
+    ("cmoe.py", "return E > (2 if grad else 6) * top_k", "return E > 2 * top_k",
      "auto dispatch: the block plan forward-only from E > 2 * top-k (no forward-only crossover)", EXPERTS),
     ("train.py", "and saved[name] != value:", "and False:",
      "--resume accepts changed settings (two runs mixed in one folder)",
