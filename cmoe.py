@@ -558,7 +558,7 @@ class LLaVA(nn.Module):
             return h_BSD[:, -1].float()
         if kind != "mean":
             raise ValueError(f"locator feature must be 'last' or 'mean', not {kind!r}")
-        P = images.shape[1] if images.dim() == 3 else self.vision.cfg.num_patches
+        P = x.shape[1] - ids.shape[1] + 1  # splice: S = T - 1 + P
         rel_BS = torch.arange(x.shape[1], device=x.device)[None] - (ids == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
         img_BS = (rel_BS >= 0) & (rel_BS < P) & (ids == IMAGE_TOKEN_ID).any(1, keepdim=True)  # as splice places them
         means = [(h_BSD.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)

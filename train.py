@@ -66,6 +66,7 @@ class TrainConfig:
     base_dir: str = "out/base"  # cache of pretrained tiny base models
     base_steps: int = 1000  # stage 0a: caption pretraining steps
     instruct_steps: int = 500  # stage 0b: MiniCoIN-Instruct tuning steps
+    patch_merge: int = 1  # tiny base: m x m patches per image token (2: one token per scene cell; LLaVA: 1)
     # experts and method
     rank: int = 8
     lora_alpha: float = 16.0
@@ -126,8 +127,8 @@ CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora"
                expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                plan_dtype=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
-AT_LEAST_ONE = ("rank", "top_k", "n_init", "n_new", "batch_size", "grad_accum", "eval_batch", "save_every",
-                "max_new_tokens", "locator_n", "train_n", "test_n")
+AT_LEAST_ONE = ("patch_merge", "rank", "top_k", "n_init", "n_new", "batch_size", "grad_accum", "eval_batch",
+                "save_every", "max_new_tokens", "locator_n", "train_n", "test_n")
 RESUME_MAY_CHANGE = ("resume", "device", "threads")  # everything else must match the interrupted run's config.json
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
@@ -248,6 +249,8 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
     if cfg.llm:
         if not cfg.vision:
             raise SystemExit("--llm needs --vision (a CLIP folder)")
+        if cfg.patch_merge != 1:
+            raise SystemExit("--patch-merge is for the tiny MiniCoIN base: a LLaVA projector takes one patch per token")
         base = {"llm": cfg.llm, "vision": cfg.vision, "projector": cfg.projector}
         model = ev.load_model(base, data.pad_id(tok)).to(cfg.device)
         if not cfg.projector:
@@ -267,6 +270,7 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
                                                                    cfg.instruct_steps)]
     shaped_by = [cfg.seed, cfg.max_len, cfg.base_lr, cfg.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
                  "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
+    shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (1: cached bases keep their keys)
     model = None
     for k, (tag, task, n, steps) in enumerate(stages):
         key = hashlib.sha1(json.dumps(shaped_by + stages[: k + 1]).encode()).hexdigest()[:10]
@@ -278,7 +282,11 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
         if model is None:
             torch.manual_seed(cfg.seed)
             vcfg, lcfg = VisionConfig.tiny(image_size=data.IMAGE_SIZE), LlamaConfig.tiny(vocab_size=tok.n_vocab)
-            model = LLaVA(CLIPVision(vcfg), Projector(vcfg.hidden_size, lcfg.dim), Llama(lcfg), data.pad_id(tok))
+            if (data.IMAGE_SIZE // vcfg.patch_size) % cfg.patch_merge:
+                raise SystemExit(f"--patch-merge {cfg.patch_merge} does not divide the tiny tower's "
+                                 f"{data.IMAGE_SIZE // vcfg.patch_size} patches per side")
+            model = LLaVA(CLIPVision(vcfg), Projector(vcfg.hidden_size, lcfg.dim, cfg.patch_merge),
+                          Llama(lcfg), data.pad_id(tok))
             model = model.to(cfg.device)
         log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
         ds = encode(model, data.minicoin(task, "train", n, seed=cfg.seed), tok, template, cfg, 0, feats=False)

@@ -8,6 +8,7 @@ D width, F mlp width, H heads, K head dim (D // H).
 """
 import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -398,10 +399,23 @@ def preprocess(image, size):
 
 
 class Projector(nn.Sequential):
-    """LLaVA mlp2x_gelu; a Sequential so state_dict keys are 0.* and 2.* like model.mm_projector.*."""
+    """LLaVA mlp2x_gelu; a Sequential so state_dict keys are 0.* and 2.* like model.mm_projector.*.
+    merge > 1 (tiny base only; LLaVA uses 1): each image token is the m x m neighbouring patches' features, side by
+    side (nanoVLM's pixel shuffle), so one MiniCoIN scene cell (2 x 2 patches) holds one object in one token."""
 
-    def __init__(self, vision_dim, llm_dim):
-        super().__init__(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+    def __init__(self, vision_dim, llm_dim, merge=1):
+        super().__init__(nn.Linear(vision_dim * merge * merge, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        self.vision_dim, self.merge = vision_dim, merge
+
+    def forward(self, x_BPC):
+        m = self.merge
+        if m > 1:
+            B, P, C = x_BPC.shape
+            g = math.isqrt(P)  # patches per image side
+            if g * g != P or g % m:
+                raise ValueError(f"patch merge {m}: needs a square patch grid whose side divides by {m}, got {P} patches")
+            x_BPC = x_BPC.reshape(B, g // m, m, g // m, m, C).transpose(2, 3).reshape(B, P // (m * m), m * m * C)
+        return super().forward(x_BPC)
 
 
 def load_projector(path):

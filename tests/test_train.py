@@ -298,6 +298,22 @@ def test_eval_refuses_a_run_that_names_no_base(ptl_run, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # settings: TrainConfig fields as flags, --set, the --quick preset
 
+def test_patch_merge_base_is_cached_reloaded_and_refused_where_it_cannot_apply(tmp_path, base_dir):
+    from vision import preprocess
+    import data
+    import eval as ev
+    out = tmp_path / "m2"
+    m = train.main(TINY + ["--out", str(out), "--base-dir", base_dir, "--patch-merge", "2", "--tasks", "sqa",
+                           "--locator-feature", "mean"])
+    model = ev.load_base(m["base"]["tiny"])
+    px = preprocess(data.minicoin("cls", "test", 1)[0].image, data.IMAGE_SIZE)[None]
+    assert model.projector.merge == 2 and model.image_features(px).shape == (1, 9, model.llm.cfg.dim)
+    with pytest.raises(SystemExit, match="--patch-merge 4 does not divide the tiny tower's 6 patches per side"):
+        run(tmp_path / "m4", str(tmp_path / "base4"), "--patch-merge", "4")
+    with pytest.raises(SystemExit, match="--patch-merge is for the tiny MiniCoIN base"):
+        run(tmp_path / "real", base_dir, "--patch-merge", "2", "--llm", "x", "--vision", "y")
+
+
 def test_every_train_flag_in_the_readme_is_a_setting():
     import re
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
@@ -306,7 +322,8 @@ def test_every_train_flag_in_the_readme_is_a_setting():
               "compare", "from-predictions",  # eval.py
               "dispatch", "reps", "forward", "dims", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
-              "standalone", "nproc", "whole"}  # torchrun's own; tests/bench_eval.py
+              "standalone", "nproc", "whole",  # torchrun's own; tests/bench_eval.py
+              "tokens", "kind"}  # tests/probe_search.py
     names = {f.name.replace("_", "-") for f in train.dataclasses.fields(train.TrainConfig)} | {"set", "help"}
     assert len(flags - others) > 30 and flags - others <= names, sorted(flags - others - names)
 

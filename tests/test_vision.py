@@ -449,6 +449,19 @@ def test_projector_load_and_forward(tmp_path):
         torch.testing.assert_close(proj(x).double(), ref, atol=1e-4, rtol=1e-5)
 
 
+def test_projector_patch_merge_puts_each_block_of_patches_in_one_token():
+    g, m, C = 6, 2, 3  # a 6 x 6 patch grid (MiniCoIN's) -> 3 x 3 tokens
+    proj = V.Projector(C, 5, merge=m)
+    x = torch.randn(2, g * g, C)
+    blocks = [torch.cat([x[:, (m * i + a) * g + m * j + b] for a in range(m) for b in range(m)], -1)
+              for i in range(g // m) for j in range(g // m)]  # row-major blocks, each row-major inside
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), proj[2](proj[1](proj[0](torch.stack(blocks, 1)))), atol=1e-6, rtol=1e-6)
+        assert proj(x).shape == (2, 9, 5) and V.Projector(C, 5)(x).shape == (2, 36, 5)
+    with pytest.raises(ValueError, match="patch merge 4: needs a square patch grid whose side divides by 4, got 36"):
+        V.Projector(C, 5, merge=4)(x)
+
+
 def test_projector_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="none.safetensors: safetensors file not found"):
         V.load_projector(tmp_path / "none.safetensors")

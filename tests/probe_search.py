@@ -1,0 +1,111 @@
+"""Can a model learn to *search*: find an object by one property and answer with another? (a script, not a test)
+
+    python tests/probe_search.py recall --tokens 1        # text only: each object is one token (colour+shape)
+    python tests/probe_search.py recall --tokens 2        # text only: colour and shape are two neighbouring tokens
+    python tests/probe_search.py image out/base/minicoin-base-<key> --kind color_of_shape --steps 600
+
+recall: a fresh tiny Llama (the MiniCoIN decoder's size) learns associative recall: 2-4 objects (colour, shape) in
+a row of filler tokens, then a query shape; the answer is that object's colour. --tokens 1 gives each object one
+token, as a merged image token holds one scene cell; --tokens 2 puts the colour token before the shape token, so the
+answer needs a circuit that matches the shape and copies the token before it (an induction head).
+image: a cached stage-0a base (tower frozen; projector and LLM trained, as stage 0b) learns one question kind about
+fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 test scenes. Both print accuracy."""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cmoe  # noqa: E402
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+import train  # noqa: E402
+from vision import preprocess  # noqa: E402
+
+T, Q = 30, 27  # recall: sequence length, query marker position (the query shape follows it; its logits answer)
+
+
+def recall_batch(B, tokens, g, n=4):
+    """Colours 0-4, shapes 5-9, filler 20-39, query marker 11, one-token objects 40 + 5 * colour + shape."""
+    x = torch.randint(20, 40, (B, T), generator=g)
+    c = torch.rand(B, 5, generator=g).argsort(1)[:, :n]
+    s = torch.rand(B, 5, generator=g).argsort(1)[:, :n]
+    slot = torch.rand(B, 9, generator=g).argsort(1)[:, :n] * 3  # objects at 0, 3, ..., 24: never next to each other
+    if tokens == 1:
+        x.scatter_(1, slot, 40 + 5 * c + s)
+    else:
+        x.scatter_(1, slot, c)
+        x.scatter_(1, slot + 1, s + 5)
+    q = torch.randint(n, (B, 1), generator=g)
+    x[:, Q], x[:, Q + 1] = 11, s.gather(1, q)[:, 0] + 5
+    return x, c.gather(1, q)[:, 0]
+
+
+def recall(args):
+    torch.manual_seed(0)
+    model = cmoe.Llama(cmoe.LlamaConfig(vocab_size=72))  # the MiniCoIN decoder: 4 layers, width 128, 4 heads
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    test = recall_batch(512, args.tokens, torch.Generator().manual_seed(2))
+    for step in range(args.steps + 1):
+        if step % (args.steps // 6) == 0:
+            with torch.no_grad():
+                acc = (model(test[0])[0][:, Q + 1].argmax(-1) == test[1]).float().mean()
+            print(f"recall, {args.tokens} token(s) per object, step {step}: accuracy {100 * acc:.1f} % "
+                  f"(chance 25 %)", flush=True)
+        if step < args.steps:
+            x, y = recall_batch(32, args.tokens, g)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / 20)
+            loss = F.cross_entropy(model(x)[0][:, Q + 1], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def image_question(kind, rng):
+    scene = data._obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+    o = scene["objs"][rng.integers(len(scene["objs"]))]
+    q, a = {"color_of_shape": (f"Which color does the {o['shape']} have?", o["color"]),
+            "shape_of_color": (f"Which shape does the {o['color']} object have?", o["shape"]),
+            "where_shape": (f"Where is the {o['shape']}?", data.POSITIONS[o["cell"]])}[kind]
+    return data.Example(data.draw_scene(scene), [(f"<image>\n{q}", a)], kind)
+
+
+def image(args):
+    model = ev.load_base(args.base)
+    cfg = train.TrainConfig(base_dir=os.path.dirname(os.path.abspath(args.base)))
+    tok, template = data.tokenizer(cfg)
+    train_set = [image_question(args.kind, np.random.default_rng([1, i])) for i in range(32 * args.steps)]
+    test_set = [image_question(args.kind, np.random.default_rng([2, i])) for i in range(200)]
+    model.requires_grad_(True).vision.requires_grad_(False)
+    ds = train.encode(model, train_set, tok, template, cfg, 0)
+    train.train_stage(model, ds, cfg, args.steps, cfg.base_lr, 0, args.kind, print, experts=False)
+    model.eval()
+    prompts = [data.encode_prompt(tok, ex, template) for ex in test_set]
+    with torch.no_grad():
+        out = model.generate(prompts, torch.stack([preprocess(ex.image, data.IMAGE_SIZE) for ex in test_set]),
+                             max_new_tokens=8, stop_ids=data.stop_ids(tok, template), use_experts=False)
+    acc = np.mean([tok.decode(o).strip() == ex.answer for o, ex in zip(out, test_set)])
+    print(f"{args.base}: {args.kind} after {args.steps} steps: {100 * acc:.1f} % of 200 test scenes "
+          f"(image tokens: {ds['images'].shape[1]})")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    r = sub.add_parser("recall")
+    r.add_argument("--tokens", type=int, choices=(1, 2), default=1)
+    r.add_argument("--steps", type=int, default=1200)
+    r.add_argument("--lr", type=float, default=2e-3)
+    i = sub.add_parser("image")
+    i.add_argument("base", help="a cached stage-0a folder: out/base/minicoin-base-<key>")
+    i.add_argument("--kind", choices=("color_of_shape", "shape_of_color", "where_shape"), default="color_of_shape")
+    i.add_argument("--steps", type=int, default=600)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    recall(a) if a.mode == "recall" else image(a)
