@@ -8,7 +8,7 @@ recall: a fresh tiny Llama (the MiniCoIN decoder's size) learns associative reca
 a row of filler tokens, then a query shape; the answer is that object's colour. --tokens 1 gives each object one
 token, as a merged image token holds one scene cell; --tokens 2 puts the colour token before the shape token, so the
 answer needs a circuit that matches the shape and copies the token before it (an induction head).
-image: a cached stage-0a base (tower frozen; projector and LLM trained, as stage 0b) learns one question kind about
+image: a cached stage-0a base (LLM trained; tower and projector frozen: image features computed once) learns one question kind about
 fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 test scenes. Both print accuracy."""
 import argparse
 import os
@@ -81,7 +81,7 @@ def image(args):
     tok, template = data.tokenizer(cfg)
     train_set = [image_question(args.kind, np.random.default_rng([1, i])) for i in range(32 * args.steps)]
     test_set = [image_question(args.kind, np.random.default_rng([2, i])) for i in range(200)]
-    model.requires_grad_(True).vision.requires_grad_(False)
+    model.requires_grad_(False).llm.requires_grad_(True)
     ds = train.encode(model, train_set, tok, template, cfg, 0)
     train.train_stage(model, ds, cfg, args.steps, cfg.base_lr, 0, args.kind, print, experts=False)
     model.eval()
