@@ -308,6 +308,14 @@ def test_patch_merge_base_is_cached_reloaded_and_refused_where_it_cannot_apply(t
     model = ev.load_base(m["base"]["tiny"])
     px = preprocess(data.minicoin("cls", "test", 1)[0].image, data.IMAGE_SIZE)[None]
     assert model.projector.merge == 2 and model.image_features(px).shape == (1, 9, model.llm.cfg.dim)
+    tok, template = data.tokenizer(train.TrainConfig(base_dir=base_dir))  # the "mean" PTL feature: 9 image slots
+    ids = data.encode_prompt(tok, data.minicoin("cls", "test", 1)[0], template)
+    feat = model.features([ids], px, kind="mean")[0]
+    x, _, _ = model.splice(torch.tensor([ids]), px)
+    h, _ = model.llm(inputs_embeds=x, return_hidden=True)
+    p, D = ids.index(cmoe.IMAGE_TOKEN_ID), model.llm.cfg.dim
+    torch.testing.assert_close(feat[:D], h[0, p:p + 9].mean(0))
+    torch.testing.assert_close(feat[D:], torch.cat([h[0, :p], h[0, p + 9:]]).mean(0))
     with pytest.raises(SystemExit, match="--patch-merge 4 does not divide the tiny tower's 6 patches per side"):
         run(tmp_path / "m4", str(tmp_path / "base4"), "--patch-merge", "4")
     with pytest.raises(SystemExit, match="--patch-merge is for the tiny MiniCoIN base"):
