@@ -1059,6 +1059,23 @@ def minicoin(task, split, n=None, seed=0):
     return [minicoin_sample(task, split, i, seed) for i in range(n)]
 
 
+def induction_batch(gen, n, length=34, vocab=40):
+    """Stage 0, part 0 of the tiny base (--text-steps): the miniature of the LLM's own pretraining. Random token
+    strings in which a random span (4-14 tokens) comes back after a gap of 0-4; only the repeat is labelled, and
+    predicting it needs an induction head (find the current token earlier, copy what followed it). A real LLM brings
+    that circuit to LLaVA; the tiny decoder does not form it from captions and instructions, and without it cannot
+    match an answer against listed options (tests/probe_search.py). Returns ids and labels [n, length]."""
+    ids = torch.randint(0, vocab, (n, length), generator=gen)
+    labels = torch.full((n, length), IGNORE_INDEX)
+    for i in range(n):
+        span, gap = int(torch.randint(4, 15, (1,), generator=gen)), int(torch.randint(0, 5, (1,), generator=gen))
+        start = int(torch.randint(0, length - 2 * span - gap + 1, (1,), generator=gen))
+        rep = start + span + gap
+        ids[i, rep:rep + span] = ids[i, start:start + span]
+        labels[i, rep + 1:rep + span] = ids[i, start + 1:start + span]  # the repeat's first token is not predictable
+    return ids, labels
+
+
 
 # -----------------------------------------------------------------------------
 # a run's tasks and data, from its settings (train.TrainConfig, or a run folder's config.json)

@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import cmoe
@@ -66,6 +67,7 @@ class TrainConfig:
     base_dir: str = "out/base"  # cache of pretrained tiny base models
     base_steps: int = 1000  # stage 0a: caption pretraining steps
     instruct_steps: int = 500  # stage 0b: MiniCoIN-Instruct tuning steps
+    text_steps: int = 0  # tiny base: stage 0 begins with this many steps of plain-text induction pretraining
     patch_merge: int = 1  # tiny base: m x m patches per image token (2: one token per scene cell; LLaVA: 1)
     # experts and method
     rank: int = 8
@@ -270,7 +272,8 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
                                                                    cfg.instruct_steps)]
     shaped_by = [cfg.seed, cfg.max_len, cfg.base_lr, cfg.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
                  "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
-    shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (1: cached bases keep their keys)
+    shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (defaults: cached bases keep
+    shaped_by += [f"text steps {cfg.text_steps}"] if cfg.text_steps else []  # their keys)
     model = None
     for k, (tag, task, n, steps) in enumerate(stages):
         key = hashlib.sha1(json.dumps(shaped_by + stages[: k + 1]).encode()).hexdigest()[:10]
@@ -288,6 +291,7 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
             model = LLaVA(CLIPVision(vcfg), Projector(vcfg.hidden_size, lcfg.dim, cfg.patch_merge),
                           Llama(lcfg), data.pad_id(tok))
             model = model.to(cfg.device)
+            pretrain_text(model.llm, cfg, log)
         log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
         ds = encode(model, data.minicoin(task, "train", n, seed=cfg.seed), tok, template, cfg, 0, feats=False)
         model.vision.requires_grad_(tag == "base")  # as LLaVA: the tower learns to see in 0a, is frozen in 0b
@@ -295,6 +299,24 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
         if ev.rank_world()[0] == 0:
             ev.save_base(model, folder)
     return model, {"tiny": folder}
+
+
+def pretrain_text(llm: Llama, cfg, log):
+    """Stage 0, part 0 (--text-steps): the decoder alone learns to repeat spans of random tokens
+    (data.induction_batch), which forms the induction heads a real LLM brings to LLaVA."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(llm.parameters(), lr=cfg.base_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    for step in range(cfg.text_steps):
+        ids, labels = (t.to(cfg.device) for t in data.induction_batch(gen, cfg.batch_size))
+        for g in opt.param_groups:
+            g["lr"] = cfg.base_lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # no decay: the heads form late
+        logits, _ = llm(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=cmoe.IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % max(1, cfg.text_steps // 10) == 0:
+            log(f"text step {step + 1:5d}/{cfg.text_steps} | induction loss {loss.item():.4f}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
     python tests/probe_search.py recall --tokens 1        # text only: each object is one token (colour+shape)
     python tests/probe_search.py recall --tokens 2        # text only: colour and shape are two neighbouring tokens
+    python tests/probe_search.py recall --tokens 2 --text-steps 4000   # ... after induction pretraining
     python tests/probe_search.py image out/base/minicoin-base-<key> --kind color_of_shape --steps 600
 
 recall: a fresh tiny Llama (the MiniCoIN decoder's size) learns associative recall: 2-4 objects (colour, shape) in
 a row of filler tokens, then a query shape; the answer is that object's colour. --tokens 1 gives each object one
 token, as a merged image token holds one scene cell; --tokens 2 puts the colour token before the shape token, so the
-answer needs a circuit that matches the shape and copies the token before it (an induction head).
+answer needs a circuit that matches the shape and copies the token before it (an induction head); --text-steps N
+first trains the decoder N steps on data.induction_batch, as `train.py --text-steps N` does before stage 0a.
 image: a cached stage-0a base (LLM trained; tower and projector frozen: image features computed once) learns one question kind about
 fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 test scenes. Both print accuracy."""
 import argparse
@@ -50,6 +52,16 @@ def recall(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     test = recall_batch(512, args.tokens, torch.Generator().manual_seed(2))
+    for step in range(args.text_steps):  # train.pretrain_text's data and schedule: induction heads first
+        ids, labels = data.induction_batch(g, 32)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 20)
+        loss = F.cross_entropy(model(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 500 == 0:
+            print(f"text step {step + 1}: induction loss {loss.item():.3f}", flush=True)
     for step in range(args.steps + 1):
         if step % (args.steps // 6) == 0:
             with torch.no_grad():
@@ -101,6 +113,7 @@ if __name__ == "__main__":
     r.add_argument("--tokens", type=int, choices=(1, 2), default=1)
     r.add_argument("--steps", type=int, default=1200)
     r.add_argument("--lr", type=float, default=2e-3)
+    r.add_argument("--text-steps", type=int, default=0, help="induction pretraining first (as --text-steps of train.py)")
     i = sub.add_parser("image")
     i.add_argument("base", help="a cached stage-0a folder: out/base/minicoin-base-<key>")
     i.add_argument("--kind", choices=("color_of_shape", "shape_of_color", "where_shape"), default="color_of_shape")

@@ -127,6 +127,18 @@ def test_instruct_mix_covers_answer_tokens_but_not_task_prompts(tok):
     assert not missing, [tok.decode([t]) for t in missing]
 
 
+def test_induction_batch_labels_exactly_a_repeated_span():
+    ids, labels = data.induction_batch(torch.Generator().manual_seed(0), 64)
+    assert ids.shape == labels.shape == (64, 34) and int(ids.max()) < 40
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        at = [t for t, v in enumerate(lab) if v != -100]
+        assert 3 <= len(at) <= 13 and at == list(range(at[0], at[0] + len(at)))  # one contiguous run
+        assert all(lab[t] == row[t] for t in at)  # labels are the ids themselves (the model shifts)
+        # the run (and the token before it, unlabelled) copies an earlier span 4-18 tokens back
+        d = [d for d in range(4, 19) if all(row[t] == row[t - d] for t in [at[0] - 1] + at)]
+        assert d, row
+
+
 def test_unknown_task_and_split():
     with pytest.raises(ValueError, match="known.*sqa"):
         data.minicoin("vqa", "train", 1)

@@ -298,13 +298,14 @@ def test_eval_refuses_a_run_that_names_no_base(ptl_run, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # settings: TrainConfig fields as flags, --set, the --quick preset
 
-def test_patch_merge_base_is_cached_reloaded_and_refused_where_it_cannot_apply(tmp_path, base_dir):
+def test_patch_merge_and_text_steps_base_is_cached_reloaded_and_refused_where_it_cannot_apply(tmp_path, base_dir):
     from vision import preprocess
     import data
     import eval as ev
     out = tmp_path / "m2"
     m = train.main(TINY + ["--out", str(out), "--base-dir", base_dir, "--patch-merge", "2", "--tasks", "sqa",
-                           "--locator-feature", "mean"])
+                           "--locator-feature", "mean", "--text-steps", "4"])
+    assert open(out / "log.txt").read().count("induction loss") == 4  # stage 0 began with the text pretraining
     model = ev.load_base(m["base"]["tiny"])
     px = preprocess(data.minicoin("cls", "test", 1)[0].image, data.IMAGE_SIZE)[None]
     assert model.projector.merge == 2 and model.image_features(px).shape == (1, 9, model.llm.cfg.dim)
