@@ -307,7 +307,7 @@ def pretrain_text(llm: Llama, cfg, log):
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.base_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     for step in range(cfg.text_steps):
-        ids, labels = (t.to(cfg.device) for t in data.induction_batch(gen, cfg.batch_size))
+        ids, labels = (t.to(cfg.device) for t in data.induction_batch(gen, cfg.batch_size, llm.cfg.vocab_size))
         for g in opt.param_groups:
             g["lr"] = cfg.base_lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # no decay: the heads form late
         logits, _ = llm(ids)

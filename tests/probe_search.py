@@ -9,7 +9,7 @@ recall: a fresh tiny Llama (the MiniCoIN decoder's size) learns associative reca
 a row of filler tokens, then a query shape; the answer is that object's colour. --tokens 1 gives each object one
 token, as a merged image token holds one scene cell; --tokens 2 puts the colour token before the shape token, so the
 answer needs a circuit that matches the shape and copies the token before it (an induction head); --text-steps N
-first trains the decoder N steps on data.induction_batch, as `train.py --text-steps N` does before stage 0a.
+first trains the decoder N steps on data.induction_batch over 40 token ids (train.py --text-steps: over all of them).
 image: a cached stage-0a base (LLM trained; tower and projector frozen: image features computed once) learns one question kind about
 fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 test scenes. Both print accuracy."""
 import argparse
@@ -53,7 +53,7 @@ def recall(args):
     g = torch.Generator().manual_seed(1)
     test = recall_batch(512, args.tokens, torch.Generator().manual_seed(2))
     for step in range(args.text_steps):  # train.pretrain_text's data and schedule: induction heads first
-        ids, labels = data.induction_batch(g, 32)
+        ids, labels = data.induction_batch(g, 32, 40)  # 40 of the 72 ids (the README's figures)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 20)
         loss = F.cross_entropy(model(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)

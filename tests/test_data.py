@@ -128,7 +128,7 @@ def test_instruct_mix_covers_answer_tokens_but_not_task_prompts(tok):
 
 
 def test_induction_batch_labels_exactly_a_repeated_span():
-    ids, labels = data.induction_batch(torch.Generator().manual_seed(0), 64)
+    ids, labels = data.induction_batch(torch.Generator().manual_seed(0), 64, 40)
     assert ids.shape == labels.shape == (64, 34) and int(ids.max()) < 40
     for row, lab in zip(ids.tolist(), labels.tolist()):
         at = [t for t, v in enumerate(lab) if v != -100]
