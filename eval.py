@@ -120,7 +120,8 @@ def save_base(model: LLaVA, folder):
     if model.llm.cfg.tie_embeddings:
         sd.pop("llm.lm_head.weight", None)
     meta = {"vision": vars(model.vision.cfg), "llm": vars(model.llm.cfg), "pad_id": model.pad_id,
-            "projector": [model.projector.vision_dim, model.projector[0].out_features, model.projector.merge]}
+            "projector": [model.projector[0].in_features // model.projector.merge ** 2, model.projector[0].out_features,
+                          model.projector.merge]}
     save_safetensors(sd, os.path.join(folder, "model.safetensors"))
     save_json(meta, os.path.join(folder, "meta.json"))
 

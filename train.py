@@ -117,6 +117,8 @@ class TrainConfig:
         for name in AT_LEAST_ONE:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.text_steps < 0:
+            raise ValueError(f"text_steps must be 0 or more, not {self.text_steps!r}")
         if not 0.0 <= self.reject_quantile <= 1.0:  # also refuses nan
             raise ValueError(f"reject_quantile must be in [0, 1], not {self.reject_quantile!r}")
         if not 0.0 < self.gpu_mem < float("inf"):

@@ -405,7 +405,7 @@ class Projector(nn.Sequential):
 
     def __init__(self, vision_dim, llm_dim, merge=1):
         super().__init__(nn.Linear(vision_dim * merge * merge, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
-        self.vision_dim, self.merge = vision_dim, merge
+        self.merge = merge
 
     def forward(self, x_BPC):
         m = self.merge

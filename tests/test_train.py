@@ -352,7 +352,8 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
                       (["--set", "method=bad"], "method must be one of"), (["--bad-images", "x"], "invalid choice"),
                       (["--grad-accum", "0"], "grad_accum must be at least 1"), (["--rank", "0"], "rank must be"),
                       (["--train-n", "0"], "train_n must be"), (["--reject-quantile", "1.5"], "reject_quantile must"),
-                      (["--reject-quantile", "nan"], "reject_quantile must"), (["--gpu-mem", "inf"], "gpu_mem must")):
+                      (["--reject-quantile", "nan"], "reject_quantile must"), (["--gpu-mem", "inf"], "gpu_mem must"),
+                      (["--text-steps", "-1"], "text_steps must be 0 or more"), (["--patch-merge", "0"], "patch_merge must")):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert says in capsys.readouterr().err, bad
