@@ -74,6 +74,7 @@ class ExpertConfig:
     rank: int = 8
     alpha: float = 16.0
     top_k: int = 2
+    attn: bool = False  # experts also on q/k/v/o (as CoIN's MoELoRA); the layer then routes once, at its input
 
     @property
     def scale(self):
@@ -130,12 +131,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x_BTD, cos, sin, mask_BTT=None, cache=None, t0=0):
+    def forward(self, x_BTD, cos, sin, mask_BTT=None, cache=None, t0=0, lora=None):
+        """lora: (projection name, its input) -> the routed experts' delta on that projection (attention experts)."""
         B, T, _ = x_BTD.shape
         c, hd = self.cfg, self.cfg.head_dim
-        q = self.q_proj(x_BTD).view(B, T, c.n_heads, hd).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
-        v = self.v_proj(x_BTD).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
+        q = self.proj("q", x_BTD, lora).view(B, T, c.n_heads, hd).transpose(1, 2)
+        k = self.proj("k", x_BTD, lora).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
+        v = self.proj("v", x_BTD, lora).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
         if cache is not None:  # static-size cache; keys past t0+T are masked out by mask_BTT
             cache["k"][:, :, t0:t0 + T] = k
@@ -147,11 +149,15 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.proj("o", y.transpose(1, 2).reshape(B, T, -1), lora)
+
+    def proj(self, name, x, lora):
+        y = getattr(self, f"{name}_proj")(x)
+        return y if lora is None else y + lora(name, x)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Experts: LoRA experts on gate/up/down of one FFN, and one router per task.
+# Experts: LoRA experts on gate/up/down of one FFN (optionally also on attention's q/k/v/o), one router per task.
 
 def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     """Per-sample routing: each sample uses its own task's router. Returns dense top-k weights [B,T,E]
@@ -257,7 +263,9 @@ def sparse_wins(E, top_k, grad):
 
 class ExpertFFN(nn.Module):
     """SwiGLU FFN (frozen base weights) + LoRA experts on gate, up and down, chosen per token by the task's router.
-    `routers[t]` is task t's [E_t, D] weight over the first E_t experts (experts added later are invisible to it)."""
+    `routers[t]` is task t's [E_t, D] weight over the first E_t experts (experts added later are invisible to it).
+    With ExpertConfig.attn the pool also holds each expert's q, k, v, o LoRA (the layer's Attention applies them):
+    an expert is then one LoRA set over the whole layer, and Block routes each token once, at the layer's input."""
 
     def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig):
         super().__init__()
@@ -276,6 +284,10 @@ class ExpertFFN(nn.Module):
         D, Fd, R = self.cfg.dim, self.cfg.ffn_dim, ecfg.rank
         self.experts = nn.ModuleDict({"gate": LoRAExperts(D, Fd, R), "up": LoRAExperts(D, Fd, R),
                                       "down": LoRAExperts(Fd, D, R)})
+        if ecfg.attn:
+            Q, KV = self.cfg.n_heads * self.cfg.head_dim, self.cfg.n_kv_heads * self.cfg.head_dim
+            self.experts.update({"q": LoRAExperts(D, Q, R), "k": LoRAExperts(D, KV, R), "v": LoRAExperts(D, KV, R),
+                                 "o": LoRAExperts(Q, D, R)})
         self.routers = nn.ParameterList()
         self.to(self.gate_proj.weight.device)
 
@@ -328,24 +340,39 @@ class ExpertFFN(nn.Module):
         return W_NED, valid_NE
 
     # --- forward -------------------------------------------------------------------------------------
-    def forward(self, x_BTD, task_ids_B=None, valid_BT=None, use_experts=True):
-        if not use_experts or self.n_experts == 0 or len(self.routers) == 0:
-            return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)), x_BTD.new_zeros(())
-        B, T, D = x_BTD.shape
+    def active(self, use_experts=True):
+        return use_experts and self.n_experts > 0 and len(self.routers) > 0
+
+    def routing(self, x_BTD, task_ids_B=None, valid_BT=None):
+        """Each token's top-k experts under its sample's task router: (weights [B*T, E], the sparse block plan or
+        None, balance loss). Counted for PGKE when `counting`."""
+        B, T, _ = x_BTD.shape
         if task_ids_B is None:
             task_ids_B = torch.full((B,), len(self.routers) - 1, dtype=torch.long, device=x_BTD.device)
         w_BTE, probs_BTE = route(x_BTD, *self.router_table(), task_ids_B, self.ecfg.top_k)
         aux = self.balance_loss(w_BTE, probs_BTE, valid_BT) if torch.is_grad_enabled() else x_BTD.new_zeros(())
         if self.counting:
             self.count(w_BTE, valid_BT)
-        x_TD, w_TE, s, ex = x_BTD.reshape(B * T, D), w_BTE.reshape(B * T, -1), self.ecfg.scale, self.experts
-        plan = dispatch_plan(w_TE, self.ecfg.top_k) if self.sparse() else None  # shared by gate, up and down
-        rows = None if plan is None else to_rows(x_TD, plan)  # gate's and up's input rows, gathered once
-        g_TF = self.gate_proj(x_TD) + ex["gate"](x_TD, w_TE, s, plan, rows)
-        u_TF = self.up_proj(x_TD) + ex["up"](x_TD, w_TE, s, plan, rows)
-        h_TF = F.silu(g_TF) * u_TF
-        y_TD = self.down_proj(h_TF) + ex["down"](h_TF, w_TE, s, plan)
-        return y_TD.view(B, T, D), aux
+        w_TE = w_BTE.reshape(B * T, -1)
+        return w_TE, dispatch_plan(w_TE, self.ecfg.top_k) if self.sparse() else None, aux  # plan: shared by all
+
+    def lora(self, name, x_BTI, routed, rows=None):
+        """The routed experts' delta on projection `name` for input x [B, T, in] (rows: to_rows of x, if gathered)."""
+        w_TE, plan, _ = routed
+        x_TI = x_BTI.reshape(-1, x_BTI.shape[-1])
+        return self.experts[name](x_TI, w_TE, self.ecfg.scale, plan, rows).view(*x_BTI.shape[:-1], -1)
+
+    def forward(self, x_BTD, task_ids_B=None, valid_BT=None, use_experts=True, routed=None):
+        """routed: the layer's routing at its input (attention experts); None routes here, on the FFN's input."""
+        if not self.active(use_experts):
+            return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)), x_BTD.new_zeros(())
+        routed = self.routing(x_BTD, task_ids_B, valid_BT) if routed is None else routed
+        plan = routed[1]
+        rows = None if plan is None else to_rows(x_BTD.flatten(0, 1), plan)  # gate's and up's input rows, once
+        g_BTF = self.gate_proj(x_BTD) + self.lora("gate", x_BTD, routed, rows)
+        u_BTF = self.up_proj(x_BTD) + self.lora("up", x_BTD, routed, rows)
+        h_BTF = F.silu(g_BTF) * u_BTF
+        return self.down_proj(h_BTF) + self.lora("down", h_BTF, routed), routed[2]
 
     def sparse(self):
         if self.dispatch not in ("auto", "dense", "sparse"):
@@ -386,8 +413,14 @@ class Block(nn.Module):
         self.ffn = ExpertFFN(cfg, ecfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None, t0=0, task_ids=None, valid=None, use_experts=True):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, t0)
-        y, aux = self.ffn(self.ffn_norm(x), task_ids, valid, use_experts)
+        h = self.attn_norm(x)
+        routed, lora = None, None
+        if self.ffn.ecfg.attn and self.ffn.active(use_experts):  # one routing per token for the whole layer
+            routed = self.ffn.routing(h, task_ids, valid)
+            rows = None if routed[1] is None else to_rows(h.flatten(0, 1), routed[1])  # q's, k's and v's, gathered once
+            lora = lambda name, x_in: self.ffn.lora(name, x_in, routed, None if name == "o" else rows)  # noqa: E731
+        x = x + self.attn(h, cos, sin, mask, cache, t0, lora)
+        y, aux = self.ffn(self.ffn_norm(x), task_ids, valid, use_experts, routed)
         return x + y, aux
 
 

@@ -80,6 +80,7 @@ class TrainConfig:
     probe_steps: int = 60
     lambda_aux: float = 0.01  # weight of the load-balance loss
     moelora_experts: int = 4
+    attn_experts: bool = False  # experts also on attention's q/k/v/o (CoIN's MoELoRA places them there); default: FFN
     # optimisation
     steps: int = 300  # training steps per task
     batch_size: int = 32
@@ -571,7 +572,7 @@ def set_experts(llm: Llama, ecfg: ExpertConfig):
 
 
 def expert_config(cfg):
-    ecfg = ExpertConfig(rank=cfg.rank, alpha=cfg.lora_alpha, top_k=cfg.top_k)
+    ecfg = ExpertConfig(rank=cfg.rank, alpha=cfg.lora_alpha, top_k=cfg.top_k, attn=cfg.attn_experts)
     if cfg.method == "lora":
         ecfg.top_k = 1
     if cfg.method in ("moelora", "joint"):
@@ -806,8 +807,11 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
                  sparse M*(D + F)*dt (the gathered rows: gate's and up's are one) + M*8 + T*K*16 (where rows go);
                  and per projection din -> dout (gate, up, down): n*(2R + 1)*dt (rank space before / after gating,
                  gates) + nw*R*(din + dout)*dt (the A, B the dispatch uses);
-                 dense: n = T*E, nw = E; sparse (E > 2K): n = M = T*K + E*31 rounded up to 32-row blocks, nw = M/32
-    The first layer's input needs no gradient: it keeps no norms, attention, router weights, nor gate's and up's A.
+                 dense: n = T*E, nw = E; sparse (E > 2K): n = M = T*K + E*31 rounded up to 32-row blocks, nw = M/32;
+                 --attn-experts: q, k, v, o too, and their inputs: dense T*D*dt (the FFN's input, no longer the
+                 router's; o's is the attention output kept anyway), sparse M*(D + H*hd)*dt (q's, k's, v's rows; o's)
+    The first layer's input needs no gradient: it keeps no norms, attention, router weights, nor gate's and up's A
+    (--attn-experts: no first norm, router weights, nor q's, k's and v's A).
     Once: RoPE cos, sin 2*T*hd*dt; final norm T*(4D + 4); loss (T - B)*(4V + 8) (fp32 log-probs and targets).
     --grad-ckpt keeps each layer's input T*D*dt instead, and recomputes one layer at a time in backward (in fp32, that
     layer's first norm keeps the saved input itself). Returns (total bytes, the terms of one layer after the first)."""
@@ -816,13 +820,21 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
     M = -(-(T * K + E * (blk - 1)) // blk) * blk
     n, nw = (M, M // blk) if sparse else (T * E, E)
     proj = ((D, F), (D, F), (F, D))
+    Q, KV = H * lc.head_dim, lc.n_kv_heads * lc.head_dim
+    lora_in = M * (D + F) * dt if sparse else T * (F + D * (dt != 4)) * dt
+    if ecfg.attn:  # q, k, v, o experts; routed at the layer's input, which is then the router's fp32 input
+        proj += ((D, Q), (D, KV), (D, KV), (Q, D))  # (and the FFN's input is kept for gate's and up's A apart)
+        lora_in += M * (D + Q) * dt if sparse else T * D * dt  # (dense: o's input is the kept attention output)
     t = {"norms": 2 * T * (4 * D + 4), "attention": T * (4 * H * lc.head_dim * dt + 4 * H),
          "router": T * D * 4 + T * (4 * E + 12 * K + 8) + B * E * D * 4,
          "ffn": 3 * T * F * dt,
-         "lora": (M * 8 + T * K * 16 + M * (D + F) * dt if sparse else T * (F + D * (dt != 4)) * dt)
+         "lora": (M * 8 + T * K * 16 if sparse else 0) + lora_in
          + sum(n * (2 * R + 1) + nw * R * (i + o) for i, o in proj) * dt}
     layer = sum(t.values())
-    first = layer - t["norms"] - t["attention"] - B * E * D * 4 - 2 * nw * D * R * dt
+    if ecfg.attn:  # the first layer's attention now trains; its input (the embeddings) still needs no gradient
+        first = layer - T * (4 * D + 4) - B * E * D * 4 - 3 * nw * D * R * dt
+    else:
+        first = layer - t["norms"] - t["attention"] - B * E * D * 4 - 2 * nw * D * R * dt
     once = 2 * T * lc.head_dim * dt + T * (4 * D + 4) + (T - B) * (4 * lc.vocab_size + 8)
     reused = T * D * 4 if dt == 4 else 0  # --grad-ckpt, fp32: the recomputed first norm's input is the saved one
     layers = lc.n_layers * T * D * dt + layer - reused if ckpt else first + (lc.n_layers - 1) * layer
@@ -863,7 +875,8 @@ def plan(args):
             b -= 1
         fit[ck] = b
     print(f"plan: {what} (config only; model built on the meta device)\n  {args.method}, rank {ecfg.rank}, top-k "
-          f"{ecfg.top_k}, {n_tasks} task(s); S = {args.max_len - 1} text + {vc.num_patches} image = {S} tokens")
+          f"{ecfg.top_k}, experts on {'FFN + attention' if ecfg.attn else 'FFN'}, {n_tasks} task(s); S = "
+          f"{args.max_len - 1} text + {vc.num_patches} image = {S} tokens")
     print(f"parameters\n  frozen base      vision {base['vision']:,} + projector {base['projector']:,} + LLM "
           f"{base['llm']:,} = {frozen:,}\n                   (vision: {vc.run_layers} of {vc.num_hidden_layers} CLIP "
           f"layers, no post_layernorm, as LLaVA reads layer {vc.select_layer}; CLIPVisionModel: "

@@ -215,9 +215,10 @@ def test_zero_experts_is_the_base_ffn_and_model():
     torch.testing.assert_close(grown, base, atol=1e-6, rtol=1e-6)
 
 
-def test_pgke_grows_a_layer_by_a_copy_of_its_most_used_expert():
+@pytest.mark.parametrize("attn", [False, True], ids=["ffn", "ffn+attn"])
+def test_pgke_grows_a_layer_by_a_copy_of_its_most_used_expert(attn):
     cfg = LlamaConfig(vocab_size=32, dim=D, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=FF)
-    llm = Llama(cfg, ExpertConfig(rank=R, alpha=8, top_k=1))
+    llm = Llama(cfg, ExpertConfig(rank=R, alpha=8, top_k=1, attn=attn))
     g = torch.Generator().manual_seed(0)
     cmoe.init_experts(llm, 3, generator=g)
     for ffn in llm.expert_ffns():
@@ -242,7 +243,8 @@ def test_pgke_grows_a_layer_by_a_copy_of_its_most_used_expert():
     cmoe.expand(llm, [True, False], sources, routers, n_new=1)
     grown, kept = llm.expert_ffns()
     assert grown.n_experts == 4 and kept.n_experts == 3 and grown.n_frozen == 3
-    for p in ("gate", "up", "down"):
+    assert len(grown.experts) == (7 if attn else 3)  # with attention experts, q/k/v/o are copied with the rest
+    for p in grown.experts:
         assert torch.equal(grown.experts[p].A[3], grown.experts[p].A[2]) and torch.equal(grown.experts[p].B[3], grown.experts[p].B[2]), p
     # one router per task, probes gone; the new router starts from the probe router, the grown row from the probe's
     assert [len(f.routers) for f in llm.expert_ffns()] == [2, 2]
@@ -300,3 +302,73 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, monkeypatch
                 torch.testing.assert_close(ffn.experts["gate"].train_B.grad, ref_grad, atol=1e-5, rtol=1e-5)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# experts on attention too (ExpertConfig.attn): the layer routes once, at its input, for all seven projections
+
+def hand_attention_block(blk, x_BTD, w_BTE, cos, sin):
+    """Independent decoder layer with attention experts: every projection p of q, k, v, o, gate, up, down is
+    W_p v + sum_e w_e s B_e A_e v, with w the routing of the layer's input (attn_norm(x)); attention by hand (causal
+    softmax over the scores, GQA by repeating each kv head)."""
+    ffn, att, c = blk.ffn, blk.attn, blk.attn.cfg
+    s, hd, B, T = ffn.ecfg.scale, c.head_dim, x_BTD.shape[0], x_BTD.shape[1]
+
+    def proj(p, v, base, b, t):
+        y = base(v)
+        for e in range(ffn.n_experts):
+            if w_BTE[b, t, e] != 0:
+                y = y + w_BTE[b, t, e] * s * (v @ ffn.experts[p].A[e] @ ffn.experts[p].B[e])
+        return y
+    h = blk.attn_norm(x_BTD)
+    out = torch.zeros_like(x_BTD)
+    for b in range(B):
+        qkv = {p: torch.stack([proj(p, h[b, t], getattr(att, f"{p}_proj"), b, t) for t in range(T)])
+               for p in ("q", "k", "v")}
+        q = qkv["q"].view(T, c.n_heads, hd).transpose(0, 1)
+        k, v = (qkv[p].view(T, c.n_kv_heads, hd).transpose(0, 1).repeat_interleave(c.n_heads // c.n_kv_heads, 0)
+                for p in ("k", "v"))
+        q, k = cmoe.apply_rope(q[None], k[None], cos[:1], sin[:1])
+        scores = (q[0] @ k[0].transpose(-1, -2)) / hd ** 0.5
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(0, 1).reshape(T, -1)
+        for t in range(T):
+            xa = x_BTD[b, t] + proj("o", y[t], att.o_proj, b, t)
+            g = blk.ffn_norm(xa)
+            m = F.silu(proj("gate", g, ffn.gate_proj, b, t)) * proj("up", g, ffn.up_proj, b, t)
+            out[b, t] = xa + proj("down", m, ffn.down_proj, b, t)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_attention_experts_equal_a_hand_written_layer(mode):
+    cfg = LlamaConfig(vocab_size=40, dim=D, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=FF)
+    torch.manual_seed(3)
+    m = Llama(cfg, ExpertConfig(rank=R, alpha=8, top_k=2, attn=True))
+    blk, ffn = m.layers[0], m.layers[0].ffn
+    assert sorted(ffn.experts) == ["down", "gate", "k", "o", "q", "up", "v"]
+    ffn.add_experts(3)
+    ffn.add_router(torch.randn(3, D))
+    ffn.freeze()
+    ffn.add_experts(2, copy_from=1)
+    ffn.add_router(torch.randn(5, D))
+    with torch.no_grad():  # non-zero B everywhere, so every projection's experts change the output
+        for experts in ffn.experts.values():
+            experts.frozen_B.normal_(0, 0.3)
+            experts.train_B.normal_(0, 0.3)
+    ffn.dispatch = mode
+    x, tids = torch.randn(2, 6, D), torch.tensor([0, 1])
+    cos, sin = m.rope(torch.arange(6)[None].expand(2, 6))
+    y, aux = blk(x, cos, sin, task_ids=tids)
+    w = hand_route(blk.attn_norm(x), ffn, tids, 2)  # routed at the layer's input, not the FFN's
+    torch.testing.assert_close(y, hand_attention_block(blk, x, w, cos, sin), atol=1e-5, rtol=1e-5)
+    aux.backward(retain_graph=True)  # the balance loss of that one routing reaches the trainable router
+    assert ffn.routers[1].grad is not None and ffn.routers[1].grad.abs().sum() > 0
+    y.sum().backward()  # every projection's trainable experts get a gradient; the frozen ones none
+    for name, experts in ffn.experts.items():
+        assert experts.train_B.grad.abs().sum() > 0 and experts.frozen_B.grad is None, name
+    y0, _ = blk(x, cos, sin, task_ids=tids, use_experts=False)
+    ref = Llama(cfg)  # no experts: the same layer is the plain Llama layer
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if ".experts." not in k and ".routers." not in k},
+                        strict=False)  # (ref's empty FFN-only banks stay as they are)
+    torch.testing.assert_close(y0, ref.layers[0](x, cos, sin)[0], atol=0, rtol=0)

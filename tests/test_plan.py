@@ -134,12 +134,15 @@ def training_step_saved(model, args):
     return sum(saved.values()), per_layer
 
 
-@pytest.mark.parametrize("dtype, n_init, top_k", [("fp32", 2, 2), ("fp32", 3, 1), ("bf16", 2, 2)],
-                         ids=["fp32-dense", "fp32-sparse", "bf16-dense"])
-def test_activation_estimate_matches_saved_bytes(tmp_path, capsys, dtype, n_init, top_k):
+@pytest.mark.parametrize("dtype, n_init, top_k, attn", [("fp32", 2, 2, 0), ("fp32", 3, 1, 0), ("bf16", 2, 2, 0),
+                                                      ("fp32", 2, 2, 1), ("fp32", 3, 1, 1), ("bf16", 2, 2, 1)],
+                         ids=["fp32-dense", "fp32-sparse", "bf16-dense", "fp32-dense-attn", "fp32-sparse-attn",
+                              "bf16-dense-attn"])
+def test_activation_estimate_matches_saved_bytes(tmp_path, capsys, dtype, n_init, top_k, attn):
     args = train.parse_args(["--plan", "--llm", folder(tmp_path, "llm", TINY_LLAMA), "--vision",
                              folder(tmp_path, "clip", TINY_CLIP), "--plan-dtype", dtype, "--tasks", "1",
-                             "--max-len", "32", "--n-init", str(n_init), "--top-k", str(top_k)])
+                             "--max-len", "32", "--n-init", str(n_init), "--top-k", str(top_k)]
+                            + ["--attn-experts"] * attn)
     got = train.plan(args)
     lc, vc, _ = train.plan_configs(args)
     torch.manual_seed(0)

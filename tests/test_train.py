@@ -295,6 +295,23 @@ def test_eval_refuses_a_run_that_names_no_base(ptl_run, tmp_path):
         ev.reevaluate(str(out))
 
 
+def test_attention_experts_run_keeps_old_experts_and_reloads(tmp_path, base_dir):
+    """--attn-experts: q/k/v/o LoRA experts join each pool; task 1's experts on all seven projections and its
+    routers stay bit-identical through task 2, and the checkpoints reload to the same predictions."""
+    import eval as ev
+    out = tmp_path / "attn"
+    M = run(out, base_dir, "--attn-experts", "--locator", "oracle")
+    a, b = load_file(str(out / "task_0/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
+    frozen = [k for k in a if ".frozen_" in k]
+    assert {k.split(".experts.")[1].split(".")[0] for k in frozen} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert len(frozen) == 4 * 7 * 2 and all(torch.equal(b[k][: a[k].shape[0]], a[k]) for k in frozen)
+    assert all(torch.equal(b[k], a[k]) for k in a if ".routers.0" in k)
+    assert any(b[k].shape[0] > a[k].shape[0] for k in frozen)  # PGKE grew some layer (the check above is not empty)
+    assert json.loads((out / "task_0/meta.json").read_text())["experts"]["attn"] is True
+    assert ev.main([str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["acc"] == M["acc"]  # rebuilt with attention experts
+
+
 # ----------------------------------------------------------------------------------------------------------
 # settings: TrainConfig fields as flags, --set, the --quick preset
 
