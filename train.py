@@ -124,6 +124,10 @@ class TrainConfig:
             raise ValueError(f"reject_quantile must be in [0, 1], not {self.reject_quantile!r}")
         if not 0.0 < self.gpu_mem < float("inf"):
             raise ValueError(f"gpu_mem must be a positive number of GiB, not {self.gpu_mem!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be a torch device (cpu, cuda, cuda:1, ...), not {self.device!r}") from None
 
 
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
@@ -178,6 +182,10 @@ def parse_args(argv=None) -> TrainConfig:
             "-oracle" if cfg.locator == "oracle" else "") + ("-mean" if cfg.locator_feature == "mean" else "") + (
             "-reject" if cfg.reject else "")
         cfg.out = os.path.join("out", f"{cfg.benchmark}{'-quick' if cfg.quick else ''}-{tag}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        p.error(f"--out {cfg.out}: is a file, not a run folder")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {cfg.device}: this torch sees no CUDA device (torch.cuda.is_available() is False)")
     return cfg
 
 
@@ -202,6 +210,9 @@ def parser_of(kind):
 def encode(model: LLaVA, examples, tok, template, cfg, task_id, feats=True):
     """Pre-encode a dataset once: ids/labels padded to max_len, and (frozen tower) projected image features."""
     ds = data.encode_dataset(examples, tok, template, cfg.max_len, model.vision.cfg.image_size, task_id)
+    if examples and not len(ds["index"]):
+        raise SystemExit(f"task {examples[0].task or task_id}: none of its {len(examples)} examples fits --max-len "
+                         f"{cfg.max_len} (the template, the image token and the answers alone are longer)")
     if feats:
         model.eval()
         px = ds.pop("pixel_values")

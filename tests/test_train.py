@@ -371,7 +371,8 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
                       (["--grad-accum", "0"], "grad_accum must be at least 1"), (["--rank", "0"], "rank must be"),
                       (["--train-n", "0"], "train_n must be"), (["--reject-quantile", "1.5"], "reject_quantile must"),
                       (["--reject-quantile", "nan"], "reject_quantile must"), (["--gpu-mem", "inf"], "gpu_mem must"),
-                      (["--text-steps", "-1"], "text_steps must be 0 or more"), (["--patch-merge", "0"], "patch_merge must")):
+                      (["--text-steps", "-1"], "text_steps must be 0 or more"), (["--patch-merge", "0"], "patch_merge must"),
+                      (["--device", "bogus"], "device must be a torch device"), (["--out", __file__], "is a file")):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert says in capsys.readouterr().err, bad
@@ -379,6 +380,14 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
     assert coin.tasks is None and coin.steps == train.QUICK["steps"]
     with pytest.raises(SystemExit, match="sqa listed twice"):
         train.data.task_list(train.parse_args(["--tasks", "sqa,cls,sqa"]))
+
+
+def test_max_len_that_fits_no_example_is_refused_by_name(tmp_path, base_dir):
+    stages = lambda: sorted(d for d in os.listdir(base_dir) if d.startswith("minicoin-"))  # noqa: E731
+    before = stages()
+    with pytest.raises(SystemExit, match="task caption: none of its 64 examples fits --max-len 4"):
+        run(tmp_path / "run", base_dir, "--max-len", "4")
+    assert [d for d in stages() if not d.endswith(".model")] == [d for d in before if not d.endswith(".model")]
 
 
 def test_resume_with_changed_settings_is_refused_before_anything_is_written(tmp_path):
