@@ -68,6 +68,7 @@ class TrainConfig:
     base_steps: int = 1000  # stage 0a: caption pretraining steps
     instruct_steps: int = 500  # stage 0b: MiniCoIN-Instruct tuning steps
     text_steps: int = 0  # tiny base: stage 0 begins with this many steps of plain-text induction pretraining
+    instruct_mc: bool = False  # tiny base: stage 0b also answers lettered multiple choice (data.INSTRUCT_MC)
     patch_merge: int = 1  # tiny base: m x m patches per image token (2: one token per scene cell; LLaVA: 1)
     # experts and method
     rank: int = 8
@@ -282,8 +283,8 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
         return model, base
     # tiny MiniCoIN base, made the way LLaVA is (captions, then general instructions); each stage's result is
     # cached under a key of everything that shaped it, so changing stage 0b reuses stage 0a
-    stages = [("base", "caption", cfg.caption_n, cfg.base_steps), ("instruct", "instruct", cfg.instruct_n,
-                                                                   cfg.instruct_steps)]
+    stages = [("base", "caption", cfg.caption_n, cfg.base_steps),
+              ("instruct", data.INSTRUCT_MC if cfg.instruct_mc else "instruct", cfg.instruct_n, cfg.instruct_steps)]
     shaped_by = [cfg.seed, cfg.max_len, cfg.base_lr, cfg.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
                  "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
     shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (defaults: cached bases keep

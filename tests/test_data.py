@@ -127,6 +127,33 @@ def test_instruct_mix_covers_answer_tokens_but_not_task_prompts(tok):
     assert not missing, [tok.decode([t]) for t in missing]
 
 
+def test_instruct_mc_mixes_lettered_choices_whose_letter_names_the_text_colour():
+    mc, task_lines = 0, set()
+    for task in data.MINICOIN_TASKS:
+        for i in range(200):
+            user = data.minicoin_sample(task, "train", i, render=False).turns[0][0]
+            task_lines |= {line for line in user.split("\n")[1:] if line and line[1:3] != ". "}  # not the options
+    for k in range(300):
+        scene, turns = data._make_instruct(np.random.default_rng(k), mc=True)
+        user, letter = turns[0]
+        if not user.endswith(data.MC_SUFFIX):
+            continue
+        mc += 1
+        question, *opts, suffix = user.split("\n")
+        assert question == "What color is the text?" and 2 <= len(opts) <= 4
+        assert [o[:3] for o in opts] == [f"{c}. " for c in "ABCD"[:len(opts)]]
+        words = [o[3:] for o in opts]
+        assert len(set(words)) == len(words) and set(words) <= set(data.COLORS)
+        assert words["ABCD".index(letter)] == scene["text"]["color"]  # the letter of the text's colour, by hand
+        assert question not in task_lines and suffix not in task_lines
+    assert 15 <= mc <= 50  # 3 draws in 29: about 31 of 300
+    assert data.MC_SUFFIX != data.SUFFIX_LETTER
+    ex = data.minicoin(data.INSTRUCT_MC, "train", 40)  # the stage-0b set --instruct-mc trains on
+    assert any(e.turns[0][0].endswith(data.MC_SUFFIX) for e in ex) and all(e.image is not None for e in ex)
+    plain = [e.turns for e in data.minicoin("instruct", "train", 40)]
+    assert not any(t[0][0].endswith(data.MC_SUFFIX) for t in plain)  # the default mix has none
+
+
 def test_induction_batch_labels_exactly_a_repeated_span():
     ids, labels = data.induction_batch(torch.Generator().manual_seed(0), 64, 40)
     assert ids.shape == labels.shape == (64, 34) and int(ids.max()) < 40

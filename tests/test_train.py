@@ -349,8 +349,7 @@ def test_every_train_flag_in_the_readme_is_a_setting():
               "dispatch", "reps", "forward", "dims", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
               "standalone", "nproc", "whole",  # torchrun's own; tests/bench_eval.py
-              "tokens", "kind",  # tests/probe_search.py
-              "instruct-mc"}  # tests/probe_tasks.py
+              "tokens", "kind"}  # tests/probe_search.py
     names = {f.name.replace("_", "-") for f in train.dataclasses.fields(train.TrainConfig)} | {"set", "help"}
     assert len(flags - others) > 30 and flags - others <= names, sorted(flags - others - names)
 
