@@ -268,6 +268,8 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
             raise SystemExit("--llm needs --vision (a CLIP folder)")
         if cfg.patch_merge != 1:
             raise SystemExit("--patch-merge is for the tiny MiniCoIN base: a LLaVA projector takes one patch per token")
+        if cfg.instruct_mc:
+            raise SystemExit("--instruct-mc is for the tiny MiniCoIN base's stage 0b: a real LLaVA brings its own")
         base = {"llm": cfg.llm, "vision": cfg.vision, "projector": cfg.projector}
         model = ev.load_model(base, data.pad_id(tok)).to(cfg.device)
         if not cfg.projector:

@@ -338,6 +338,8 @@ def test_patch_merge_and_text_steps_base_is_cached_reloaded_and_refused_where_it
         run(tmp_path / "m4", str(tmp_path / "base4"), "--patch-merge", "4")
     with pytest.raises(SystemExit, match="--patch-merge is for the tiny MiniCoIN base"):
         run(tmp_path / "real", base_dir, "--patch-merge", "2", "--llm", "x", "--vision", "y")
+    with pytest.raises(SystemExit, match="--instruct-mc is for the tiny MiniCoIN base"):
+        run(tmp_path / "real", base_dir, "--instruct-mc", "--llm", "x", "--vision", "y")
 
 
 def test_every_train_flag_in_the_readme_is_a_setting():
