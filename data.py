@@ -904,6 +904,14 @@ SUFFIX_SHORT = "Answer the question using a single word or phrase."
 GROUND_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 
 
+def lettered(rng, right, pool, question, suffix):
+    """(prompt, letter): the right answer among 1-3 others from pool, in a random order, one option per line."""
+    opts = [right] + list(rng.choice([p for p in pool if p != right], int(rng.integers(1, 4)), replace=False))
+    opts = [opts[i] for i in rng.permutation(len(opts))]
+    options = "\n".join(f"{'ABCD'[i]}. {p}" for i, p in enumerate(opts))
+    return f"{question}\n{options}\n{suffix}", "ABCD"[opts.index(right)]
+
+
 def _task_sample(task, rng):
     """(scene, user text, answer) for one draw of a continual task."""
     if task == "sqa":
@@ -913,10 +921,8 @@ def _task_sample(task, rng):
             q, right, pool = f"What color is the {o['shape']}?", o["color"], list(COLORS)
         else:
             q, right, pool = f"Which shape is {o['color']}?", o["shape"], list(SHAPES)
-        opts = [right] + list(rng.choice([p for p in pool if p != right], int(rng.integers(1, 4)), replace=False))
-        opts = [opts[i] for i in rng.permutation(len(opts))]
-        options = "\n".join(f"{'ABCD'[i]}. {p}" for i, p in enumerate(opts))
-        return scene, f"<image>\n{q}\n{options}\n{SUFFIX_LETTER}", "ABCD"[opts.index(right)]
+        prompt, letter = lettered(rng, right, pool, q, SUFFIX_LETTER)
+        return scene, "<image>\n" + prompt, letter
     if task == "ocr":
         scene = _text_scene(rng)
         return scene, f"<image>\nWhat is written in the image?\n{SUFFIX_SHORT}", scene["text"]["text"]
@@ -1020,14 +1026,6 @@ INSTRUCT_WEIGHTS = np.array([3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1]) / 26  # mostly
 # ("A. red") have sqa's layout. Measured: lora on a one-object sqa 39 -> 73 %, cmoe Last 45.0 -> 49.2 (README).
 INSTRUCT_MC = "instruct-mc"
 MC_SUFFIX = "Reply with the letter of the right option."
-
-
-def lettered(rng, right, pool, question, suffix):
-    """(prompt, letter): the right answer among 1-3 others from pool, in a random order, one option per line."""
-    opts = [right] + list(rng.choice([p for p in pool if p != right], int(rng.integers(1, 4)), replace=False))
-    opts = [opts[i] for i in rng.permutation(len(opts))]
-    options = "\n".join(f"{'ABCD'[i]}. {p}" for i, p in enumerate(opts))
-    return f"{question}\n{options}\n{suffix}", "ABCD"[opts.index(right)]
 
 
 def _make_instruct(rng, mc=False):
