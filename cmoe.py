@@ -254,11 +254,15 @@ class LoRAExperts(nn.Module):
         return lora_sparse(x_TD, self.A, self.B, plan, scale, rows)  # the fast path (end of file)
 
 
-def sparse_wins(E, top_k, grad):
-    """The "auto" dispatch rule, from measured crossovers (tests/bench_moe.py): in training (forward + backward) the
-    sparse block dispatch wins once E > 2 * top-k; forward only (generation, PGKE's usage counts) the dense GEMM is
-    faster up to E = 6 * top-k."""
-    return E > (2 if grad else 6) * top_k
+def sparse_wins(E, top_k, grad, rank=16, dim=512):
+    """The "auto" dispatch rule, from measured crossovers (tests/bench_moe.py, CPU): forward only (generation, PGKE's
+    usage counts) the dense GEMM is faster up to E = 6 * top-k. In training (forward + backward) the sparse block
+    dispatch pays a gather and a scatter per routed row, so it wins only once the rank-space work the dense GEMM
+    wastes is large beside them: from E > 2 * top-k at dim 512, rank 16 (the benchmark's layer), and only past
+    E = 16 at dim 128, rank 8 (the MiniCoIN model's; past E = 8 at rank 16): E * rank * dim > top-k * 16 * 512."""
+    if not grad:
+        return E > 6 * top_k
+    return E > 2 * top_k and E * rank * dim > top_k * 16 * 512
 
 
 class ExpertFFN(nn.Module):
@@ -378,7 +382,8 @@ class ExpertFFN(nn.Module):
         if self.dispatch not in ("auto", "dense", "sparse"):
             raise ValueError(f"ExpertFFN.dispatch must be auto, dense or sparse, not {self.dispatch!r}")
         return self.dispatch == "sparse" or (
-            self.dispatch == "auto" and sparse_wins(self.n_experts, self.ecfg.top_k, torch.is_grad_enabled()))
+            self.dispatch == "auto" and sparse_wins(self.n_experts, self.ecfg.top_k, torch.is_grad_enabled(),
+                                                    self.ecfg.rank, self.cfg.dim))
 
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
         """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
@@ -805,8 +810,8 @@ class Locator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fast path: sparse block dispatch (ExpertFFN.dispatch 'auto' picks it once E > 2 * top-k in training, 6 * top-k
-# forward only): lora_dense's result, computed on each token's top-k experts only. Each (token, top-k slot)
+# Fast path: sparse block dispatch (ExpertFFN.dispatch 'auto' picks it by sparse_wins: a large pool in training,
+# E > 6 * top-k forward only): lora_dense's result, computed on each token's top-k experts only. Each (token, top-k slot)
 # assignment gets one row in a buffer grouped by expert, each group padded to a multiple of BLOCK rows so that every
 # block of rows belongs to one expert; then two batched GEMMs over blocks. All shapes are static
 # (M = round_up(T*K + E*(BLOCK-1), BLOCK)), and a row's place comes from a cumsum over one-hot (no sort, bincount or

@@ -68,7 +68,8 @@ class TrainConfig:
     base_steps: int = 1000  # stage 0a: caption pretraining steps
     instruct_steps: int = 500  # stage 0b: MiniCoIN-Instruct tuning steps
     text_steps: int = 0  # tiny base: stage 0 begins with this many steps of plain-text induction pretraining
-    instruct_mc: bool = False  # tiny base: stage 0b also answers lettered multiple choice (data.INSTRUCT_MC)
+    instruct_mc: bool | None = None  # tiny base: stage 0b also answers lettered multiple choice (data.INSTRUCT_MC);
+    # None: on for the tiny base (a real LLaVA brings its own instruction tuning), --no-instruct-mc: off
     patch_merge: int = 1  # tiny base: m x m patches per image token (2: one token per scene cell; LLaVA: 1)
     # experts and method
     rank: int = 8
@@ -81,7 +82,7 @@ class TrainConfig:
     probe_steps: int = 60
     lambda_aux: float = 0.01  # weight of the load-balance loss
     moelora_experts: int = 4
-    attn_experts: bool = False  # experts also on attention's q/k/v/o (CoIN's MoELoRA places them there); default: FFN
+    attn_experts: bool = True  # experts on attention's q/k/v/o as well as the FFN (as CoIN's MoELoRA); --no-attn-experts: FFN only
     # optimisation
     steps: int = 300  # training steps per task
     batch_size: int = 32
@@ -146,7 +147,9 @@ FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, o
          "device": "cpu, cuda, cuda:1, ...", "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
          "projector": "LLaVA mm_projector .safetensors", "tokenizer": "Llama-3 tokenizer.model",
          "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
-         "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama"}
+         "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama",
+         "attn_experts": "experts on attention q/k/v/o too (--no-attn-experts: FFN only)",
+         "instruct_mc": "lettered multiple choice in the tiny base's stage 0b (None: on; --no-instruct-mc: off)"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -157,8 +160,8 @@ def parse_args(argv=None) -> TrainConfig:
         f"--{f.name.replace('_', '-')} {f.default}" for f in fields if f.name not in FLAGS))
     for f in fields:
         help_ = f"{FLAGS[f.name]} (default: {f.default})" if f.name in FLAGS else argparse.SUPPRESS
-        if f.type == "bool":
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_const", const=True, help=help_)
+        if f.type.startswith("bool"):  # --flag / --no-flag
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=help_)
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=parser_of(f.type), choices=CHOICES.get(f.name), help=help_)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any setting, e.g. --set lr=1e-3")
@@ -181,7 +184,8 @@ def parse_args(argv=None) -> TrainConfig:
     if cfg.out is None:
         tag = cfg.method + ("" if cfg.expand == "probe" else f"-expand{cfg.expand}") + (
             "-oracle" if cfg.locator == "oracle" else "") + ("-mean" if cfg.locator_feature == "mean" else "") + (
-            "-reject" if cfg.reject else "")
+            "-reject" if cfg.reject else "") + ("" if cfg.attn_experts else "-ffn") + (
+            "-nomc" if cfg.instruct_mc is False else "")
         cfg.out = os.path.join("out", f"{cfg.benchmark}{'-quick' if cfg.quick else ''}-{tag}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         p.error(f"--out {cfg.out}: is a file, not a run folder")
@@ -286,7 +290,7 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
     # tiny MiniCoIN base, made the way LLaVA is (captions, then general instructions); each stage's result is
     # cached under a key of everything that shaped it, so changing stage 0b reuses stage 0a
     stages = [("base", "caption", cfg.caption_n, cfg.base_steps),
-              ("instruct", data.INSTRUCT_MC if cfg.instruct_mc else "instruct", cfg.instruct_n, cfg.instruct_steps)]
+              ("instruct", "instruct" if cfg.instruct_mc is False else data.INSTRUCT_MC, cfg.instruct_n, cfg.instruct_steps)]
     shaped_by = [cfg.seed, cfg.max_len, cfg.base_lr, cfg.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
                  "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
     shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (defaults: cached bases keep
@@ -821,7 +825,7 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
                  sparse M*(D + F)*dt (the gathered rows: gate's and up's are one) + M*8 + T*K*16 (where rows go);
                  and per projection din -> dout (gate, up, down): n*(2R + 1)*dt (rank space before / after gating,
                  gates) + nw*R*(din + dout)*dt (the A, B the dispatch uses);
-                 dense: n = T*E, nw = E; sparse (E > 2K): n = M = T*K + E*31 rounded up to 32-row blocks, nw = M/32;
+                 dense: n = T*E, nw = E; sparse (cmoe.sparse_wins): n = M = T*K + E*31 rounded up to 32-row blocks, nw = M/32;
                  --attn-experts: q, k, v, o too, and their inputs: dense T*D*dt (the FFN's input, no longer the
                  router's; o's is the attention output kept anyway), sparse M*(D + H*hd)*dt (q's, k's, v's rows; o's)
     The first layer's input needs no gradient: it keeps no norms, attention, router weights, nor gate's and up's A
@@ -830,7 +834,7 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
     --grad-ckpt keeps each layer's input T*D*dt instead, and recomputes one layer at a time in backward (in fp32, that
     layer's first norm keeps the saved input itself). Returns (total bytes, the terms of one layer after the first)."""
     T, D, F, R, H, K, blk = B * S, lc.dim, lc.ffn_dim, ecfg.rank, lc.n_heads, min(ecfg.top_k, E), cmoe.BLOCK
-    sparse = cmoe.sparse_wins(E, ecfg.top_k, grad=True)  # ExpertFFN's "auto" dispatch in training
+    sparse = cmoe.sparse_wins(E, ecfg.top_k, True, ecfg.rank, D)  # ExpertFFN's "auto" dispatch in training
     M = -(-(T * K + E * (blk - 1)) // blk) * blk
     n, nw = (M, M // blk) if sparse else (T * E, E)
     proj = ((D, F), (D, F), (F, D))
@@ -900,7 +904,7 @@ def plan(args):
     print(f"memory ({args.plan_dtype} weights, gradients, activations; AdamW: fp32 m and v = 8 B per trainable "
           f"parameter, no fp32 master copy)\n  " + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
     terms = {k: v / 64 for k, v in activation_bytes(lc, ecfg, E, S, 64, dt)[1].items()}  # per sample, not per step
-    dispatch = "sparse" if cmoe.sparse_wins(E, ecfg.top_k, grad=True) else "dense"
+    dispatch = "sparse" if cmoe.sparse_wins(E, ecfg.top_k, True, ecfg.rank, lc.dim) else "dense"
     print(f"  activations kept for backward, per sample and decoder layer ({dispatch} expert dispatch, E = {E}):\n    "
           + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in terms.items()) + " MiB")
     for ck in (False, True):

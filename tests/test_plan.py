@@ -66,8 +66,9 @@ def test_clip_count_by_hand():
 @pytest.mark.parametrize("preset, cfg, llm, projector", [
     ("llama-3.2-1b", LLAMA_32_1B, 1_235_814_400, (1024 * 2048 + 2048) + (2048 * 2048 + 2048)),
     ("llama-3.1-8b", LLAMA_31_8B, 8_030_261_248, (1024 * 4096 + 4096) + (4096 * 4096 + 4096))])
-def test_published_parameter_counts(tmp_path, capsys, preset, cfg, llm, projector):
-    flags = ["--tasks", "8", "--max-len", "256"]
+@pytest.mark.parametrize("attn", [False, True], ids=["ffn", "attn"])
+def test_published_parameter_counts(tmp_path, capsys, preset, cfg, llm, projector, attn):
+    flags = ["--tasks", "8", "--max-len", "256", "--attn-experts" if attn else "--no-attn-experts"]
     got = plan("--llm", folder(tmp_path, "llm", cfg), "--vision", folder(tmp_path, "clip", CLIP_L_336), *flags)
     out = capsys.readouterr().out
     assert got["base"] == {"vision": CLIP_BUILT, "projector": projector, "llm": llm}
@@ -75,6 +76,9 @@ def test_published_parameter_counts(tmp_path, capsys, preset, cfg, llm, projecto
     # cmoe, rank 8, 2 experts at task 1, worst case one more in every layer per task: 9 experts after 8 tasks
     D, F, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     expert = 3 * 8 * (D + F)  # LoRA A (in x 8) and B (8 x out) on gate, up (D -> F) and down (F -> D)
+    if attn:  # and on q (D -> D), k and v (D -> kv heads x head dim), o (D -> D)
+        KV = cfg["num_key_value_heads"] * (D // cfg["num_attention_heads"])
+        expert += 8 * (D + D) + 2 * 8 * (D + KV) + 8 * (D + D)
     assert got["first"] == L * (2 * expert + 2 * D)  # task 1: 2 experts + a router over them, per layer
     assert got["last"] == L * (expert + 9 * D)  # task 8: 1 new expert + a router over all 9
     assert got["added"] == L * (9 * expert + D * sum(range(2, 10)))  # routers of tasks 1..8 cover 2..9 experts
@@ -138,11 +142,14 @@ def training_step_saved(model, args):
                                                       ("fp32", 2, 2, 1), ("fp32", 3, 1, 1), ("bf16", 2, 2, 1)],
                          ids=["fp32-dense", "fp32-sparse", "bf16-dense", "fp32-dense-attn", "fp32-sparse-attn",
                               "bf16-dense-attn"])
-def test_activation_estimate_matches_saved_bytes(tmp_path, capsys, dtype, n_init, top_k, attn):
+def test_activation_estimate_matches_saved_bytes(tmp_path, capsys, monkeypatch, dtype, n_init, top_k, attn):
+    # the dispatch under test (sparse iff E > 2 * top-k), for the plan and the layers alike: at these tiny dims the
+    # auto rule would always pick the dense one
+    monkeypatch.setattr(cmoe, "sparse_wins", lambda E, top_k, grad, *dims: E > 2 * top_k)
     args = train.parse_args(["--plan", "--llm", folder(tmp_path, "llm", TINY_LLAMA), "--vision",
                              folder(tmp_path, "clip", TINY_CLIP), "--plan-dtype", dtype, "--tasks", "1",
                              "--max-len", "32", "--n-init", str(n_init), "--top-k", str(top_k)]
-                            + ["--attn-experts"] * attn)
+                            + [["--no-attn-experts"], ["--attn-experts"]][attn])
     got = train.plan(args)
     lc, vc, _ = train.plan_configs(args)
     torch.manual_seed(0)

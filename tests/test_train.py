@@ -29,7 +29,8 @@ def run(out, base_dir, *extra):
 @pytest.fixture(scope="session")
 def oracle_run(tmp_path_factory, base_dir):
     out = tmp_path_factory.mktemp("oracle")
-    return out, run(out, base_dir, "--locator", "oracle")
+    return out, run(out, base_dir, "--locator", "oracle", "--no-attn-experts")  # FFN experts only (the default's
+    # attention experts: ptl_run and the attention-experts test)
 
 
 @pytest.fixture(scope="session")
@@ -354,7 +355,9 @@ def test_every_train_flag_in_the_readme_is_a_setting():
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
               "standalone", "nproc", "whole",  # torchrun's own; tests/bench_eval.py
               "tokens", "kind"}  # tests/probe_search.py
-    names = {f.name.replace("_", "-") for f in train.dataclasses.fields(train.TrainConfig)} | {"set", "help"}
+    fields = train.dataclasses.fields(train.TrainConfig)
+    names = {f.name.replace("_", "-") for f in fields} | {"set", "help"}
+    names |= {"no-" + f.name.replace("_", "-") for f in fields if f.type.startswith("bool")}  # --no-attn-experts
     assert len(flags - others) > 30 and flags - others <= names, sorted(flags - others - names)
 
 
@@ -365,6 +368,9 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
     assert (c.probe_steps, c.tasks, c.out) == (train.QUICK["probe_steps"], "sqa,cls,count", "out/minicoin-quick-lora")
     d = train.parse_args([])
     assert (d.steps, d.tasks, d.max_len, d.out) == (300, None, 48, "out/minicoin-cmoe")
+    assert (d.attn_experts, d.instruct_mc) == (True, None)  # attention experts; the multiple-choice stage 0b (tiny base)
+    e = train.parse_args(["--no-attn-experts", "--no-instruct-mc", "--expand", "all"])  # a bool's --no- form
+    assert (e.attn_experts, e.instruct_mc, e.out) == (False, False, "out/minicoin-cmoe-expandall-ffn-nomc")
     names = d.tasks and d.tasks.split(",") or list(train.data.MINICOIN_TASKS)  # --unseen: auto, none, a list
     for argv, want in (([], ["textcolor"]), (["--unseen", "none"], []), (["--set", "unseen=none"], []),
                        (["--unseen", "textcolor"], ["textcolor"])):
