@@ -7,6 +7,7 @@ with the locator choosing each sample's routers, scoring, re-evaluation of a run
 acc[j][i] (percent) = score on task i after training task j; None where not evaluated. Figures use Pillow only.
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
@@ -371,7 +372,14 @@ def reevaluate(run_dir, device=None, reject=None, quantile=None):
     """Rebuild a finished (or partly finished) run from its base and task checkpoints and regenerate every stage's
     predictions and accuracy rows. reject: override the run's reject option; quantile: recalibrate every task's
     reject bound at this quantile, from the same held-out training examples training used. Returns the refreshed
-    metrics dict (also written to metrics.json)."""
+    metrics dict (also written to metrics.json). Works from any directory: the run's relative paths (cached base,
+    --base-dir, data, checkpoints) are taken from the folder training ran in (metrics.json 'cwd')."""
+    run_dir = os.path.abspath(run_dir)
+    home = load_run(run_dir).get("cwd")
+    with contextlib.chdir(home if home and os.path.isdir(home) else os.getcwd()):
+        return reevaluate_in_place(run_dir, device, reject, quantile)
+
+def reevaluate_in_place(run_dir, device, reject, quantile):
     cfg = types.SimpleNamespace(**read_json(os.path.join(run_dir, "config.json")))
     cfg.out, cfg.device = run_dir, device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.reject = cfg.reject if reject is None else reject

@@ -693,6 +693,7 @@ class RunState:
             self.log(f"resume: {self.first} finished task(s){partial}")
         self.metrics["time"]["base"] += t_base
         self.metrics["base"], self.metrics["scoring"] = base, bench.scoring
+        self.metrics["cwd"] = os.getcwd()  # the run's relative paths are relative to it (eval.reevaluate)
         if "zero_shot" not in self.metrics:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
             self.metrics["unseen"] = {"tasks": bench.unseen, "acc": []}
             ev.record(self.metrics, bench.evaluate(model, None, -1), -1)

@@ -1,12 +1,13 @@
 """Which MiniCoIN variants can the tiny base learn? train.py with one task changed, nothing else (the default BPE):
 
-    python tests/probe_tasks.py --method lora --tasks sqa1 --locator oracle --unseen none --out out/probe-sqa1
-    python tests/probe_tasks.py --instruct-mc --method lora --tasks sqa1,sqa --locator oracle --unseen none \
+    python tests/probe_tasks.py --no-instruct-mc --no-attn-experts --method lora --tasks sqa1 --locator oracle \
+        --unseen none --out out/probe-sqa1
+    python tests/probe_tasks.py --no-attn-experts --method lora --tasks sqa1,sqa --locator oracle --unseen none \
         --out out/probe-mc
 
 sqa1: sqa's options and suffix about the only object in the image (large, as in cls): the answer is the letter of a
-colour or shape the base reads reliably, with no search among objects. Every flag is train.py's (--instruct-mc:
-stage 0b with lettered multiple choice, data.INSTRUCT_MC).
+colour or shape the base reads reliably, with no search among objects. Every flag is train.py's (--no-instruct-mc:
+stage 0b without the lettered multiple choice of data.INSTRUCT_MC, as the README's first sqa1 row).
 """
 import os
 import sys

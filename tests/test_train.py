@@ -296,12 +296,16 @@ def test_eval_refuses_a_run_that_names_no_base(ptl_run, tmp_path):
         ev.reevaluate(str(out))
 
 
-def test_attention_experts_run_keeps_old_experts_and_reloads(tmp_path, base_dir):
+def test_attention_experts_run_keeps_old_experts_and_reloads(tmp_path, base_dir, monkeypatch):
     """--attn-experts: q/k/v/o LoRA experts join each pool; task 1's experts on all seven projections and its
-    routers stay bit-identical through task 2, and the checkpoints reload to the same predictions."""
+    routers stay bit-identical through task 2, and the checkpoints reload to the same predictions, re-evaluated from
+    another directory than the one training ran in (the run's paths are relative ones)."""
     import eval as ev
+    monkeypatch.chdir(os.path.dirname(base_dir))  # train with a relative --base-dir and --out
+    rel = os.path.relpath(tmp_path / "attn")
+    M = run(rel, os.path.basename(base_dir), "--attn-experts", "--locator", "oracle")
     out = tmp_path / "attn"
-    M = run(out, base_dir, "--attn-experts", "--locator", "oracle")
+    assert not os.path.isabs(M["base"]["tiny"])
     a, b = load_file(str(out / "task_0/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
     frozen = [k for k in a if ".frozen_" in k]
     assert {k.split(".experts.")[1].split(".")[0] for k in frozen} == {"q", "k", "v", "o", "gate", "up", "down"}
@@ -310,6 +314,7 @@ def test_attention_experts_run_keeps_old_experts_and_reloads(tmp_path, base_dir)
     assert any(b[k].shape[0] > a[k].shape[0] for k in frozen)  # PGKE grew some layer (the check above is not empty)
     assert json.loads((out / "task_0/meta.json").read_text())["experts"]["attn"] is True
     preds = {f: (out / "predictions" / f).read_text() for f in ("sqa.jsonl", "cls.jsonl")}
+    monkeypatch.chdir(tmp_path)  # where out/base/... names nothing
     assert ev.main([str(out)]) == 0  # rebuilt from the checkpoints, attention experts included: the same answers
     assert {f: (out / "predictions" / f).read_text() for f in preds} == preds
     assert json.loads((out / "metrics.json").read_text())["acc"] == M["acc"]
@@ -351,7 +356,8 @@ def test_every_train_flag_in_the_readme_is_a_setting():
     flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", readme))
     others = {"show",  # data.py
               "compare", "from-predictions",  # eval.py
-              "dispatch", "reps", "forward", "dims", "list", "only", "full", "worktree",  # tests/bench_moe.py, tests/mutate.py
+              "dispatch", "reps", "forward", "dims", "batch", "list", "only", "full", "worktree",  # tests/bench_moe.py, mutate.py
+              "no-",  # the README's "--no-<field>" (every bool's off form)
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
               "standalone", "nproc", "whole",  # torchrun's own; tests/bench_eval.py
               "tokens", "kind"}  # tests/probe_search.py
