@@ -82,7 +82,7 @@ class TrainConfig:
     probe_steps: int = 60
     lambda_aux: float = 0.01  # weight of the load-balance loss
     moelora_experts: int = 4
-    attn_experts: bool = True  # experts on attention's q/k/v/o as well as the FFN (as CoIN's MoELoRA); --no-attn-experts: FFN only
+    attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
     # optimisation
     steps: int = 300  # training steps per task
     batch_size: int = 32
@@ -290,7 +290,8 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
     # tiny MiniCoIN base, made the way LLaVA is (captions, then general instructions); each stage's result is
     # cached under a key of everything that shaped it, so changing stage 0b reuses stage 0a
     stages = [("base", "caption", cfg.caption_n, cfg.base_steps),
-              ("instruct", "instruct" if cfg.instruct_mc is False else data.INSTRUCT_MC, cfg.instruct_n, cfg.instruct_steps)]
+              ("instruct", "instruct" if cfg.instruct_mc is False else data.INSTRUCT_MC, cfg.instruct_n,
+               cfg.instruct_steps)]
     shaped_by = [cfg.seed, cfg.max_len, cfg.base_lr, cfg.batch_size, tok.name, data.MINICOIN_VERSION, data.IMAGE_SIZE,
                  "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
     shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (defaults: cached bases keep
