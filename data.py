@@ -79,7 +79,7 @@ def save_tokenizer(ranks, path):
 def minicoin_corpus(per_task=40, seed=0):
     """MiniCoIN text (prompts and answers of the train split, all tasks + captions) to train the BPE on."""
     texts = []
-    for task in MINICOIN_TASKS + tuple(BASE_SETS):
+    for task in MINICOIN_TASKS + ("caption", "instruct"):  # (INSTRUCT_MC: instruct's draws, its words: not again)
         for i in range(per_task):
             for user, asst in minicoin_sample(task, "train", i, seed, render=False).turns:
                 texts += [user.replace("<image>", ""), asst]
@@ -778,14 +778,15 @@ def coin_accuracy(metric, rows):
 # MiniCoIN: procedurally generated scenes on a 3x3 grid of 16 px cells (2x2 ViT patches each)
 
 MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
+INSTRUCT_MC = "instruct-mc"  # stage 0b's default mix: "instruct" with lettered multiple choice (_make_instruct)
 TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exact", "count": "exact", "ground": "iou",
-               "caption": "exact", "instruct": "exact", "textcolor": "exact"}
+               "caption": "exact", "instruct": "exact", INSTRUCT_MC: "exact", "textcolor": "exact"}
 UNSEEN_TASKS = ("textcolor",)  # scored after every stage, never trained: how much zero-shot ability a method keeps
 IMAGE_SIZE = 48
 MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33
 MINICOIN_VERSION = 3  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
 N_TRAIN, N_TEST = 1000, 100  # default sizes per task
-BASE_SETS = {"caption": 4000, "instruct": 8000}  # stage 0 of the tiny base: caption pretraining, instruction tuning
+BASE_SETS = {"caption": 4000, "instruct": 8000, INSTRUCT_MC: 8000}  # the tiny base's stage-0 sets
 TEST_EVERY = 10  # a scene is test-only iff crc32(scene key) % TEST_EVERY == 0: splits can never share a scene
 COLORS = {"red": (230, 45, 45), "green": (40, 190, 70), "blue": (50, 100, 255), "yellow": (240, 215, 40),
           "white": (235, 235, 235)}
@@ -1020,11 +1021,11 @@ def _instruct_turn(kind, rng, scene):
 INSTRUCT_WEIGHTS = np.array([3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1]) / 26  # mostly about images; a fifth plain text
 
 
-# --instruct-mc: the same stream with lettered multiple choice mixed in (3 draws in 29), "What color is the text?" (a
-# property the base reads) with 2-4 options; as LLaVA-665K's A-OKVQA multiple choice teaches LLaVA to answer by
-# letter before it meets ScienceQA. Its suffix is not sqa's, its question not a task's; only the option lines
-# ("A. red") have sqa's layout. Measured: lora on a one-object sqa 39 -> 73 %, cmoe Last 45.0 -> 49.2 (README).
-INSTRUCT_MC = "instruct-mc"
+# INSTRUCT_MC (the default stage 0b; --no-instruct-mc: "instruct"): the same stream with lettered multiple choice mixed
+# in (3 draws in 29), "What color is the text?" (a property the base reads) with 2-4 options; as LLaVA-665K's A-OKVQA
+# multiple choice teaches LLaVA to answer by letter before it meets ScienceQA. Its suffix is not sqa's, its question
+# not a task's; only the option lines ("A. red") have sqa's layout. Measured: lora on a one-object sqa 39 -> 73 %;
+# cmoe Last 45.0 -> 49.2 with FFN experts, 53.8 with attention experts too (README).
 MC_SUFFIX = "Reply with the letter of the right option."
 
 
@@ -1070,7 +1071,7 @@ def minicoin_sample(task, split, index, seed=0, render=True):
 
 def minicoin(task, split, n=None, seed=0):
     """n Examples (default N_TRAIN / N_TEST; BASE_SETS for the stage-0 sets) of a MiniCoIN task."""
-    if task not in TASK_METRIC and task != INSTRUCT_MC:
+    if task not in TASK_METRIC:
         raise ValueError(f"unknown MiniCoIN task {task!r}; known: {list(TASK_METRIC)}")
     if n is None:
         n = N_TEST if split == "test" else BASE_SETS.get(task, N_TRAIN)

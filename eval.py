@@ -375,17 +375,17 @@ def reevaluate(run_dir, device=None, reject=None, quantile=None):
     metrics dict (also written to metrics.json). Works from any directory: the run's relative paths (cached base,
     --base-dir, data, checkpoints) are taken from the folder training ran in (metrics.json 'cwd')."""
     run_dir = os.path.abspath(run_dir)
-    home = load_run(run_dir).get("cwd")
+    metrics = load_run(run_dir)
+    home = metrics.get("cwd")
     with contextlib.chdir(home if home and os.path.isdir(home) else os.getcwd()):
-        return reevaluate_in_place(run_dir, device, reject, quantile)
+        return reevaluate_in_place(run_dir, metrics, device, reject, quantile)
 
-def reevaluate_in_place(run_dir, device, reject, quantile):
+def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
     cfg = types.SimpleNamespace(**read_json(os.path.join(run_dir, "config.json")))
     cfg.out, cfg.device = run_dir, device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.reject = cfg.reject if reject is None else reject
     cfg.reject_quantile = cfg.reject_quantile if quantile is None else quantile
     log = Log(os.path.join(run_dir, "log.txt"))
-    metrics = load_run(run_dir)
     if "base" not in metrics:
         raise ValueError(f"{run_dir}: metrics name no base model (a run folder from before the 'base' field: rerun it)")
     tok, template = data.tokenizer(cfg)
