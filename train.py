@@ -253,14 +253,14 @@ def init_distributed(cfg):
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, one GPU per rank; gloo on CPU). Returns
     this process's rank (0 in a plain run)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > cfg.batch_size:  # checked before joining: every rank stops at once, none waits for the others
+        raise SystemExit(f"torchrun started {world} ranks but --batch-size is {cfg.batch_size}: each rank needs at "
+                         f"least one sample of every batch (use --nproc_per_node <= the batch size)")
     if world > 1 and not dist.is_initialized():
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    if world > cfg.batch_size:
-        raise SystemExit(f"torchrun started {world} ranks but --batch-size is {cfg.batch_size}: each rank needs at "
-                         f"least one sample of every batch (use --nproc_per_node <= the batch size)")
     return ev.rank_world()[0]
 
 

@@ -12,6 +12,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """One cache folder for the tiny stage-0 bases (and the tokenizer) of every test that trains: test files whose
+    runs share the stage-0 settings (the `--quick` preset's, with the same stage-0 sizes) build the base once."""
+    return str(tmp_path_factory.mktemp("base"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "distributed: runs train.py under torchrun (2 gloo ranks); deselect with "
                             "-m 'not distributed'")

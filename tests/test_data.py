@@ -219,11 +219,24 @@ def test_tokenizer_malformed_lines(tmp_path):
 
 
 def test_tokenizer_cache_not_rebuilt(tok, tmp_path, monkeypatch):
-    import tiktoken._educational as edu
     path = tmp_path / "tk.model"
     data.save_tokenizer(tok._mergeable_ranks, path)
-    monkeypatch.setattr(edu, "bpe_train", lambda *a, **k: pytest.fail("retrained although the file exists"))
+    monkeypatch.setattr(data, "bpe_train", lambda *a, **k: pytest.fail("retrained although the file exists"))
     assert data.build_minicoin_tokenizer(str(path))._mergeable_ranks == tok._mergeable_ranks
+
+
+@pytest.mark.parametrize("text", ["aaabdaaabac aaabdaaabac abab ba ba ba cdcd", None])
+def test_bpe_train_makes_tiktokens_reference_merges(text):
+    """The word-weighted trainer against tiktoken's educational one (every word, every pass): the same ranks in the
+    same order, ties included (the first text has several equally frequent pairs at once: a trainer that takes the last of
+    them fails both cases)."""
+    from tiktoken._educational import bpe_train as reference
+    text = text or data.minicoin_corpus(per_task=2, seed=3)
+    n = 256 + (12 if len(text) < 100 else 120)
+    ranks = data.bpe_train(text, n)
+    assert list(ranks.items()) == list(reference(text, n, data.LLAMA3_PATTERN, visualise=None).items())
+    with pytest.raises(ValueError, match="no pair left to merge"):
+        data.bpe_train("ab ab", 259)
 
 
 # ----------------------------------------------------------------------------- templates and labels

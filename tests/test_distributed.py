@@ -9,10 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--tasks", "sqa,cls", "--base-steps", "30", "--instruct-steps", "10", "--caption-n", "64", "--instruct-n", "64",
-        "--steps", "10", "--probe-steps", "4", "--train-n", "48", "--test-n", "8", "--batch-size", "8",
-        "--locator-n", "24", "--calib-n", "8", "--save-every", "5", "--threads", "1", "--set", "eval_batch=16"]
+# stage 0 as in test_train.py's TINY (the same sizes and schedule), so the session's cached base serves both
+TINY = ["--tasks", "sqa,cls", "--base-steps", "30", "--instruct-steps", "10", "--caption-n", "64",
+        "--instruct-n", "64", "--steps", "10", "--probe-steps", "4", "--train-n", "48", "--test-n", "8", "--batch-size",
+        "8", "--locator-n", "24", "--calib-n", "8", "--save-every", "5", "--threads", "1", "--set", "eval_batch=16"]
 
 
 def run(out, base, nproc=1, extra=(), script=("train.py",), env=()):
@@ -23,12 +26,18 @@ def run(out, base, nproc=1, extra=(), script=("train.py",), env=()):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, base_dir):
+    """The single-process reference, run in this process (one thread, as the ranks)."""
+    out = tmp_path_factory.mktemp("one")
+    train.main([*TINY, "--out", str(out), "--base-dir", base_dir])
+    return out
+
+
 @pytest.mark.distributed
-def test_two_gloo_ranks_reproduce_one_process(tmp_path):
-    one, two, base = tmp_path / "one", tmp_path / "two", tmp_path / "base"
-    p = run(one, base)
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run(two, base, nproc=2)
+def test_two_gloo_ranks_reproduce_one_process(tmp_path, one, base_dir):
+    two = tmp_path / "two"
+    p = run(two, base_dir, nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     for key in ("acc", "zero_shot", "unseen", "locator", "params", "experts_per_layer"):
@@ -49,16 +58,16 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
         assert [r["index"] for r in rows if r["stage"] == 1] == list(range(8))
 
 
-@pytest.mark.distributed
-def test_more_ranks_than_the_batch_is_refused(tmp_path):
-    p = run(tmp_path / "run", tmp_path / "base", nproc=3, extra=["--batch-size", "2"])
-    assert p.returncode != 0 and "--batch-size is 2" in p.stderr + p.stdout
+def test_more_ranks_than_the_batch_is_refused(tmp_path, base_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun --nproc_per_node=3 gives each rank
+    with pytest.raises(SystemExit, match="torchrun started 3 ranks but --batch-size is 2"):
+        train.main([*TINY, "--out", str(tmp_path / "run"), "--base-dir", base_dir, "--batch-size", "2"])
+    assert not (tmp_path / "run").exists()  # refused before any rank joins the group or writes
 
 
 @pytest.mark.distributed
-def test_a_rank_killed_mid_task_stops_every_rank_and_resume_under_torchrun_finishes_the_run(tmp_path):
-    ref, out, base = tmp_path / "ref", tmp_path / "killed", tmp_path / "base"
-    assert run(ref, base).returncode == 0
+def test_a_rank_killed_mid_task_stops_every_rank_and_resume_under_torchrun_finishes_the_run(tmp_path, one, base_dir):
+    ref, out, base = one, tmp_path / "killed", base_dir
     killer = ("tests/killrun.py", "log:^task1:cls step:3", "--")  # rank 1 dies (SIGKILL) in task 2's training
     p = run(out, base, nproc=2, script=killer, env={"KILL_RANK": "1"})
     assert p.returncode != 0

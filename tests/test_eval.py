@@ -161,23 +161,26 @@ def test_compare(tmp_path, capsys):
         assert im.width >= 200
 
 
-def test_cli_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *a], capture_output=True, text=True)
-    r = run(str(tmp_path / "nope"))
-    assert r.returncode != 0 and "run folder not found" in r.stderr and "Traceback" not in r.stderr
+def test_cli_errors(tmp_path, capsys):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), str(tmp_path / "nope")], capture_output=True,
+                       text=True)  # the real command line once: a one-line error, no traceback
+    assert r.returncode == 2 and "run folder not found" in r.stderr and "Traceback" not in r.stderr
+
+    def fails(*argv):  # the rest in this process: main() turns every error into argparse's exit 2 and one line
+        with pytest.raises(SystemExit) as e:
+            ev.main([*argv])
+        assert e.value.code == 2
+        return capsys.readouterr().err
     os.makedirs(tmp_path / "empty")
-    r = run(str(tmp_path / "empty"))
-    assert r.returncode != 0 and "no finished task in" in r.stderr and "Traceback" not in r.stderr
+    assert "no finished task in" in fails(str(tmp_path / "empty"))
     rd, _ = make_run(str(tmp_path), "bad", ACC)
     os.makedirs(os.path.join(rd, "predictions"))
     with open(os.path.join(rd, "predictions", "ocr.jsonl"), "w") as f:
         f.write('{"index": 0, "prediction": "a", "answer": "a", "stage": 0}\n{oops\n')
-    r = run(rd)
-    assert r.returncode != 0 and "ocr.jsonl: malformed JSON at line 2" in r.stderr and "Traceback" not in r.stderr
+    assert "ocr.jsonl: malformed JSON at line 2" in fails(rd)
     for flags, says in ((["--reject-quantile", "1.5"], "must be in [0, 1]"),
                         (["--from-predictions", "--reject"], "leave out --from-predictions")):
-        r = run(rd, *flags)
-        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, flags
+        assert says in fails(rd, *flags), flags
 
 
 def test_an_unfinished_run_is_read_from_its_progress_marker(tmp_path):
@@ -186,15 +189,14 @@ def test_an_unfinished_run_is_read_from_its_progress_marker(tmp_path):
     assert ev.load_run(rd)["acc"] == ACC
 
 
-def test_cli_report_and_compare(tmp_path):
+def test_cli_report_and_compare(tmp_path, capsys):
     a, _ = make_run(str(tmp_path), "minicoin-cmoe", ACC)
     b, _ = make_run(str(tmp_path), "minicoin-lora", [[80.0, 5.0, 5.0], [20.0, 90.0, 5.0], [10.0, 15.0, 95.0]], "lora")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), a], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert ev.main([a]) == 0
     assert os.path.isfile(os.path.join(a, "report.md")) and os.path.isfile(os.path.join(a, "figures", "acc_matrix.png"))
     out = str(tmp_path / "cmp")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--compare", a, b, "--out", out],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "| minicoin-cmoe |" in r.stdout and "| minicoin-lora |" in r.stdout
+    capsys.readouterr()
+    assert ev.main(["--compare", a, b, "--out", out]) == 0
+    table = capsys.readouterr().out
+    assert "| minicoin-cmoe |" in table and "| minicoin-lora |" in table
     assert os.path.isfile(os.path.join(out, "compare.png"))

@@ -10,16 +10,12 @@ from safetensors.torch import load_file
 import cmoe
 import train
 
-# smaller than --quick: two tasks, a few steps each; the base is pretrained once per session and cached
-TINY = ["--quick", "--tasks", "sqa,cls", "--base-steps", "30", "--instruct-steps", "10", "--steps", "12",
+# smaller than --quick: two tasks, a few steps each; the base is pretrained once per session and cached (conftest's
+# base_dir; test_distributed.py's runs share it)
+TINY = ["--tasks", "sqa,cls", "--base-steps", "30", "--instruct-steps", "10", "--steps", "12",
         "--probe-steps", "4", "--train-n", "48", "--test-n", "8", "--caption-n", "64", "--instruct-n", "64",
         "--batch-size", "8", "--locator-n", "32",
         "--save-every", "4", "--threads", "1"]
-
-
-@pytest.fixture(scope="session")
-def base_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("base"))
 
 
 def run(out, base_dir, *extra):
@@ -258,15 +254,14 @@ def _stages(out, task):
 
 
 def test_real_kills_then_resume_reproduce_the_uninterrupted_run(tmp_path, base_dir, ptl_run):
-    import subprocess
-    import sys
+    import killrun
     ref_out, ref = ptl_run
     out = tmp_path / "killed"
-    script = os.path.join(os.path.dirname(__file__), "killrun.py")
     for k, (point, holds) in enumerate(KILL_CHAIN):
         argv = TINY + ["--out", str(out), "--base-dir", base_dir] + (["--resume"] if k else [])
-        p = subprocess.run([sys.executable, script, point, "--", *argv], capture_output=True, text=True, timeout=120)
-        assert p.returncode == -9, f"kill point {point!r} was never reached (exit {p.returncode}): {p.stderr[-2000:]}"
+        code = killrun.killed(point, argv, tmp_path / f"kill{k}.log")  # a new process, SIGKILLed at the point
+        assert code == -9, (f"kill point {point!r} was never reached (exit {code}): "
+                            f"{(tmp_path / f'kill{k}.log').read_text()[-2000:]}")
         assert holds(out), f"after kill point {point!r} the run folder is not in the expected state"
     M = run(out, base_dir, "--resume")
     for key in ("acc", "pgke", "locator", "params", "experts_per_layer", "last", "avg", "bwt"):
