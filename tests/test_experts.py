@@ -273,8 +273,12 @@ def test_probe_end_refuses_a_layer_without_counts():
         cmoe.probe_end(llm)
 
 
-@pytest.mark.parametrize("mode,batch", [("dense", 2), ("sparse", 2), ("sparse", 1)])
+@pytest.mark.parametrize("mode,batch", [("dense", 2), ("sparse", 1)])
 def test_compiled_fused_matches_loop_without_recompiles(mode, batch, monkeypatch):
+    """Both dispatches under torch.compile(fullgraph=True) match the loop, and 3 steps do not recompile. Batch 2 mixes
+    two tasks' routers (the selection is the same code in both dispatches); batch 1, on the sparse path whose row
+    gathers have index backwards, is where inductor's CPU scatter-add backward once corrupted memory. Two cases, not
+    all four: a cold compile costs 15-25 s each on 2 cores (the dispatches' mixed-task batches are tested eagerly)."""
     torch._dynamo.reset()
     cfg = LlamaConfig(vocab_size=40, dim=D, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FF)
     torch.manual_seed(1)
