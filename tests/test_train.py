@@ -324,7 +324,8 @@ def test_patch_merge_and_text_steps_base_is_cached_reloaded_and_refused_where_it
     import eval as ev
     out = tmp_path / "m2"
     m = train.main(TINY + ["--out", str(out), "--base-dir", base_dir, "--patch-merge", "2", "--tasks", "sqa",
-                           "--locator-feature", "mean", "--text-steps", "4"])
+                           "--locator-feature", "mean", "--text-steps", "4",
+                           "--base-steps", "6", "--instruct-steps", "2", "--steps", "4"])  # shapes, not skill
     assert open(out / "log.txt").read().count("induction loss") == 4  # stage 0 began with the text pretraining
     model = ev.load_base(m["base"]["tiny"])
     px = preprocess(data.minicoin("cls", "test", 1)[0].image, data.IMAGE_SIZE)[None]
