@@ -14,8 +14,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory):
-    """One cache folder for the tiny stage-0 bases (and the tokenizer) of every test that trains: test files whose
-    runs share the stage-0 settings (the `--quick` preset's, with the same stage-0 sizes) build the base once."""
+    """One cache folder for the tiny stage-0 bases (and the tokenizer) of every test that trains: runs of different
+    test files with the same stage-0 settings (test_train.py's and test_distributed.py's TINY) build the base once."""
     return str(tmp_path_factory.mktemp("base"))
 
 

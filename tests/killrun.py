@@ -10,7 +10,8 @@ KIND  log     kill right after the N-th log line matching the regex PATTERN has 
 Under torchrun, KILL_RANK=r in the environment kills rank r only (default: every rank that reaches the point).
 
 From Python (the tests), `killed(point, argv, log)` runs the same in a process forked from a server that has
-imported torch once: a fresh process each time, without paying torch's import for each kill.
+imported torch once: a fresh process each time, without paying torch's import for each kill. (multiprocessing
+re-imports the caller's main module in each process: call it from pytest or from a script file, not from stdin.)
 """
 import contextlib
 import multiprocessing
