@@ -273,18 +273,20 @@ def test_probe_end_refuses_a_layer_without_counts():
         cmoe.probe_end(llm)
 
 
-@pytest.mark.parametrize("mode,batch,backend", [("dense", 2, "aot_eager"), ("sparse", 1, "inductor")])
-def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, monkeypatch):
+@pytest.mark.parametrize("mode,batch,backend,attn", [("dense", 2, "aot_eager", False), ("sparse", 1, "inductor", False),
+                                                     ("sparse", 2, "aot_eager", True)])
+def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, attn, monkeypatch):
     """Both dispatches in the whole model under torch.compile(fullgraph=True) match the loop, and 3 steps do not
     recompile. Batch 2 mixes two tasks' routers; batch 1, on the sparse path whose row gathers have index backwards,
     is where inductor's CPU scatter-add backward once corrupted memory, so that case runs inductor's generated code.
     The dense case stops at AOT autograd's graphs (dynamo's full-graph trace, the recompile guards and the joint
     forward/backward are what it checks): inductor's cold C++ build costs 15-25 s per case on 2 cores, and on CUDA
-    it would emit Triton, not this C++. The other pairings are tested eagerly (test_fused_equals_loop_...)."""
+    it would emit Triton, not this C++. The other pairings are tested eagerly (test_fused_equals_loop_...). The third
+    case has experts on attention too (the default pool: one routing per layer, q/k/v/o and the FFN)."""
     torch._dynamo.reset()
     cfg = LlamaConfig(vocab_size=40, dim=D, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FF)
     torch.manual_seed(1)
-    m = Llama(cfg, ExpertConfig(rank=R, top_k=2))
+    m = Llama(cfg, ExpertConfig(rank=R, top_k=2, attn=attn))
     for p in m.parameters():
         p.requires_grad_(False)
     ffn = m.layers[0].ffn
@@ -293,8 +295,9 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, mo
     ffn.freeze()
     ffn.add_experts(2, copy_from=0)
     ffn.add_router(torch.randn(5, D))
-    with torch.no_grad():
-        ffn.experts["gate"].train_B.normal_()
+    with torch.no_grad():  # non-zero B where the output should feel the experts (q and o: attention's way in and out)
+        for name in ["gate"] + (["q", "o"] if attn else []):
+            ffn.experts[name].train_B.normal_()
     ids = torch.randint(0, 40, (batch, 6))  # batch 2 mixes tasks; batch 1 once broke the compiled router backward
     tids = torch.tensor([0, 1][-batch:])
 
@@ -305,8 +308,10 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, mo
     set_dispatch(ffn, "loop", monkeypatch)
     ref = step(m)
     ref.backward()
-    ref_grad = ffn.experts["gate"].train_B.grad.clone()
-    ffn.experts["gate"].train_B.grad = None
+    ref_grads = {name: e.train_B.grad.clone() for name, e in ffn.experts.items()}
+    assert all(g.abs().sum() > 0 for g in ref_grads.values())  # every projection's experts reach the loss
+    for e in ffn.experts.values():
+        e.train_B.grad = None
     set_dispatch(ffn, mode, monkeypatch)
     compiled = torch.compile(m, fullgraph=True, backend=backend)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -316,7 +321,9 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, mo
             loss.backward()
             if i == 0:
                 torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(ffn.experts["gate"].train_B.grad, ref_grad, atol=1e-5, rtol=1e-5)
+                for name, e in ffn.experts.items():
+                    torch.testing.assert_close(e.train_B.grad, ref_grads[name], atol=1e-5, rtol=1e-5,
+                                               msg=lambda m, name=name: f"{name}: {m}")
             opt.step()
             opt.zero_grad(set_to_none=True)
 
