@@ -282,7 +282,8 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, at
     The dense case stops at AOT autograd's graphs (dynamo's full-graph trace, the recompile guards and the joint
     forward/backward are what it checks): inductor's cold C++ build costs 15-25 s per case on 2 cores, and on CUDA
     it would emit Triton, not this C++. The other pairings are tested eagerly (test_fused_equals_loop_...). The third
-    case has experts on attention too (the default pool: one routing per layer, q/k/v/o and the FFN)."""
+    case, also through AOT autograd, has experts on attention too (the default pool: one routing per layer for
+    q/k/v/o and the FFN)."""
     torch._dynamo.reset()
     cfg = LlamaConfig(vocab_size=40, dim=D, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FF)
     torch.manual_seed(1)
