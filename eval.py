@@ -377,8 +377,9 @@ def reevaluate(run_dir, device=None, reject=None, quantile=None):
     run_dir = os.path.abspath(run_dir)
     metrics = load_run(run_dir)
     home = metrics.get("cwd")
-    with contextlib.chdir(home if home and os.path.isdir(home) else os.getcwd()):
+    with contextlib.chdir(home) if home and os.path.isdir(home) else contextlib.nullcontext():
         return reevaluate_in_place(run_dir, metrics, device, reject, quantile)
+
 
 def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
     cfg = types.SimpleNamespace(**read_json(os.path.join(run_dir, "config.json")))

@@ -10,18 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from test_train import TINY as TRAIN_TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# stage 0 as in test_train.py's TINY (the same sizes and schedule), so the session's cached base serves both
-TINY = ["--tasks", "sqa,cls", "--base-steps", "30", "--instruct-steps", "10", "--caption-n", "64",
-        "--instruct-n", "64", "--steps", "10", "--probe-steps", "4", "--train-n", "48", "--test-n", "8", "--batch-size",
-        "8", "--locator-n", "24", "--calib-n", "8", "--save-every", "5", "--threads", "1", "--set", "eval_batch=16"]
+# test_train.py's run (so its stage 0, and the session's cached base, are the same) with this file's task settings
+TINY = [*TRAIN_TINY, "--steps", "10", "--locator-n", "24", "--calib-n", "8", "--save-every", "5", "--set", "eval_batch=16"]
 
 
-def run(out, base, nproc=1, extra=(), script=("train.py",), env=()):
-    argv = [*TINY, "--out", str(out), "--base-dir", str(base), *extra]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
-           else [sys.executable]) + [os.path.join(ROOT, script[0]), *script[1:], *argv]
+def torchrun(out, base, extra=(), script=("train.py",), env=()):
+    """train.py (or a wrapper script) under torchrun, 2 gloo ranks, one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script[0]), *script[1:], *TINY, "--out", str(out), "--base-dir", str(base), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
@@ -37,7 +36,7 @@ def one(tmp_path_factory, base_dir):
 @pytest.mark.distributed
 def test_two_gloo_ranks_reproduce_one_process(tmp_path, one, base_dir):
     two = tmp_path / "two"
-    p = run(two, base_dir, nproc=2)
+    p = torchrun(two, base_dir)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     for key in ("acc", "zero_shot", "unseen", "locator", "params", "experts_per_layer"):
@@ -69,11 +68,11 @@ def test_more_ranks_than_the_batch_is_refused(tmp_path, base_dir, monkeypatch):
 def test_a_rank_killed_mid_task_stops_every_rank_and_resume_under_torchrun_finishes_the_run(tmp_path, one, base_dir):
     ref, out, base = one, tmp_path / "killed", base_dir
     killer = ("tests/killrun.py", "log:^task1:cls step:3", "--")  # rank 1 dies (SIGKILL) in task 2's training
-    p = run(out, base, nproc=2, script=killer, env={"KILL_RANK": "1"})
+    p = torchrun(out, base, script=killer, env={"KILL_RANK": "1"})
     assert p.returncode != 0
     assert json.loads((out / "state.json").read_text())["finished_tasks"] == 1  # task 1 saved whole, task 2 not
     assert not (out / "task_1/model.safetensors").exists() and not list(out.glob("**/*.tmp*"))
-    p = run(out, base, nproc=2, extra=["--resume"])
+    p = torchrun(out, base, extra=["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
     assert a["acc"] == b["acc"] and [d["expand"] for d in a["pgke"]] == [d["expand"] for d in b["pgke"]]
