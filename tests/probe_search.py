@@ -4,6 +4,7 @@
     python tests/probe_search.py recall --tokens 2        # text only: colour and shape are two neighbouring tokens
     python tests/probe_search.py recall --tokens 2 --text-steps 4000   # ... after induction pretraining
     python tests/probe_search.py image out/base/minicoin-base-<key> --kind color_of_shape --steps 600
+    python tests/probe_search.py tokens out/base/minicoin-base-<key>   # what one image token says of its object
 
 recall: a fresh tiny Llama (the MiniCoIN decoder's size) learns associative recall: 2-4 objects (colour, shape) in
 a row of filler tokens, then a query shape; the answer is that object's colour. --tokens 1 gives each object one
@@ -11,7 +12,11 @@ token, as a merged image token holds one scene cell; --tokens 2 puts the colour 
 answer needs a circuit that matches the shape and copies the token before it (an induction head); --text-steps N
 first trains the decoder N steps on data.induction_batch over 40 token ids (train.py --text-steps: over all of them).
 image: a cached stage-0a base (LLM trained; tower and projector frozen: image features computed once) learns one question kind about
-fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 test scenes. Both print accuracy."""
+fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 test scenes.
+tokens: a linear probe (softmax regression on standardised features, 3,000 train / 1,000 test scenes of 2-4 objects)
+reads the colour and the shape of the object under each image token, from the tower's patch tokens and from the
+projector's (what the LLM sees; one per scene cell with --patch-merge 2): how much of an object one token holds.
+All three print accuracy."""
 import argparse
 import os
 import sys
@@ -105,6 +110,58 @@ def image(args):
     print(f"{args.base}: {args.kind} after {args.steps} steps: {100 * acc:.1f} % of 200 test scenes "
           f"(image tokens: {ds['images'].shape[1]})")
 
+def token_labels(scenes, side):
+    """[N, side*side] class of the object under each token's square (colour, shape); the class count: no object."""
+    px = data.IMAGE_SIZE // side
+    col = torch.full((len(scenes), side * side), len(data.COLORS))
+    shp = torch.full((len(scenes), side * side), len(data.SHAPES))
+    for n, scene in enumerate(scenes):
+        for o in scene["objs"]:
+            for r in range(o["y"] // px, (o["y"] + o["s"] - 1) // px + 1):
+                for c in range(o["x"] // px, (o["x"] + o["s"] - 1) // px + 1):
+                    col[n, r * side + c] = list(data.COLORS).index(o["color"])
+                    shp[n, r * side + c] = data.SHAPES.index(o["shape"])
+    return col, shp
+
+
+def linear_probe(x_tr, y_tr, x_te, y_te, none, steps=300):
+    """Softmax regression on standardised token features; accuracy % on object tokens and on empty ones (class none)."""
+    x_tr, x_te, y_tr, y_te = x_tr.flatten(0, 1), x_te.flatten(0, 1), y_tr.flatten(), y_te.flatten()
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    lin = torch.nn.Linear(x_tr.shape[1], none + 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(lin(x_tr), y_tr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        hit = lin(x_te).argmax(-1) == y_te
+    empty = y_te == none
+    return 100 * hit[~empty].float().mean().item(), 100 * hit[empty].float().mean().item()
+
+
+def tokens(args):
+    model = ev.load_base(args.base).eval()
+    sets = []
+    for stream, n in ((1, 3000), (2, 1000)):
+        scenes = [data._obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+                  for rng in (np.random.default_rng([3, stream, i]) for i in range(n))]
+        px = torch.stack([preprocess(data.draw_scene(s), data.IMAGE_SIZE) for s in scenes])
+        with torch.no_grad():
+            patches = torch.cat([model.vision(px[i:i + 500]) for i in range(0, n, 500)])
+            seen = torch.cat([model.projector(patches[i:i + 500]) for i in range(0, n, 500)])
+        sets.append((scenes, patches, seen))
+    (tr, p_tr, s_tr), (te, p_te, s_te) = sets
+    for name, x_tr, x_te in (("tower", p_tr, p_te), ("projector", s_tr, s_te)):
+        side = int(x_tr.shape[1] ** 0.5)
+        (c_tr, h_tr), (c_te, h_te) = token_labels(tr, side), token_labels(te, side)
+        c_obj, c_empty = linear_probe(x_tr, c_tr, x_te, c_te, len(data.COLORS))
+        h_obj, h_empty = linear_probe(x_tr, h_tr, x_te, h_te, len(data.SHAPES))
+        print(f"{args.base}: {name} tokens ({side}x{side}): the object's colour {c_obj:.1f} %, its shape {h_obj:.1f} % "
+              f"of tokens on an object (chance 20 %); 'no object' {c_empty:.1f} / {h_empty:.1f} % of empty tokens")
+
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -118,7 +175,9 @@ if __name__ == "__main__":
     i.add_argument("base", help="a cached stage-0a folder: out/base/minicoin-base-<key>")
     i.add_argument("--kind", choices=("color_of_shape", "shape_of_color", "where_shape"), default="color_of_shape")
     i.add_argument("--steps", type=int, default=600)
+    t = sub.add_parser("tokens")
+    t.add_argument("base", help="a cached stage-0 folder: out/base/minicoin-base-<key> (or -instruct-)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    recall(a) if a.mode == "recall" else image(a)
+    {"recall": recall, "image": image, "tokens": tokens}[a.mode](a)
