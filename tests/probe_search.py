@@ -3,8 +3,10 @@
     python tests/probe_search.py recall --tokens 1        # text only: each object is one token (colour+shape)
     python tests/probe_search.py recall --tokens 2        # text only: colour and shape are two neighbouring tokens
     python tests/probe_search.py recall --tokens 2 --text-steps 4000   # ... after induction pretraining
+    python tests/probe_search.py recall --tokens 2 --layers 8          # ... a deeper decoder (--dim, --heads: wider)
     python tests/probe_search.py image out/base/minicoin-base-<key> --kind color_of_shape --steps 600
     python tests/probe_search.py tokens out/base/minicoin-base-<key>   # what one image token says of its object
+    python tests/probe_search.py heads out/base/minicoin-instruct-<key> fresh   # does a base hold induction heads?
 
 recall: a fresh tiny Llama (the MiniCoIN decoder's size) learns associative recall: 2-4 objects (colour, shape) in
 a row of filler tokens, then a query shape; the answer is that object's colour. --tokens 1 gives each object one
@@ -16,7 +18,11 @@ fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 
 tokens: a linear probe (softmax regression on standardised features, 3,000 train / 1,000 test scenes of 2-4 objects)
 reads the colour and the shape of the object under each image token, from the tower's patch tokens and from the
 projector's (what the LLM sees; one per scene cell with --patch-merge 2): how much of an object one token holds.
-All three print accuracy."""
+heads: the induction loss (data.induction_batch over the decoder's whole vocabulary) of each base's decoder, then
+after 25-200 steps of training on it: a decoder that once formed induction heads (train.py --text-steps) and then
+learned captions predicts caption tokens instead, but gets the copying back within ~100 steps; one that never
+formed them ("fresh": an untrained decoder of the MiniCoIN size) stays near chance, ln(768) = 6.6, for 200 steps.
+The first three print accuracy, the last the loss."""
 import argparse
 import os
 import sys
@@ -53,7 +59,8 @@ def recall_batch(B, tokens, g, n=4):
 
 def recall(args):
     torch.manual_seed(0)
-    model = cmoe.Llama(cmoe.LlamaConfig(vocab_size=72))  # the MiniCoIN decoder: 4 layers, width 128, 4 heads
+    model = cmoe.Llama(cmoe.LlamaConfig(vocab_size=72, n_layers=args.layers, dim=args.dim, n_heads=args.heads,
+                                        n_kv_heads=args.heads // 2, ffn_dim=3 * args.dim))  # default: MiniCoIN's
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     test = recall_batch(512, args.tokens, torch.Generator().manual_seed(2))
@@ -162,6 +169,34 @@ def tokens(args):
         print(f"{args.base}: {name} tokens ({side}x{side}): the object's colour {c_obj:.1f} %, its shape {h_obj:.1f} % "
               f"of tokens on an object (chance 20 %); 'no object' {c_empty:.1f} / {h_empty:.1f} % of empty tokens")
 
+def induction_loss(llm, n=8):
+    gen = torch.Generator().manual_seed(123)  # the same held-out batches for every base and every check
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(n):
+            ids, labels = data.induction_batch(gen, 32, llm.cfg.vocab_size)
+            total += F.cross_entropy(llm(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).item()
+    return total / n
+
+
+def heads(args):
+    for base in args.bases:
+        torch.manual_seed(0)
+        llm = cmoe.Llama(cmoe.LlamaConfig(vocab_size=768)) if base == "fresh" else ev.load_base(base).llm
+        opt = torch.optim.AdamW(llm.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)  # train.py's base_lr
+        g, seen = torch.Generator().manual_seed(5), []
+        for step in range(max(args.checks) + 1):
+            if step in args.checks:
+                seen.append(f"step {step}: {induction_loss(llm.eval()):.2f}")
+            if step == max(args.checks):
+                break
+            ids, labels = data.induction_batch(g, 32, llm.cfg.vocab_size)
+            loss = F.cross_entropy(llm.train()(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"{base}: induction loss " + " | ".join(seen), flush=True)
+
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -171,13 +206,19 @@ if __name__ == "__main__":
     r.add_argument("--steps", type=int, default=1200)
     r.add_argument("--lr", type=float, default=2e-3)
     r.add_argument("--text-steps", type=int, default=0, help="induction pretraining first (as --text-steps of train.py)")
+    r.add_argument("--layers", type=int, default=4, help="decoder size (default: the MiniCoIN decoder's)")
+    r.add_argument("--dim", type=int, default=128)
+    r.add_argument("--heads", type=int, default=4)
     i = sub.add_parser("image")
     i.add_argument("base", help="a cached stage-0a folder: out/base/minicoin-base-<key>")
     i.add_argument("--kind", choices=("color_of_shape", "shape_of_color", "where_shape"), default="color_of_shape")
     i.add_argument("--steps", type=int, default=600)
     t = sub.add_parser("tokens")
     t.add_argument("base", help="a cached stage-0 folder: out/base/minicoin-base-<key> (or -instruct-)")
+    h = sub.add_parser("heads")
+    h.add_argument("bases", nargs="+", help="cached stage-0 folders; 'fresh': an untrained MiniCoIN-size decoder")
+    h.add_argument("--checks", type=int, nargs="+", default=[0, 25, 50, 100, 200], help="steps to measure at")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    {"recall": recall, "image": image, "tokens": tokens}[a.mode](a)
+    {"recall": recall, "image": image, "tokens": tokens, "heads": heads}[a.mode](a)
