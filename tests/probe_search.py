@@ -117,8 +117,9 @@ def image(args):
     print(f"{args.base}: {args.kind} after {args.steps} steps: {100 * acc:.1f} % of 200 test scenes "
           f"(image tokens: {ds['images'].shape[1]})")
 
+
 def token_labels(scenes, side):
-    """[N, side*side] class of the object under each token's square (colour, shape); the class count: no object."""
+    """[N, side*side] colour and shape class of the object under each token's square; no object: the class count."""
     px = data.IMAGE_SIZE // side
     col = torch.full((len(scenes), side * side), len(data.COLORS))
     shp = torch.full((len(scenes), side * side), len(data.SHAPES))
@@ -169,6 +170,7 @@ def tokens(args):
         print(f"{args.base}: {name} tokens ({side}x{side}): the object's colour {c_obj:.1f} %, its shape {h_obj:.1f} % "
               f"of tokens on an object (chance 20 %); 'no object' {c_empty:.1f} / {h_empty:.1f} % of empty tokens")
 
+
 def induction_loss(llm, n=8):
     gen = torch.Generator().manual_seed(123)  # the same held-out batches for every base and every check
     total = 0.0
@@ -182,7 +184,7 @@ def induction_loss(llm, n=8):
 def heads(args):
     for base in args.bases:
         torch.manual_seed(0)
-        llm = cmoe.Llama(cmoe.LlamaConfig(vocab_size=768)) if base == "fresh" else ev.load_base(base).llm
+        llm = cmoe.Llama(cmoe.LlamaConfig.tiny()) if base == "fresh" else ev.load_base(base).llm  # tiny: MiniCoIN's
         opt = torch.optim.AdamW(llm.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)  # train.py's base_lr
         g, seen = torch.Generator().manual_seed(5), []
         for step in range(max(args.checks) + 1):
@@ -191,7 +193,8 @@ def heads(args):
             if step == max(args.checks):
                 break
             ids, labels = data.induction_batch(g, 32, llm.cfg.vocab_size)
-            loss = F.cross_entropy(llm.train()(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            llm.train()
+            loss = F.cross_entropy(llm(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
             opt.zero_grad()
             loss.backward()
             opt.step()
