@@ -57,6 +57,11 @@ def recall_batch(B, tokens, g, n=4):
     return x, c.gather(1, q)[:, 0]
 
 
+def induction_loss_of(llm, ids, labels):
+    """Next-token loss on data.induction_batch's labelled repeat (train.pretrain_text's loss)."""
+    return F.cross_entropy(llm(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=cmoe.IGNORE_INDEX)
+
+
 def recall(args):
     torch.manual_seed(0)
     model = cmoe.Llama(cmoe.LlamaConfig(vocab_size=72, n_layers=args.layers, dim=args.dim, n_heads=args.heads,
@@ -68,7 +73,7 @@ def recall(args):
         ids, labels = data.induction_batch(g, 32, 40)  # 40 of the 72 ids (the README's figures)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 20)
-        loss = F.cross_entropy(model(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = induction_loss_of(model, ids, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -177,7 +182,7 @@ def induction_loss(llm, n=8):
     with torch.no_grad():
         for _ in range(n):
             ids, labels = data.induction_batch(gen, 32, llm.cfg.vocab_size)
-            total += F.cross_entropy(llm(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).item()
+            total += induction_loss_of(llm, ids, labels).item()
     return total / n
 
 
@@ -194,7 +199,7 @@ def heads(args):
                 break
             ids, labels = data.induction_batch(g, 32, llm.cfg.vocab_size)
             llm.train()
-            loss = F.cross_entropy(llm(ids)[0][:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = induction_loss_of(llm, ids, labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
