@@ -85,6 +85,7 @@ class TrainConfig:
     attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
     # optimisation
     steps: int = 300  # training steps per task
+    task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900 (its boxes learn slowest; README)
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-3
@@ -113,6 +114,20 @@ class TrainConfig:
     gpu_mem: float = 80.0  # GiB of GPU memory
     plan_dtype: str = "bf16"  # bf16 | fp32: dtype of weights, gradients, activations
 
+    def steps_by_task(self) -> dict:
+        """--task-steps "ground=900,gqa=600" -> {"ground": 900, "gqa": 600}; the other tasks train --steps."""
+        out = {}
+        for item in filter(None, (i.strip() for i in self.task_steps.split(","))):
+            name, _, n = item.partition("=")
+            if not name.strip() or not n.strip().isdigit() or int(n) < 1 or name.strip() in out:
+                raise ValueError(f"task_steps: {item!r} is not NAME=N with N >= 1 and each task once "
+                                 f"(e.g. ground=900,gqa=600)")
+            out[name.strip()] = int(n)
+        return out
+
+    def steps_of(self, task: str) -> int:
+        return self.steps_by_task().get(task, self.steps)
+
     def __post_init__(self):
         for name, options in CHOICES.items():
             if getattr(self, name) not in options:
@@ -122,6 +137,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         if self.text_steps < 0:
             raise ValueError(f"text_steps must be 0 or more, not {self.text_steps!r}")
+        self.steps_by_task()  # a malformed --task-steps fails here, before anything runs
         if not 0.0 <= self.reject_quantile <= 1.0:  # also refuses nan
             raise ValueError(f"reject_quantile must be in [0, 1], not {self.reject_quantile!r}")
         if not 0.0 < self.gpu_mem < float("inf"):
@@ -461,7 +477,8 @@ def run(cfg: TrainConfig):
         clock.trainable = ev.count_params(model)[0]
         joint = cfg.method == "joint"
         with clock("train"):
-            train_stage(model, ds, cfg, cfg.steps * (len(r.names) if joint else 1), cfg.lr, t,
+            steps = sum(map(cfg.steps_of, r.names)) if joint else cfg.steps_of(r.names[t])  # joint: every task's
+            train_stage(model, ds, cfg, steps, cfg.lr, t,
                         "joint" if joint else f"task{t}:{r.names[t]}", r.log,
                         task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
                         start=start)
@@ -655,6 +672,9 @@ class RunState:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.names, metric = data.task_list(cfg)
+        unknown = sorted(set(cfg.steps_by_task()) - set(self.names))
+        if unknown:
+            raise SystemExit(f"--task-steps names {', '.join(unknown)}: not a task of this run ({', '.join(self.names)})")
         self.n_stages = 1 if cfg.method == "joint" else len(self.names)
         self.tok, self.template = data.tokenizer(cfg)
         self.state_path = os.path.join(cfg.out, "state.json")

@@ -16,8 +16,9 @@ first trains the decoder N steps on data.induction_batch over 40 token ids (trai
 image: a cached stage-0a base (LLM trained; tower and projector frozen: image features computed once) learns one question kind about
 fresh MiniCoIN scenes (batch 32, one new scene per sample) and is scored on 200 test scenes.
 tokens: a linear probe (softmax regression on standardised features, 3,000 train / 1,000 test scenes of 2-4 objects)
-reads the colour and the shape of the object under each image token, from the tower's patch tokens and from the
-projector's (what the LLM sees; one per scene cell with --patch-merge 2): how much of an object one token holds.
+reads the colour, the shape and the scene cell of the object under each image token (the cell also with one hidden
+layer), from the tower's patch tokens and from the projector's (what the LLM sees; one per scene cell with
+--patch-merge 2): how much of an object, and of where it is, one token holds.
 heads: the induction loss (data.induction_batch over the decoder's whole vocabulary) of each base's decoder, then
 after 25-200 steps of training on it: a decoder that once formed induction heads (train.py --text-steps) and then
 learned captions predicts caption tokens instead, but gets the copying back within ~100 steps; one that never
@@ -124,26 +125,31 @@ def image(args):
 
 
 def token_labels(scenes, side):
-    """[N, side*side] colour and shape class of the object under each token's square; no object: the class count."""
+    """[N, side*side] colour, shape and scene cell (0-8) of the object under each token's square; no object: the
+    class count (5, 5, 9)."""
     px = data.IMAGE_SIZE // side
     col = torch.full((len(scenes), side * side), len(data.COLORS))
     shp = torch.full((len(scenes), side * side), len(data.SHAPES))
+    cell = torch.full((len(scenes), side * side), 9)
     for n, scene in enumerate(scenes):
         for o in scene["objs"]:
             for r in range(o["y"] // px, (o["y"] + o["s"] - 1) // px + 1):
                 for c in range(o["x"] // px, (o["x"] + o["s"] - 1) // px + 1):
                     col[n, r * side + c] = list(data.COLORS).index(o["color"])
                     shp[n, r * side + c] = data.SHAPES.index(o["shape"])
-    return col, shp
+                    cell[n, r * side + c] = o["cell"]
+    return col, shp, cell
 
 
-def linear_probe(x_tr, y_tr, x_te, y_te, none, steps=300):
-    """Softmax regression on standardised token features; accuracy % on object tokens and on empty ones (class none)."""
+def linear_probe(x_tr, y_tr, x_te, y_te, none, steps=300, hidden=0):
+    """Softmax regression on standardised token features (hidden > 0: one GELU layer of that width first); accuracy %
+    on object tokens and on empty ones (class none)."""
     x_tr, x_te, y_tr, y_te = x_tr.flatten(0, 1), x_te.flatten(0, 1), y_tr.flatten(), y_te.flatten()
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
-    lin = torch.nn.Linear(x_tr.shape[1], none + 1)
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    lin = (torch.nn.Sequential(torch.nn.Linear(x_tr.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, none + 1))
+           if hidden else torch.nn.Linear(x_tr.shape[1], none + 1))
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2 if not hidden else 3e-3)
     for _ in range(steps):
         loss = F.cross_entropy(lin(x_tr), y_tr)
         opt.zero_grad()
@@ -169,11 +175,15 @@ def tokens(args):
     (tr, p_tr, s_tr), (te, p_te, s_te) = sets
     for name, x_tr, x_te in (("tower", p_tr, p_te), ("projector", s_tr, s_te)):
         side = int(x_tr.shape[1] ** 0.5)
-        (c_tr, h_tr), (c_te, h_te) = token_labels(tr, side), token_labels(te, side)
+        (c_tr, h_tr, p_tr), (c_te, h_te, p_te) = token_labels(tr, side), token_labels(te, side)
         c_obj, c_empty = linear_probe(x_tr, c_tr, x_te, c_te, len(data.COLORS))
         h_obj, h_empty = linear_probe(x_tr, h_tr, x_te, h_te, len(data.SHAPES))
+        # where the object is: not needed by captions (read cell by cell, RoPE orders them), needed by "where" and ground
+        p_obj, _ = linear_probe(x_tr, p_tr, x_te, p_te, 9)
+        p_mlp, _ = linear_probe(x_tr, p_tr, x_te, p_te, 9, steps=600, hidden=256)
         print(f"{args.base}: {name} tokens ({side}x{side}): the object's colour {c_obj:.1f} %, its shape {h_obj:.1f} % "
-              f"of tokens on an object (chance 20 %); 'no object' {c_empty:.1f} / {h_empty:.1f} % of empty tokens")
+              f"of tokens on an object (chance 20 %); 'no object' {c_empty:.1f} / {h_empty:.1f} % of empty tokens; "
+              f"its cell {p_obj:.1f} % (one hidden layer: {p_mlp:.1f} %; chance 11 %)", flush=True)
 
 
 def induction_loss(llm, n=8):

@@ -371,6 +371,8 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
     d = train.parse_args([])
     assert (d.steps, d.tasks, d.max_len, d.out) == (300, None, 48, "out/minicoin-cmoe")
     assert (d.attn_experts, d.instruct_mc) == (True, None)  # attention experts; the multiple-choice stage 0b (tiny base)
+    t = train.parse_args(["--steps", "50", "--task-steps", " ground=900, gqa=7,"])
+    assert [t.steps_of(n) for n in ("ground", "gqa", "sqa")] == [900, 7, 50] and d.steps_of("ground") == 300
     e = train.parse_args(["--no-attn-experts", "--no-instruct-mc", "--expand", "all"])  # a bool's --no- form
     assert (e.attn_experts, e.instruct_mc, e.out) == (False, False, "out/minicoin-cmoe-expandall-ffn-nomc")
     names = d.tasks and d.tasks.split(",") or list(train.data.MINICOIN_TASKS)  # --unseen: auto, none, a list
@@ -383,7 +385,9 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
                       (["--train-n", "0"], "train_n must be"), (["--reject-quantile", "1.5"], "reject_quantile must"),
                       (["--reject-quantile", "nan"], "reject_quantile must"), (["--gpu-mem", "inf"], "gpu_mem must"),
                       (["--text-steps", "-1"], "text_steps must be 0 or more"), (["--patch-merge", "0"], "patch_merge must"),
-                      (["--device", "bogus"], "device must be a torch device"), (["--out", __file__], "is a file")):
+                      (["--device", "bogus"], "device must be a torch device"), (["--out", __file__], "is a file"),
+                      (["--task-steps", "ground=0"], "task_steps: 'ground=0'"), (["--task-steps", "ground"], "NAME=N"),
+                      (["--task-steps", "gqa=2,gqa=3"], "each task once")):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert says in capsys.readouterr().err, bad
@@ -391,6 +395,18 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
     assert coin.tasks is None and coin.steps == train.QUICK["steps"]
     with pytest.raises(SystemExit, match="sqa listed twice"):
         train.data.task_list(train.parse_args(["--tasks", "sqa,cls,sqa"]))
+
+
+def test_task_steps_set_one_tasks_length_and_joint_trains_their_sum(tmp_path, base_dir):
+    import re
+    extra = ("--locator", "oracle", "--unseen", "none", "--steps", "2", "--task-steps", "cls=3")
+    run(tmp_path / "seq", base_dir, *extra)
+    log = (tmp_path / "seq" / "log.txt").read_text()
+    assert re.search(r"task0:sqa step\s+2/2 ", log) and re.search(r"task1:cls step\s+3/3 ", log), log
+    run(tmp_path / "joint", base_dir, *extra, "--method", "joint")
+    assert re.search(r"joint step\s+5/5 ", (tmp_path / "joint" / "log.txt").read_text())  # sqa's 2 + cls's 3
+    with pytest.raises(SystemExit, match="--task-steps names ground: not a task of this run"):
+        run(tmp_path / "bad", base_dir, "--task-steps", "ground=5")
 
 
 def test_max_len_that_fits_no_example_is_refused_by_name(tmp_path, base_dir):
