@@ -118,11 +118,11 @@ class TrainConfig:
         """--task-steps "ground=900,gqa=600" -> {"ground": 900, "gqa": 600}; the other tasks train --steps."""
         out = {}
         for item in filter(None, (i.strip() for i in self.task_steps.split(","))):
-            name, _, n = item.partition("=")
-            if not name.strip() or not n.strip().isdigit() or int(n) < 1 or name.strip() in out:
+            name, n = (part.strip() for part in item.partition("=")[::2])
+            if not name or not n.isdigit() or int(n) < 1 or name in out:
                 raise ValueError(f"task_steps: {item!r} is not NAME=N with N >= 1 and each task once "
                                  f"(e.g. ground=900,gqa=600)")
-            out[name.strip()] = int(n)
+            out[name] = int(n)
         return out
 
     def steps_of(self, task: str) -> int:
@@ -666,15 +666,15 @@ class RunState:
         check_resume(cfg)
         self.cfg, self.t_start = cfg, time.time()
         self.rank = init_distributed(cfg)
+        self.names, metric = data.task_list(cfg)
+        unknown = sorted(set(cfg.steps_by_task()) - set(self.names))
+        if unknown:  # before the run folder exists
+            raise SystemExit(f"--task-steps names {', '.join(unknown)}: not a task of this run ({', '.join(self.names)})")
         os.makedirs(cfg.out, exist_ok=True)
         self.log = Log(os.path.join(cfg.out, "log.txt"))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.names, metric = data.task_list(cfg)
-        unknown = sorted(set(cfg.steps_by_task()) - set(self.names))
-        if unknown:
-            raise SystemExit(f"--task-steps names {', '.join(unknown)}: not a task of this run ({', '.join(self.names)})")
         self.n_stages = 1 if cfg.method == "joint" else len(self.names)
         self.tok, self.template = data.tokenizer(cfg)
         self.state_path = os.path.join(cfg.out, "state.json")

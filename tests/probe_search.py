@@ -175,12 +175,12 @@ def tokens(args):
     (tr, p_tr, s_tr), (te, p_te, s_te) = sets
     for name, x_tr, x_te in (("tower", p_tr, p_te), ("projector", s_tr, s_te)):
         side = int(x_tr.shape[1] ** 0.5)
-        (c_tr, h_tr, p_tr), (c_te, h_te, p_te) = token_labels(tr, side), token_labels(te, side)
+        (c_tr, h_tr, cell_tr), (c_te, h_te, cell_te) = token_labels(tr, side), token_labels(te, side)
         c_obj, c_empty = linear_probe(x_tr, c_tr, x_te, c_te, len(data.COLORS))
         h_obj, h_empty = linear_probe(x_tr, h_tr, x_te, h_te, len(data.SHAPES))
         # where the object is: not needed by captions (read cell by cell, RoPE orders them), needed by "where" and ground
-        p_obj, _ = linear_probe(x_tr, p_tr, x_te, p_te, 9)
-        p_mlp, _ = linear_probe(x_tr, p_tr, x_te, p_te, 9, steps=600, hidden=256)
+        p_obj, _ = linear_probe(x_tr, cell_tr, x_te, cell_te, 9)
+        p_mlp, _ = linear_probe(x_tr, cell_tr, x_te, cell_te, 9, steps=600, hidden=256)
         print(f"{args.base}: {name} tokens ({side}x{side}): the object's colour {c_obj:.1f} %, its shape {h_obj:.1f} % "
               f"of tokens on an object (chance 20 %); 'no object' {c_empty:.1f} / {h_empty:.1f} % of empty tokens; "
               f"its cell {p_obj:.1f} % (one hidden layer: {p_mlp:.1f} %; chance 11 %)", flush=True)

@@ -282,7 +282,8 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, at
     The dense case stops at AOT autograd's graphs (dynamo's full-graph trace, the recompile guards and the joint
     forward/backward are what it checks): inductor's cold C++ build costs 15-35 s per case on 2 cores, and on CUDA
     it would emit Triton, not this C++. The inductor case keeps inductor's defaults: with vectorisation off
-    (cpp.vec_isa_ok=False, 13 s cheaper cold) the old index backward passes, so the case would stop guarding it. The other pairings are tested eagerly (test_fused_equals_loop_...). The third
+    (cpp.vec_isa_ok=False, 13 s cheaper cold) the old index backward passes, so the case would stop guarding it.
+    The other pairings are tested eagerly (test_fused_equals_loop_...). The third
     case, also through AOT autograd, has experts on attention too (the default pool: one routing per layer for
     q/k/v/o and the FFN)."""
     torch._dynamo.reset()

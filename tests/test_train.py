@@ -407,6 +407,7 @@ def test_task_steps_set_one_tasks_length_and_joint_trains_their_sum(tmp_path, ba
     assert re.search(r"joint step\s+5/5 ", (tmp_path / "joint" / "log.txt").read_text())  # sqa's 2 + cls's 3
     with pytest.raises(SystemExit, match="--task-steps names ground: not a task of this run"):
         run(tmp_path / "bad", base_dir, "--task-steps", "ground=5")
+    assert not (tmp_path / "bad").exists()  # refused before the run folder is made
 
 
 def test_max_len_that_fits_no_example_is_refused_by_name(tmp_path, base_dir):
