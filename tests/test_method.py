@@ -339,6 +339,43 @@ def test_probe_gradnorms_are_the_norms_of_each_layers_probe_expert_gradient():
     assert all(p.grad is None for p in model.parameters())  # leaves no gradient behind
 
 
+def test_trim_padding_keeps_loss_balance_and_gradients_of_the_full_width_batch():
+    """train.trim_padding drops the all-padding columns (one kept): the loss, the balance loss and the experts'
+    gradients equal the full-width batch's. The longest row is text-only, so its image slots need the kept column."""
+    import train
+    model, ds, g = _probe_setup(seed=7, N=6)
+    cmoe.probe_start(model.llm, generator=g)
+    for f in model.llm.expert_ffns():
+        randomise(f, g)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".train_" in n or ".routers.1" in n)
+    lengths, T = [4, 6, 9, 5, 3, 7], 14
+    ids = torch.zeros(6, T, dtype=torch.long)  # pad_id 0, right padding
+    labels = torch.full((6, T), cmoe.IGNORE_INDEX)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, 60, (n,), generator=g)
+        if i != 2:  # row 2, the longest (9), is text-only
+            ids[i, 1] = IMG
+        labels[i, n - 2:n] = ids[i, n - 2:n]
+    full = dict(ds, input_ids=ids, labels=labels, skipped=0)
+    trimmed = train.trim_padding(full, model.pad_id)
+    assert trimmed["input_ids"].shape == (6, 10) and torch.equal(trimmed["input_ids"], ids[:, :10])
+    assert ids[:, 10:].eq(0).all() and trimmed["skipped"] == 0 and trimmed["images"] is ds["images"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = []
+    for b in (full, trimmed):
+        _, loss, aux = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
+        got.append((loss, aux, torch.autograd.grad(loss + aux, params)))
+    (loss0, aux0, g0), (loss1, aux1, g1) = got
+    torch.testing.assert_close(loss1, loss0, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(aux1, aux0, atol=1e-6, rtol=1e-6)
+    assert float(aux0.detach()) > 0 and all(float(x.abs().sum()) > 0 for x in g0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    narrow = dict(trimmed, input_ids=ids[:, :9], labels=labels[:, :9])  # no column kept: the text-only row breaks
+    assert abs(float(model(narrow["input_ids"], ds["images"], narrow["labels"], ds["task_ids"])[1]) - float(loss0)) > 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------------
 # PTL
 
