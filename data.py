@@ -812,8 +812,6 @@ MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
 INSTRUCT_MC = "instruct-mc"  # stage 0b's default mix: "instruct" with lettered multiple choice (_make_instruct)
 TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exact", "count": "exact", "ground": "iou",
                "caption": "exact", "instruct": "exact", INSTRUCT_MC: "exact", "textcolor": "exact"}
-STEP_SCALE = {"ground": 3}  # trains 3x --steps (CoIN's tasks differ in size too): a box pins two corners and learns
-# slowest (one LoRA on ground alone: 41 / 58 / 87 % at 300 / 900 / 1,800 steps; README, "How MiniCoIN was tuned")
 UNSEEN_TASKS = ("textcolor",)  # scored after every stage, never trained: how much zero-shot ability a method keeps
 IMAGE_SIZE = 48
 MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33

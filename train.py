@@ -85,7 +85,7 @@ class TrainConfig:
     attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
     # optimisation
     steps: int = 300  # training steps per task
-    task_steps: str = ""  # per-task overrides of steps, "name=N,...", e.g. gqa=600 (MiniCoIN: see data.STEP_SCALE)
+    task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900 (its boxes learn slowest; README)
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-3
@@ -115,7 +115,7 @@ class TrainConfig:
     plan_dtype: str = "bf16"  # bf16 | fp32: dtype of weights, gradients, activations
 
     def steps_by_task(self) -> dict:
-        """--task-steps "ground=900,gqa=600" -> {"ground": 900, "gqa": 600}; the other tasks: steps_of's rule."""
+        """--task-steps "ground=900,gqa=600" -> {"ground": 900, "gqa": 600}; the other tasks train --steps."""
         out = {}
         for item in filter(None, (i.strip() for i in self.task_steps.split(","))):
             name, n = (part.strip() for part in item.partition("=")[::2])
@@ -126,9 +126,7 @@ class TrainConfig:
         return out
 
     def steps_of(self, task: str) -> int:
-        """--task-steps' count for the task, else --steps (times data.STEP_SCALE for a MiniCoIN task: ground 3x)."""
-        scale = data.STEP_SCALE.get(task, 1) if self.benchmark == "minicoin" else 1
-        return self.steps_by_task().get(task, self.steps * scale)
+        return self.steps_by_task().get(task, self.steps)
 
     def __post_init__(self):
         for name, options in CHOICES.items():
