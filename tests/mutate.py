@@ -172,6 +172,9 @@ MUTATIONS = [
     ("train.py", "and saved[name] != value:", "and False:",
      "--resume accepts changed settings (two runs mixed in one folder)",
      ["tests/test_train.py::test_resume_with_changed_settings_is_refused_before_anything_is_written"]),
+    ("train.py", "L = min(T, longest + 1)", "L = min(T, longest)",
+     "trim_padding keeps no padding column (a text-only row's image slots overwrite its last token)",
+     ["tests/test_method.py::test_trim_padding_keeps_loss_balance_and_gradients_of_the_full_width_batch"]),
     # --- checkpoints
     ("vision.py", 'tmp = f"{path}.tmp{os.getpid()}"', "tmp = path",
      "the atomic writer writes in place (no temp file + rename): checkpoints, JSON, predictions", METHOD),
