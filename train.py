@@ -391,7 +391,9 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
     world = ev.rank_world()[1]  # torchrun: DDP over the trainable parameters, rebuilt per stage (PGKE grows them)
     fwd = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    fwd = torch.compile(fwd) if compiled else fwd
+    if compiled:  # every stage brings new shapes (a grown pool): without a reset the recompiles add up over the run,
+        torch._dynamo.reset()  # and past dynamo's limit (8: task ~5 of cmoe) the rest would run eagerly, silently
+        fwd = torch.compile(fwd)
     model.train()
     t_last, tok_count, interval = time.time(), 0, max(1, steps // 10)
     for step in range(step0, steps):

@@ -175,6 +175,9 @@ MUTATIONS = [
     ("train.py", "L = min(T, longest + 1)", "L = min(T, longest)",
      "trim_padding keeps no padding column (a text-only row's image slots overwrite its last token)",
      ["tests/test_method.py::test_trim_padding_keeps_loss_balance_and_gradients_of_the_full_width_batch"]),
+    ("train.py", "        torch._dynamo.reset()  # and past", "        pass  # and past",
+     "compiled training: no dynamo reset per stage (grown pools' recompiles pile up past the limit: eager, silently)",
+     ["tests/test_train.py::test_compiled_stages_with_grown_pools_never_hit_the_recompile_limit"]),
     # --- checkpoints
     ("vision.py", 'tmp = f"{path}.tmp{os.getpid()}"', "tmp = path",
      "the atomic writer writes in place (no temp file + rename): checkpoints, JSON, predictions", METHOD),
