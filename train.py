@@ -267,7 +267,9 @@ def trim_padding(ds, pad_id):
     and a task's rows are often far shorter than max_len (MiniCoIN's ocr / cls / gqa / count: 22-26 of 48 tokens;
     a step ~1.4x faster). One width per dataset keeps shapes static for torch.compile; the column kept is where
     LLaVA.splice puts a text-only row's image slots."""
-    T = ds["input_ids"].shape[1]
+    N, T = ds["input_ids"].shape
+    if N == 0:
+        return ds
     longest = int(((ds["input_ids"] != pad_id) * torch.arange(1, T + 1)).max())  # right padding: last real + 1
     L = min(T, longest + 1)
     return {k: (v[:, :L].contiguous() if k in ("input_ids", "labels") else v) for k, v in ds.items()}
