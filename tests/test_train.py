@@ -497,7 +497,8 @@ def test_reject_bounds_recalibrated_from_the_training_data_equal_the_trained_one
 def test_compiled_stages_with_grown_pools_never_hit_the_recompile_limit(monkeypatch):
     """--compile on: each stage has a larger pool (new parameter shapes), so each recompiles; train_stage resets
     dynamo per stage, or over a run the recompiles pass dynamo's limit and later stages silently run eagerly. Here
-    the limit is 1 and hitting it fails (two steps per stage: no recompile within one); dynamo's eager backend (tracing and guards, no code generation) keeps it cheap."""
+    the limit is 1 and hitting it fails (two steps per stage: no recompile within one); dynamo's eager backend
+    (tracing and guards, no code generation) keeps it cheap."""
     from test_method import _probe_setup
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="eager"))
@@ -505,16 +506,18 @@ def test_compiled_stages_with_grown_pools_never_hit_the_recompile_limit(monkeypa
     cmoe.probe_start(model.llm, generator=g)
     cfg = train.parse_args(["--compile", "on", "--batch-size", "4"])
     cfg.device = "cpu"
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        for stage in range(2):
-            for f in model.llm.expert_ffns():  # the pool grows by one trainable expert; a new router over all
-                f.add_experts(1, generator=g)
-                f.routers = torch.nn.ParameterList(list(f.routers)[:1])
-                f.add_router()
-            for n, p in model.named_parameters():
-                p.requires_grad_(".train_" in n or ".routers.1" in n)
-            before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-            train.train_stage(model, ds, cfg, 2, 1e-2, 1, f"stage{stage}", lambda msg: None)
-            after = [p for p in model.parameters() if p.requires_grad]
-            assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the compiled step trained
-    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            for stage in range(2):
+                for f in model.llm.expert_ffns():  # the pool grows by one trainable expert; a new router over all
+                    f.add_experts(1, generator=g)
+                    f.routers = torch.nn.ParameterList(list(f.routers)[:1])
+                    f.add_router()
+                for n, p in model.named_parameters():
+                    p.requires_grad_(".train_" in n or ".routers.1" in n)
+                before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+                train.train_stage(model, ds, cfg, 2, 1e-2, 1, f"stage{stage}", lambda msg: None)
+                after = [p for p in model.parameters() if p.requires_grad]
+                assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the compiled step trained
+    finally:
+        torch._dynamo.reset()
