@@ -595,9 +595,11 @@ def stage_data(cfg, model, r, t):
     """(the task's training examples, its encoded dataset); joint: every task's data in one dataset."""
     if cfg.method != "joint":
         exs = data.load_examples(cfg, r.names[t], "train")
-        return exs, trim_padding(encode(model, exs, r.tok, r.template, cfg, t), model.pad_id)
-    return None, trim_padding(concat([encode(model, data.load_examples(cfg, n, "train"), r.tok, r.template, cfg, i)
-                                      for i, n in enumerate(r.names)]), model.pad_id)
+        ds = encode(model, exs, r.tok, r.template, cfg, t)
+    else:
+        exs, ds = None, concat([encode(model, data.load_examples(cfg, n, "train"), r.tok, r.template, cfg, i)
+                                for i, n in enumerate(r.names)])
+    return exs, trim_padding(ds, model.pad_id)
 
 
 STAGES = ("init", "split", "probe", "expand", "vae")
