@@ -7,6 +7,7 @@
     python tests/probe_search.py image out/base/minicoin-base-<key> --kind color_of_shape --steps 600
     python tests/probe_search.py tokens out/base/minicoin-base-<key>   # what one image token says of its object
     python tests/probe_search.py heads out/base/minicoin-instruct-<key> fresh   # does a base hold induction heads?
+    python tests/probe_search.py skills out/base/minicoin-instruct-<key>   # what a base answers of stage 0b's kinds
 
 recall: a fresh tiny Llama (the MiniCoIN decoder's size) learns associative recall: 2-4 objects (colour, shape) in
 a row of filler tokens, then a query shape; the answer is that object's colour. --tokens 1 gives each object one
@@ -23,10 +24,16 @@ heads: the induction loss (data.induction_batch over the decoder's whole vocabul
 after 25-200 steps of training on it: a decoder that once formed induction heads (train.py --text-steps) and then
 learned captions predicts caption tokens instead, but gets the copying back within ~100 steps; one that never
 formed them ("fresh": an untrained decoder of the MiniCoIN size) stays near chance, ln(768) = 6.6, for 200 steps.
-The first three print accuracy, the last the loss."""
+skills: greedy answers of a cached stage-0b base to its own question kinds on 150 test scenes each (exact match):
+existence ("Is there a red circle?", a conjunction, yes half the time), position, text colour and first letter,
+full descriptions, and tests/probe_tasks.py's search-style kinds (find an object by its shape or colour and name it;
+what is at a position, "nothing" for 5-7 of the 9; count the objects of a colour). Search: can the base find an
+object by what it is?
+The others print accuracy, heads the loss."""
 import argparse
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -37,6 +44,7 @@ import cmoe  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import train  # noqa: E402
+import probe_tasks  # noqa: E402  (tests/, beside this script)
 from vision import preprocess  # noqa: E402
 
 T, Q = 30, 27  # recall: sequence length, query marker position (the query shape follows it; its logits answer)
@@ -122,6 +130,35 @@ def image(args):
     acc = np.mean([tok.decode(o).strip() == ex.answer for o, ex in zip(out, test_set)])
     print(f"{args.base}: {args.kind} after {args.steps} steps: {100 * acc:.1f} % of 200 test scenes "
           f"(image tokens: {ds['images'].shape[1]})")
+
+
+SKILLS = ("exists", "where", "text_color", "first_letter", "describe") + probe_tasks.SEARCH_KINDS
+
+
+def skill_examples(kind, n=150):
+    """n examples of one stage-0b kind on test scenes (split as data.minicoin_sample splits them)."""
+    out, i = [], 0
+    while len(out) < n:
+        rng, i = np.random.default_rng([7, i]), i + 1
+        scene = (data._text_scene(rng) if kind in ("text_color", "first_letter") else
+                 probe_tasks.search_scene(kind, rng))
+        if zlib.crc32(data._scene_key(scene).encode()) % data.TEST_EVERY == 0:
+            q, a = probe_tasks.search_turn(kind, rng, scene)
+            out.append(data.Example(data.draw_scene(scene), [(f"<image>\n{q}", a)], kind))
+    return out
+
+
+def skills(args):
+    model = ev.load_base(args.base).eval()
+    tok, template = data.tokenizer(train.TrainConfig(base_dir=os.path.dirname(os.path.abspath(args.base))))
+    for kind in SKILLS:
+        exs = skill_examples(kind)
+        with torch.no_grad():
+            out = model.generate([data.encode_prompt(tok, ex, template) for ex in exs],
+                                 model.image_features(torch.stack([preprocess(ex.image, data.IMAGE_SIZE) for ex in exs])),
+                                 max_new_tokens=data.MAX_LEN, stop_ids=data.stop_ids(tok, template), use_experts=False)
+        acc = np.mean([tok.decode(o).strip() == ex.answer for o, ex in zip(out, exs)])
+        print(f"{kind}: {100 * acc:.1f} % of {len(exs)} test scenes", flush=True)
 
 
 def token_labels(scenes, side):
@@ -236,7 +273,9 @@ if __name__ == "__main__":
     h = sub.add_parser("heads")
     h.add_argument("bases", nargs="+", help="cached stage-0 folders; 'fresh': an untrained MiniCoIN-size decoder")
     h.add_argument("--checks", type=int, nargs="+", default=[0, 25, 50, 100, 200], help="steps to measure at")
+    k = sub.add_parser("skills")
+    k.add_argument("base", help="a cached stage-0b folder: out/base/minicoin-instruct-<key>")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    {"recall": recall, "image": image, "tokens": tokens, "heads": heads}[a.mode](a)
+    {"recall": recall, "image": image, "tokens": tokens, "heads": heads, "skills": skills}[a.mode](a)

@@ -5,9 +5,15 @@
     python tests/probe_tasks.py --no-attn-experts --method lora --tasks sqa1,sqa --locator oracle --unseen none \
         --out out/probe-mc
 
+    python tests/probe_tasks.py --search-kinds --instruct-steps 1500 --instruct-n 24000 --base-dir out/base-search \
+        --out out/probe-search
+
 sqa1: sqa's options and suffix about the only object in the image (large, as in cls): the answer is the letter of a
-colour or shape the base reads reliably, with no search among objects. Every flag is train.py's (--no-instruct-mc:
-stage 0b without the lettered multiple choice of data.INSTRUCT_MC, as the README's first sqa1 row).
+colour or shape the base reads reliably, with no search among objects. --search-kinds: stage 0b also holds four
+search-style kinds (SEARCH_KINDS, 12 of 38 draws): find an object by its shape or colour and name it, name what is at
+a position, count the objects of a colour; none is a task's prompt or question-answer pairing. Every other flag is
+train.py's (--no-instruct-mc: stage 0b without the lettered multiple choice of data.INSTRUCT_MC, as the README's
+first sqa1 row). A changed mix needs its own --base-dir: the cache key does not know about it.
 """
 import os
 import sys
@@ -28,13 +34,53 @@ def sample(task, rng, task_sample=data._task_sample):
     return scene, "<image>\n" + prompt, letter
 
 
+SEARCH_KINDS = ("about_shape", "about_color", "at", "count_color")
+
+
+def search_turn(kind, rng, scene, instruct_turn=data._instruct_turn):
+    """data._instruct_turn plus SEARCH_KINDS (scene: 2-4 distinct objects; count_color: 2-7, colours repeat)."""
+    objs = scene["objs"] if scene else []
+    if kind in ("about_shape", "about_color"):
+        o = objs[rng.integers(len(objs))]
+        q = f"Tell me about the {o['shape']}." if kind == "about_shape" else f"Tell me about the {o['color']} object."
+        return q, f"{o['color']} {o['shape']}"
+    if kind == "at":
+        cell = int(rng.integers(9))
+        hit = [o for o in objs if o["cell"] == cell]
+        return f"What is at the {data.POSITIONS[cell]}?", f"{hit[0]['color']} {hit[0]['shape']}" if hit else "nothing"
+    if kind == "count_color":
+        c = objs[rng.integers(len(objs))]["color"]
+        return f"How many {c} objects are there?", str(sum(o["color"] == c for o in objs))
+    return instruct_turn(kind, rng, scene)
+
+
+def search_scene(kind, rng):
+    return data._obj_scene(rng, int(rng.integers(2, 8)) if kind == "count_color" else int(rng.integers(2, 5)),
+                           unique=kind != "count_color")
+
+
+def search_instruct(rng, mc=False, make_instruct=data._make_instruct):
+    if rng.random() < 12 / 38:
+        kind = SEARCH_KINDS[rng.integers(len(SEARCH_KINDS))]
+        scene = search_scene(kind, rng)
+        return scene, [search_turn(kind, rng, scene)]
+    return make_instruct(rng, mc)
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    search = "--search-kinds" in argv
+    argv = [a for a in argv if a != "--search-kinds"]
     # the default BPE, trained (if missing) on the unchanged tasks' text, then kept whatever the tasks become
-    tok_path = data.minicoin_tokenizer_path(train.parse_args(argv).base_dir)
+    cfg = train.parse_args(argv)
+    tok_path = data.minicoin_tokenizer_path(cfg.base_dir)
     data.build_minicoin_tokenizer(tok_path)
     data.minicoin_tokenizer_path = lambda folder, vocab_size=data.MINICOIN_VOCAB: tok_path
+    if not cfg.tasks:
+        argv += ["--tasks", ",".join(data.MINICOIN_TASKS)]  # the default sequence: sqa1 only when asked for
     data._task_sample = sample
+    if search:  # after the BPE: its corpus is drawn from the unchanged mix
+        data._instruct_turn, data._make_instruct = search_turn, search_instruct
     data.TASK_METRIC["sqa1"] = "letter"
     data.MINICOIN_TASKS += ("sqa1",)
     train.main(argv)
