@@ -11,9 +11,10 @@
 sqa1: sqa's options and suffix about the only object in the image (large, as in cls): the answer is the letter of a
 colour or shape the base reads reliably, with no search among objects. --search-kinds: stage 0b also holds four
 search-style kinds (SEARCH_KINDS, 12 of 38 draws): find an object by its shape or colour and name it, name what is at
-a position, count the objects of a colour; none is a task's prompt or question-answer pairing. Every other flag is
-train.py's (--no-instruct-mc: stage 0b without the lettered multiple choice of data.INSTRUCT_MC, as the README's
-first sqa1 row). A changed mix needs its own --base-dir: the cache key does not know about it.
+a position, count the objects of a colour; none is a task's prompt (the nearest pairing: count_color beside count,
+which counts by shape; README). Every other flag is train.py's (--no-instruct-mc: stage 0b without the lettered
+multiple choice of data.INSTRUCT_MC, as the README's first sqa1 row). A changed mix needs its own --base-dir: the
+cache key does not know about it.
 """
 import os
 import sys
