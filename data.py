@@ -819,6 +819,10 @@ MINICOIN_VERSION = 3  # bump when scenes, prompts or answers change: cached tiny
 N_TRAIN, N_TEST = 1000, 100  # default sizes per task
 BASE_SETS = {"caption": 4000, "instruct": 8000, INSTRUCT_MC: 8000}  # the tiny base's stage-0 sets
 TEST_EVERY = 10  # a scene is test-only iff crc32(scene key) % TEST_EVERY == 0: splits can never share a scene
+
+
+def is_test_scene(key):
+    return zlib.crc32(key.encode()) % TEST_EVERY == 0
 COLORS = {"red": (230, 45, 45), "green": (40, 190, 70), "blue": (50, 100, 255), "yellow": (240, 215, 40),
           "white": (235, 235, 235)}
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
@@ -1093,7 +1097,7 @@ def minicoin_sample(task, split, index, seed=0, render=True):
             scene, user, answer = _task_sample(task, rng)
             turns = [(user, answer)]
         key = _scene_key(scene)
-        if not key or (zlib.crc32(key.encode()) % TEST_EVERY == 0) == (split == "test"):  # (no key: blank image)
+        if not key or is_test_scene(key) == (split == "test"):  # (no key: blank image)
             break
     turns[0] = (turns[0][0] if turns[0][0].startswith("<image>") else "<image>\n" + turns[0][0], turns[0][1])
     img = draw_scene(scene) if render else None  # render=False: text only (tokenizer corpus)

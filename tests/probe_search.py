@@ -33,7 +33,6 @@ The others print accuracy, heads the loss."""
 import argparse
 import os
 import sys
-import zlib
 
 import numpy as np
 import torch
@@ -142,7 +141,7 @@ def skill_examples(kind, n=150):
         rng, i = np.random.default_rng([7, i]), i + 1
         scene = (data._text_scene(rng) if kind in ("text_color", "first_letter") else
                  probe_tasks.search_scene(kind, rng))
-        if zlib.crc32(data._scene_key(scene).encode()) % data.TEST_EVERY == 0:
+        if data.is_test_scene(data._scene_key(scene)):
             q, a = probe_tasks.search_turn(kind, rng, scene)
             out.append(data.Example(data.draw_scene(scene), [(f"<image>\n{q}", a)], kind))
     return out
@@ -150,12 +149,12 @@ def skill_examples(kind, n=150):
 
 def skills(args):
     model = ev.load_base(args.base).eval()
-    tok, template = data.tokenizer(train.TrainConfig(base_dir=os.path.dirname(os.path.abspath(args.base))))
+    cfg = train.TrainConfig(base_dir=os.path.dirname(os.path.abspath(args.base)))
+    tok, template = data.tokenizer(cfg)
     for kind in SKILLS:
         exs = skill_examples(kind)
         with torch.no_grad():
-            out = model.generate([data.encode_prompt(tok, ex, template) for ex in exs],
-                                 model.image_features(torch.stack([preprocess(ex.image, data.IMAGE_SIZE) for ex in exs])),
+            out = model.generate([data.encode_prompt(tok, ex, template) for ex in exs], ev.image_features(model, exs, cfg),
                                  max_new_tokens=data.MAX_LEN, stop_ids=data.stop_ids(tok, template), use_experts=False)
         acc = np.mean([tok.decode(o).strip() == ex.answer for o, ex in zip(out, exs)])
         print(f"{kind}: {100 * acc:.1f} % of {len(exs)} test scenes", flush=True)

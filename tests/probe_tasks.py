@@ -40,7 +40,9 @@ SEARCH_KINDS = ("about_shape", "about_color", "at", "count_color")
 
 def search_turn(kind, rng, scene, instruct_turn=data._instruct_turn):
     """data._instruct_turn plus SEARCH_KINDS (scene: 2-4 distinct objects; count_color: 2-7, colours repeat)."""
-    objs = scene["objs"] if scene else []
+    if kind not in SEARCH_KINDS:
+        return instruct_turn(kind, rng, scene)
+    objs = scene["objs"]
     if kind in ("about_shape", "about_color"):
         o = objs[rng.integers(len(objs))]
         q = f"Tell me about the {o['shape']}." if kind == "about_shape" else f"Tell me about the {o['color']} object."
@@ -49,10 +51,8 @@ def search_turn(kind, rng, scene, instruct_turn=data._instruct_turn):
         cell = int(rng.integers(9))
         hit = [o for o in objs if o["cell"] == cell]
         return f"What is at the {data.POSITIONS[cell]}?", f"{hit[0]['color']} {hit[0]['shape']}" if hit else "nothing"
-    if kind == "count_color":
-        c = objs[rng.integers(len(objs))]["color"]
-        return f"How many {c} objects are there?", str(sum(o["color"] == c for o in objs))
-    return instruct_turn(kind, rng, scene)
+    c = objs[rng.integers(len(objs))]["color"]  # count_color
+    return f"How many {c} objects are there?", str(sum(o["color"] == c for o in objs))
 
 
 def search_scene(kind, rng):
