@@ -815,7 +815,7 @@ TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exac
 UNSEEN_TASKS = ("textcolor",)  # scored after every stage, never trained: how much zero-shot ability a method keeps
 IMAGE_SIZE = 48
 MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33
-MINICOIN_VERSION = 3  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
+MINICOIN_VERSION = 4  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
 N_TRAIN, N_TEST = 1000, 100  # default sizes per task
 BASE_SETS = {"caption": 4000, "instruct": 8000, INSTRUCT_MC: 8000}  # the tiny base's stage-0 sets
 TEST_EVERY = 10  # a scene is test-only iff crc32(scene key) % TEST_EVERY == 0: splits can never share a scene
@@ -871,11 +871,24 @@ def _text_scene(rng):
 
 
 def _count_scene(rng):
-    scene = _obj_scene(rng, int(rng.integers(2, 8)), unique=False)
-    kinds = rng.choice(len(SHAPES), int(rng.integers(2, 4)), replace=False)  # 2-3 shape kinds so counts exceed 1
+    """1-6 objects of one shape in distinct cells, colours free: "How many circles" counts every object, no search."""
+    scene = _obj_scene(rng, int(rng.integers(1, 7)), unique=False)
+    shape = SHAPES[rng.integers(len(SHAPES))]
     for o in scene["objs"]:
-        o["shape"] = SHAPES[rng.choice(kinds)]
+        o["shape"] = shape
     return scene
+
+
+def _pair_scene(rng):
+    """A large object (as in _single_scene) and a small one (7-9 px) in a corner cell, 1 px clear of it."""
+    while True:
+        big = _single_scene(rng)["objs"][0]
+        cell, s = int(rng.choice([0, 2, 6, 8])), int(rng.integers(7, 10))
+        x, y = (cell % 3) * 16 + int(rng.integers(1, 16 - s)), (cell // 3) * 16 + int(rng.integers(1, 16 - s))
+        if (x + s < big["x"] or x > big["x"] + big["s"] or y + s < big["y"] or y > big["y"] + big["s"]):
+            break
+    small = dict(shape=SHAPES[rng.integers(5)], color=list(COLORS)[rng.integers(5)], x=x, y=y, s=s, cell=cell)
+    return dict(objs=sorted([big, small], key=lambda o: o["cell"]), text=None)
 
 
 def _scene_key(scene):
@@ -918,19 +931,8 @@ def _caption(scene):
     if scene["text"]:
         return f'{scene["text"]["color"]} text "{scene["text"]["text"]}".'
     objs = scene["objs"]
-    size = "large " if objs[0]["s"] > 16 else ""
-    parts = [f"{size}{o['color']} {o['shape']} {POSITIONS[o['cell']]}" for o in objs]
+    parts = [f"{'large ' if o['s'] > 16 else ''}{o['color']} {o['shape']} {POSITIONS[o['cell']]}" for o in objs]
     return f"{len(objs)} shape{'s' if len(objs) > 1 else ''}: " + ", ".join(parts) + "."
-
-
-_RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
-
-
-def _related(o, anchor, rel):
-    """o is `rel` the anchor: same row (left/right) or same column (above/below), on the named side."""
-    (ro, co), (ra, ca) = divmod(o["cell"], 3), divmod(anchor["cell"], 3)
-    dr, dc = _RELATIONS[rel]
-    return (ro == ra and (co - ca) * dc > 0) if dc else (co == ca and (ro - ra) * dr > 0)
 
 
 # CoIN's own instruction suffixes: the VQA-like tasks share one, as TextVQA / GQA / VQAv2 do in CoIN, so the
@@ -950,14 +952,10 @@ def lettered(rng, right, pool, question, suffix):
 
 def _task_sample(task, rng):
     """(scene, user text, answer) for one draw of a continual task."""
-    if task == "sqa":
-        scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
-        o = scene["objs"][rng.integers(len(scene["objs"]))]
-        if rng.random() < 0.5:
-            q, right, pool = f"What color is the {o['shape']}?", o["color"], list(COLORS)
-        else:
-            q, right, pool = f"Which shape is {o['color']}?", o["shape"], list(SHAPES)
-        prompt, letter = lettered(rng, right, pool, q, SUFFIX_LETTER)
+    if task == "sqa":  # the only object's colour among 2-4 lettered options
+        scene = _single_scene(rng)
+        prompt, letter = lettered(rng, scene["objs"][0]["color"], list(COLORS), "What color is the object?",
+                                  SUFFIX_LETTER)
         return scene, "<image>\n" + prompt, letter
     if task == "ocr":
         scene = _text_scene(rng)
@@ -965,25 +963,18 @@ def _task_sample(task, rng):
     if task == "cls":
         scene = _single_scene(rng)
         return scene, f"<image>\nWhat is the object in the image?\n{SUFFIX_SHORT}", scene["objs"][0]["shape"]
-    if task == "gqa":
-        while True:  # redraw until some (anchor, relation) picks out exactly one object
-            scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
-            objs = scene["objs"]
-            cands = [(a, r, hits[0]) for a in objs for r in _RELATIONS
-                     for hits in [[o for o in objs if o is not a and _related(o, a, r)]] if len(hits) == 1]
-            if cands:
-                break
-        a, rel, o = cands[rng.integers(len(cands))]
+    if task == "gqa":  # an attribute of the larger of two objects
+        scene = _pair_scene(rng)
+        o = max(scene["objs"], key=lambda o: o["s"])
         attr = "color" if rng.random() < 0.5 else "shape"
-        return scene, f"<image>\nWhat {attr} is the object {rel} the {a['shape']}?\n{SUFFIX_SHORT}", o[attr]
+        return scene, f"<image>\nWhat {attr} is the large object?\n{SUFFIX_SHORT}", o[attr]
     if task == "count":
         scene = _count_scene(rng)
-        shape = scene["objs"][rng.integers(len(scene["objs"]))]["shape"]
-        n = sum(o["shape"] == shape for o in scene["objs"])
-        return scene, f"<image>\nHow many {PLURAL[shape]} are there?\n{SUFFIX_SHORT}", str(n)
-    if task == "ground":  # objects nearly fill their cell, so a box from the right cell has IoU > 0.5
-        scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True, size=(13, 15))
-        o = scene["objs"][rng.integers(len(scene["objs"]))]
+        shape = scene["objs"][0]["shape"]
+        return scene, f"<image>\nHow many {PLURAL[shape]} are there?\n{SUFFIX_SHORT}", str(len(scene["objs"]))
+    if task == "ground":  # the only object, nearly filling its cell: a box from the right cell has IoU > 0.5
+        scene = _obj_scene(rng, 1, unique=True, size=(13, 15))
+        o = scene["objs"][0]
         box = [v / IMAGE_SIZE for v in (o["x"], o["y"], o["x"] + o["s"], o["y"] + o["s"])]
         return scene, f"<image>\n{GROUND_PROMPT}{o['color']} {o['shape']}.", box_text(box)
     if task == "textcolor":  # unseen: a question kind the base learned in stage 0b, asked CoIN-style
@@ -996,9 +987,9 @@ def _task_sample(task, rng):
 
 
 def _any_scene(rng):
-    kind = rng.integers(4)
+    kind = rng.integers(5)
     return (_obj_scene(rng, int(rng.integers(2, 5)), unique=True) if kind == 0 else _count_scene(rng)
-            if kind == 1 else _single_scene(rng) if kind == 2 else _text_scene(rng))
+            if kind == 1 else _single_scene(rng) if kind == 2 else _pair_scene(rng) if kind == 3 else _text_scene(rng))
 
 
 # MiniCoIN-Instruct: stage 0, part 2, the miniature of LLaVA's general visual instruction tuning. Other question
