@@ -807,6 +807,10 @@ def coin_accuracy(metric, rows):
 
 # -----------------------------------------------------------------------------
 # MiniCoIN: procedurally generated scenes on a 3x3 grid of 16 px cells (2x2 ViT patches each)
+# v4 (MINICOIN_VERSION): no task asks to find an object by its colour or shape among others. v3's did, and the
+# tiny 4-layer base never learned to search an image within the run's budget (README, "How MiniCoIN was tuned"):
+# sqa and cls ask about the one object, gqa about the larger of two, count counts every object, ground boxes the
+# only one. Each task keeps its CoIN kind, prompt form, suffix and answer form.
 
 MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
 INSTRUCT_MC = "instruct-mc"  # stage 0b's default mix: "instruct" with lettered multiple choice (_make_instruct)

@@ -78,16 +78,39 @@ def test_minicoin_answers_score_with_own_metric(task):
         assert data.score(metric, _wrong(task, ex), ex.answer) == 0.0, (task, ex.answer)
 
 
+def _pixels_of(img):
+    """{colour name: pixel count} of the MiniCoIN colours drawn in an image."""
+    arr = np.asarray(img).reshape(-1, 3)
+    return {name: int((arr == rgb).all(-1).sum()) for name, rgb in data.COLORS.items()}
+
+
 def test_minicoin_answers_match_scene():
-    ex = data.minicoin_sample("ground", "test", 0)
-    arr = np.asarray(ex.image)
-    x1, y1, x2, y2 = (round(v * data.IMAGE_SIZE) for v in data.parse_box(ex.answer))
-    inside = arr[y1:y2, x1:x2].reshape(-1, 3)
-    named = ex.turns[0][0].split(data.GROUND_PROMPT)[1].split()[0]  # "...describes: red circle."
-    assert (inside == data.COLORS[named]).all(-1).any()  # the named colour is drawn inside the box
-    for ex in data.minicoin("count", "test", 20):  # count = number of that shape in the scene description
+    """Every v4 answer read back from the rendered pixels, not from the generator's own bookkeeping."""
+    for i in range(20):
+        ex = data.minicoin_sample("ground", "test", i)  # the box is the drawn object's exact pixel extent
+        ys, xs = np.nonzero(np.asarray(ex.image).any(-1))
+        assert [round(v * data.IMAGE_SIZE) for v in data.parse_box(ex.answer)] == [xs.min(), ys.min(), xs.max() + 1,
+                                                                                   ys.max() + 1]
+        named = ex.turns[0][0].split(data.GROUND_PROMPT)[1].split()[0]  # "...describes: red circle."
+        assert _pixels_of(ex.image)[named] == len(xs)  # the only object, in the named colour
+    for ex in data.minicoin("sqa", "test", 20):  # the answer's option line names the one colour drawn
+        drawn = [c for c, n in _pixels_of(ex.image).items() if n]
+        option = next(line for line in ex.turns[0][0].split("\n") if line.startswith(ex.answer + ". "))
+        assert drawn == [option[3:]], (drawn, option)
+    for ex in data.minicoin("gqa", "test", 40):  # the large object's colour covers the most pixels
+        q, objs = ex.turns[0][0], [part.split(",") for part in ex.meta["scene"].split(";")]
+        assert len(objs) == 2 and sorted(int(o[4]) for o in objs)[0] < 10 < 20 <= max(int(o[4]) for o in objs)
+        if "color" in q:
+            px = _pixels_of(ex.image)
+            assert ex.answer == max(px, key=px.get), (q, ex.answer, px)
+        else:
+            assert ex.answer == max(objs, key=lambda o: int(o[4]))[0]
+    for ex in data.minicoin("count", "test", 20):  # count = occupied cells, and every object has the asked shape
+        arr = np.asarray(ex.image).any(-1)
+        cells = sum(arr[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16].any() for r in range(3) for c in range(3))
+        assert int(ex.answer) == cells
         shape = next(s for s in data.SHAPES if data.PLURAL[s] in ex.turns[0][0])
-        assert int(ex.answer) == sum(part.split(",")[0] == shape for part in ex.meta["scene"].split(";"))
+        assert {part.split(",")[0] for part in ex.meta["scene"].split(";")} == {shape}
 
 
 def test_tasks_use_coin_instruction_suffixes():
