@@ -1054,7 +1054,7 @@ INSTRUCT_WEIGHTS = np.array([3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1]) / 26  # mostly
 # INSTRUCT_MC (the default stage 0b; --no-instruct-mc: "instruct"): the same stream with lettered multiple choice mixed
 # in (3 draws in 29), "What color is the text?" (a property the base reads) with 2-4 options; as LLaVA-665K's A-OKVQA
 # multiple choice teaches LLaVA to answer by letter before it meets ScienceQA. Its suffix is not sqa's, its question
-# not a task's; only the option lines ("A. red") have sqa's layout. Measured: lora on a one-object sqa 39 -> 73 %;
+# not a task's; only the option lines ("A. red") have sqa's layout. Measured on v3: lora on a one-object sqa 39->73 %;
 # cmoe Last 45.0 -> 49.2 with FFN experts, 53.8 with attention experts too (README).
 MC_SUFFIX = "Reply with the letter of the right option."
 

@@ -9,12 +9,12 @@
         --out out/probe-search
 
 sqa1: sqa's options and suffix about the only object in the image (large, as in cls), asking its colour or its shape:
-MiniCoIN v4's sqa plus the shape half (v3's sqa asked about one of 2-4 objects; the README's sqa1 rows are v3's). --search-kinds: stage 0b also holds four
-search-style kinds (SEARCH_KINDS, 12 of 38 draws): find an object by its shape or colour and name it, name what is at
-a position, count the objects of a colour; none is a task's prompt (the nearest pairing: count_color beside count,
-which counts by shape; README). Every other flag is train.py's (--no-instruct-mc: stage 0b without the lettered
-multiple choice of data.INSTRUCT_MC, as the README's first sqa1 row). A changed mix needs its own --base-dir: the
-cache key does not know about it.
+MiniCoIN v4's sqa plus the shape half (v3's sqa asked about one of 2-4 objects; the README's sqa1 rows are v3's).
+--search-kinds: stage 0b also holds four search-style kinds (SEARCH_KINDS, 12 of 38 draws): find an object by its
+shape or colour and name it, name what is at a position, count the objects of a colour; none is a task's prompt (the
+nearest pairing: count_color beside count, which counts every object; README). Every other flag is train.py's
+(--no-instruct-mc: stage 0b without the lettered multiple choice of data.INSTRUCT_MC, as the README's first sqa1
+row). A changed mix needs its own --base-dir: the cache key does not know about it.
 """
 import os
 import sys
