@@ -844,6 +844,11 @@ LETTERS = "".join(GLYPHS)
 BACKGROUND = (0, 0, 0)
 
 
+def _in_cell(rng, cell, s):
+    """Top-left corner of an s px object at a random place inside a grid cell, >= 1 px from its edges."""
+    return (cell % 3) * 16 + int(rng.integers(1, 16 - s)), (cell // 3) * 16 + int(rng.integers(1, 16 - s))
+
+
 def _obj_scene(rng, n, unique, size=(10, 13)):
     """n objects in distinct grid cells; unique=True: distinct shapes and colours (so each is nameable)."""
     cells = rng.choice(9, n, replace=False)
@@ -852,7 +857,7 @@ def _obj_scene(rng, n, unique, size=(10, 13)):
     objs = []
     for cell, s_i, c_i in zip(cells, shapes, colors):
         s = int(rng.integers(*size))  # side in px (default 10..12) inside a 16 px cell, >= 1 px margin
-        x, y = (cell % 3) * 16 + int(rng.integers(1, 16 - s)), (cell // 3) * 16 + int(rng.integers(1, 16 - s))
+        x, y = _in_cell(rng, cell, s)
         objs.append(dict(shape=SHAPES[s_i], color=list(COLORS)[c_i], x=x, y=y, s=s, cell=int(cell)))
     return dict(objs=sorted(objs, key=lambda o: o["cell"]), text=None)
 
@@ -888,7 +893,7 @@ def _pair_scene(rng):
     while True:
         big = _single_scene(rng)["objs"][0]
         cell, s = int(rng.choice([0, 2, 6, 8])), int(rng.integers(7, 10))
-        x, y = (cell % 3) * 16 + int(rng.integers(1, 16 - s)), (cell // 3) * 16 + int(rng.integers(1, 16 - s))
+        x, y = _in_cell(rng, cell, s)
         if (x + s < big["x"] or x > big["x"] + big["s"] or y + s < big["y"] or y > big["y"] + big["s"]):
             break
     small = dict(shape=SHAPES[rng.integers(5)], color=list(COLORS)[rng.integers(5)], x=x, y=y, s=s, cell=cell)
