@@ -85,7 +85,8 @@ def _pixels_of(img):
 
 
 def test_minicoin_answers_match_scene():
-    """Every v4 answer read back from the rendered pixels, not from the generator's own bookkeeping."""
+    """v4's answers read back from the rendered pixels (boxes, colours, counts); shapes, which pixels do not name
+    simply, from the scene key the image was drawn from."""
     for i in range(20):
         ex = data.minicoin_sample("ground", "test", i)  # the box is the drawn object's exact pixel extent
         ys, xs = np.nonzero(np.asarray(ex.image).any(-1))
