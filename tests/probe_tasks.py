@@ -8,8 +8,14 @@
     python tests/probe_tasks.py --search-kinds --instruct-steps 1500 --instruct-n 24000 --base-dir out/base-search \
         --out out/probe-search
 
+    python tests/probe_tasks.py --method joint --tasks sqa,gqa_shape --unseen none --out out/probe-joint-shape
+    python tests/probe_tasks.py --no-image-experts --method joint --tasks sqa --unseen none --out out/probe-noimg
+
 sqa1: sqa's options and suffix about the only object in the image (large, as in cls), asking its colour or its shape:
 MiniCoIN v4's sqa plus the shape half (v3's sqa asked about one of 2-4 objects; the README's sqa1 rows are v3's).
+gqa_shape: gqa asking only the large object's shape (no colour question beside sqa's; README's joint rows).
+--no-image-experts: every router's weights are zeroed on image-token positions, so the experts change only the text
+tokens (which of a shared pool's rewrites happen where the image sits, before the question; README's joint rows).
 --search-kinds: stage 0b also holds four search-style kinds (SEARCH_KINDS, 12 of 38 draws): find an object by its
 shape or colour and name it, name what is at a position, count the objects of a colour; none is a task's prompt (the
 nearest pairing: count_color beside count, which counts every object; README). Every other flag is train.py's
@@ -20,11 +26,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 
 
 def sample(task, rng, task_sample=data._task_sample):
+    if task == "gqa_shape":
+        scene = data._pair_scene(rng)
+        o = max(scene["objs"], key=lambda o: o["s"])
+        return scene, f"<image>\nWhat shape is the large object?\n{data.SUFFIX_SHORT}", o["shape"]
     if task != "sqa1":
         return task_sample(task, rng)
     scene = data._single_scene(rng)
@@ -68,10 +79,36 @@ def search_instruct(rng, mc=False, make_instruct=data._make_instruct):
     return make_instruct(rng, mc)
 
 
+def no_image_experts():
+    """Patch cmoe so that no expert acts on an image token: LLaVA.splice notes where each row's image slots are, and
+    route zeroes their weights (the prefill of generation included; a cached decode step has no image slot)."""
+    import cmoe
+    splice, route, at = cmoe.LLaVA.splice, cmoe.route, {}
+
+    def splice_noting(self, input_ids_BT, images, labels_BT=None):
+        out = splice(self, input_ids_BT, images, labels_BT)
+        P = out[0].shape[1] - input_ids_BT.shape[1] + 1  # S = T - 1 + P
+        is_ph_BT = input_ids_BT == cmoe.IMAGE_TOKEN_ID
+        rel_BS = torch.arange(out[0].shape[1], device=input_ids_BT.device)[None] - is_ph_BT.int().argmax(1, keepdim=True)
+        at["img_BS"] = (rel_BS >= 0) & (rel_BS < P) & is_ph_BT.any(1, keepdim=True)
+        return out
+
+    def route_off_image(x_BTD, *args):
+        w_BTE, probs_BTE = route(x_BTD, *args)
+        img_BS = at.get("img_BS")
+        if img_BS is not None and img_BS.shape == w_BTE.shape[:2]:
+            w_BTE = w_BTE.masked_fill(img_BS[..., None].to(w_BTE.device), 0.0)
+        return w_BTE, probs_BTE
+
+    cmoe.LLaVA.splice, cmoe.route = splice_noting, route_off_image
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
     search = "--search-kinds" in argv
-    argv = [a for a in argv if a != "--search-kinds"]
+    if "--no-image-experts" in argv:
+        no_image_experts()
+    argv = [a for a in argv if a not in ("--search-kinds", "--no-image-experts")]
     # the default BPE, trained (if missing) on the unchanged tasks' text, then kept whatever the tasks become
     cfg = train.parse_args(argv)
     tok_path = data.minicoin_tokenizer_path(cfg.base_dir)
@@ -82,6 +119,6 @@ if __name__ == "__main__":
     data._task_sample = sample
     if search:  # after the BPE: its corpus is drawn from the unchanged mix
         data._instruct_turn, data._make_instruct = search_turn, search_instruct
-    data.TASK_METRIC["sqa1"] = "letter"
-    data.MINICOIN_TASKS += ("sqa1",)
+    data.TASK_METRIC["sqa1"], data.TASK_METRIC["gqa_shape"] = "letter", data.TASK_METRIC["gqa"]
+    data.MINICOIN_TASKS += ("sqa1", "gqa_shape")
     train.main(argv)
