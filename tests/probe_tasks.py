@@ -10,12 +10,15 @@
 
     python tests/probe_tasks.py --method joint --tasks sqa,gqa_shape --unseen none --out out/probe-joint-shape
     python tests/probe_tasks.py --no-image-experts --method joint --tasks sqa --unseen none --out out/probe-noimg
+    python tests/probe_tasks.py --task-routers --method joint --locator oracle --unseen none --out out/probe-routers
 
 sqa1: sqa's options and suffix about the only object in the image (large, as in cls), asking its colour or its shape:
 MiniCoIN v4's sqa plus the shape half (v3's sqa asked about one of 2-4 objects; the README's sqa1 rows are v3's).
 gqa_shape: gqa asking only the large object's shape (no colour question beside sqa's; README's joint rows).
 --no-image-experts: every router's weights are zeroed on image-token positions, so the experts change only the text
 tokens (which of a shared pool's rewrites happen where the image sits, before the question; README's joint rows).
+--task-routers (with --method joint --locator oracle): joint's shared pool gets one router per task, trained on each
+sample's own task and used with the true task at test time (do per-task routers alone avoid joint's interference?).
 --search-kinds: stage 0b also holds four search-style kinds (SEARCH_KINDS, 12 of 38 draws): find an object by its
 shape or colour and name it, name what is at a position, count the objects of a colour; none is a task's prompt (the
 nearest pairing: count_color beside count, which counts every object; README). Every other flag is train.py's
@@ -103,12 +106,36 @@ def no_image_experts():
     cmoe.LLaVA.splice, cmoe.route = splice_noting, route_off_image
 
 
+def task_routers(n_tasks):
+    """Patch train.py's joint so that its shared pool has one router per task: each sample trains its own task's
+    router (the dataset's task ids), and each test sample uses its true task's router (the oracle)."""
+    import eval as ev
+    grow, train_stage, predict = train.grow, train.train_stage, ev.predict
+
+    def grow_routers(model, ds, cfg, t, log):
+        out = grow(model, ds, cfg, t, log)
+        for f in model.llm.expert_ffns():
+            while len(f.routers) < n_tasks:
+                f.add_router()
+        return out
+
+    def train_per_sample(model, ds, cfg, steps, lr, t, tag, log, task_ids_fixed=None, **kw):
+        return train_stage(model, ds, cfg, steps, lr, t, tag, log, task_ids_fixed=None, **kw)
+
+    def predict_oracle(model, locator, exs, images, tok, template, cfg, true_task, seen, routed, feats=None):
+        if true_task is not None:
+            seen, routed = n_tasks, True
+        return predict(model, locator, exs, images, tok, template, cfg, true_task, seen, routed, feats)
+
+    train.grow, train.train_stage, ev.predict = grow_routers, train_per_sample, predict_oracle
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    search = "--search-kinds" in argv
-    if "--no-image-experts" in argv:
+    own = ("--search-kinds", "--no-image-experts", "--task-routers")
+    search, no_image, routers = (flag in sys.argv[1:] for flag in own)
+    argv = [a for a in sys.argv[1:] if a not in own]
+    if no_image:
         no_image_experts()
-    argv = [a for a in argv if a not in ("--search-kinds", "--no-image-experts")]
     # the default BPE, trained (if missing) on the unchanged tasks' text, then kept whatever the tasks become
     cfg = train.parse_args(argv)
     tok_path = data.minicoin_tokenizer_path(cfg.base_dir)
@@ -116,6 +143,8 @@ if __name__ == "__main__":
     data.minicoin_tokenizer_path = lambda folder, vocab_size=data.MINICOIN_VOCAB: tok_path
     if not cfg.tasks:
         argv += ["--tasks", ",".join(data.MINICOIN_TASKS)]  # the default sequence: sqa1 only when asked for
+    if routers:  # with --method joint --locator oracle
+        task_routers(len(cfg.tasks.split(",")) if cfg.tasks else len(data.MINICOIN_TASKS))
     data._task_sample = sample
     if search:  # after the BPE: its corpus is drawn from the unchanged mix
         data._instruct_turn, data._make_instruct = search_turn, search_instruct

@@ -357,7 +357,7 @@ def test_every_train_flag_in_the_readme_is_a_setting():
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
               "standalone", "nproc", "whole",  # torchrun's own; tests/bench_eval.py
               "tokens", "kind", "layers", "dim", "heads",  # tests/probe_search.py
-              "search-kinds", "no-image-experts"}  # tests/probe_tasks.py
+              "search-kinds", "no-image-experts", "task-routers"}  # tests/probe_tasks.py
     fields = train.dataclasses.fields(train.TrainConfig)
     names = {f.name.replace("_", "-") for f in fields} | {"set", "help"}
     names |= {"no-" + f.name.replace("_", "-") for f in fields if f.type.startswith("bool")}  # --no-attn-experts
