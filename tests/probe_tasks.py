@@ -84,7 +84,8 @@ def search_instruct(rng, mc=False, make_instruct=data._make_instruct):
 
 def no_image_experts():
     """Patch cmoe so that no expert acts on an image token: LLaVA.splice notes where each row's image slots are, and
-    route zeroes their weights (the prefill of generation included; a cached decode step has no image slot)."""
+    route zeroes their weights (the prefill of generation included; a cached decode step has no image slot). The
+    balance loss still sees the router's probabilities there, so its value changes; its weight is 0.01."""
     import cmoe
     splice, route, at = cmoe.LLaVA.splice, cmoe.route, {}
 
@@ -92,7 +93,8 @@ def no_image_experts():
         out = splice(self, input_ids_BT, images, labels_BT)
         P = out[0].shape[1] - input_ids_BT.shape[1] + 1  # S = T - 1 + P
         is_ph_BT = input_ids_BT == cmoe.IMAGE_TOKEN_ID
-        rel_BS = torch.arange(out[0].shape[1], device=input_ids_BT.device)[None] - is_ph_BT.int().argmax(1, keepdim=True)
+        first_B1 = is_ph_BT.int().argmax(1, keepdim=True)
+        rel_BS = torch.arange(out[0].shape[1], device=input_ids_BT.device)[None] - first_B1
         at["img_BS"] = (rel_BS >= 0) & (rel_BS < P) & is_ph_BT.any(1, keepdim=True)
         return out
 
@@ -143,7 +145,9 @@ if __name__ == "__main__":
     data.minicoin_tokenizer_path = lambda folder, vocab_size=data.MINICOIN_VOCAB: tok_path
     if not cfg.tasks:
         argv += ["--tasks", ",".join(data.MINICOIN_TASKS)]  # the default sequence: sqa1 only when asked for
-    if routers:  # with --method joint --locator oracle
+    if routers:
+        if cfg.method != "joint" or cfg.locator != "oracle":
+            raise SystemExit("--task-routers patches joint's pool: use it with --method joint --locator oracle")
         task_routers(len(cfg.tasks.split(",")) if cfg.tasks else len(data.MINICOIN_TASKS))
     data._task_sample = sample
     if search:  # after the BPE: its corpus is drawn from the unchanged mix
