@@ -255,7 +255,7 @@ class LoRAExperts(nn.Module):
 
 
 def sparse_wins(E, top_k, grad, rank=16, dim=512):
-    """The "auto" dispatch rule, from measured crossovers (tests/bench_moe.py, CPU): forward only (generation, PGKE's
+    """The "auto" dispatch rule, from measured crossovers (bench/bench_moe.py, CPU): forward only (generation, PGKE's
     usage counts) the dense GEMM is faster up to E = 6 * top-k. In training (forward + backward) the sparse block
     dispatch pays a gather and a scatter per routed row, so it wins only once the rank-space work the dense GEMM
     wastes is large beside them: from E > 2 * top-k at dim 512, rank 16 (the benchmark's layer), and only past

@@ -352,12 +352,12 @@ def test_every_train_flag_in_the_readme_is_a_setting():
     flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", readme))
     others = {"show",  # data.py
               "compare", "from-predictions",  # eval.py
-              "dispatch", "reps", "forward", "dims", "batch", "list", "only", "full", "worktree",  # tests/bench_moe.py, mutate.py
+              "dispatch", "reps", "forward", "dims", "batch", "list", "only", "full", "worktree",  # bench/bench_moe.py, tests/mutate.py
               "no-",  # the README's "--no-<field>" (every bool's off form)
               "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
-              "standalone", "nproc", "whole",  # torchrun's own; tests/bench_eval.py
-              "tokens", "kind", "layers", "dim", "heads",  # tests/probe_search.py
-              "search-kinds", "no-image-experts", "task-routers"}  # tests/probe_tasks.py
+              "standalone", "nproc", "whole",  # torchrun's own; bench/bench_eval.py
+              "tokens", "kind", "layers", "dim", "heads",  # the deleted tests/probe_search.py (README to be rewritten)
+              "search-kinds", "no-image-experts", "task-routers"}  # the deleted tests/probe_tasks.py
     fields = train.dataclasses.fields(train.TrainConfig)
     names = {f.name.replace("_", "-") for f in fields} | {"set", "help"}
     names |= {"no-" + f.name.replace("_", "-") for f in fields if f.type.startswith("bool")}  # --no-attn-experts

@@ -1,7 +1,7 @@
 """Evaluation cost of the task locator (a script, not a pytest test).
 
-    python tests/bench_eval.py out/minicoin-cmoe [--reps 3] [--reject]
-    python tests/bench_eval.py out/minicoin-cmoe --whole     # the whole re-evaluation, with and without the caches
+    python bench/bench_eval.py out/minicoin-cmoe [--reps 3] [--reject]
+    python bench/bench_eval.py out/minicoin-cmoe --whole     # the whole re-evaluation, with and without the caches
 
 Rebuilds the run's last stage (base, experts, locator) and times eval.Benchmark.evaluate over every test set, with
 the locator choosing each sample's routers and with the oracle (generation only), in this one process. The first

@@ -1,7 +1,7 @@
 """Speed benchmark of one MoE-LoRA FFN layer, fwd+bwd (a script, not a pytest test).
 
-    python tests/bench_moe.py [--quick] [--device cuda] [--dispatch fused] [--T 256 2048] [--E 2 8 32]
-    python tests/bench_moe.py --forward [--dims 128 384 8] [--T 100 8192] [--E 4 8 12 16 32]
+    python bench/bench_moe.py [--quick] [--device cuda] [--dispatch fused] [--T 256 2048] [--E 2 8 32]
+    python bench/bench_moe.py --forward [--dims 128 384 8] [--T 100 8192] [--E 4 8 12 16 32]
 
 
 Builds cmoe.ExpertFFN (dim 512, ffn 1376, LoRA rank 16, top-2), E trainable experts with random A and B
@@ -26,9 +26,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the modules, and the loop reference in tests/test_experts.py
 import cmoe  # noqa: E402
-from test_experts import lora_loop  # noqa: E402  (tests/ is this script's folder)
+from test_experts import lora_loop  # noqa: E402
 
 DENSE = cmoe.lora_dense
 
