@@ -1,7 +1,15 @@
-"""LLaVA-CMoE, the model half: a Llama-3 decoder whose FFNs carry growing pools of LoRA experts chosen per
-token by one router per task, the LLaVA wrapper that splices image features into the prompt, PGKE (probe ->
-decide -> expand) and PTL (per-task VAEs that locate a sample's task). Read top to bottom.
+"""LLaVA-CMoE, the model half, read top to bottom: a Llama-3 decoder whose layers carry growing pools of LoRA
+experts chosen per token by one router per task, the LLaVA wrapper that splices image features into the prompt, and
+the method's model-side pieces. Where the paper's concepts live:
 
+    expert, router     Experts (one layer's pool: LoRAExperts banks per projection, routers[t] per task), route
+    dispatch           Experts.route -> Routing; lora_dense (masked-dense) or dispatch_plan + lora_sparse (blocks)
+    PGKE               probe_start, set_counting / read_usage, probe_frequencies, pgke_decide, copy_sources,
+                       probe_end, expand  (run in that order by train.pgke)
+    PTL                TaskVAE, fit_vae, Locator.locate (fitted per task by train.fit_task_vae)
+    HF checkpoints     LlamaConfig.from_hf, llama_key_map, load_llama
+
+No distributed code: under torchrun, train.py hands each pool a `batch_sum` for the balance loss.
 Shape legend: B batch, T tokens, S spliced sequence, D model width, F ffn width, R lora rank, E experts,
 K top-k, H heads, N tasks, P image patches, V vocab, Z latent, O a projection's output width (D or F).
 LoRA matrices are lower-case (a_EDR, b_ERO): the capital B is the batch.
@@ -12,18 +20,14 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from vision import load_mapped, open_hf_tensors, read_hf_config, require
-
-IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id for "<image>" inside input_ids
-IGNORE_INDEX = -100  # label value the loss ignores
+from data import IGNORE_INDEX, IMAGE_TOKEN_ID, load_mapped, open_hf_tensors, read_hf_config, require
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,13 +135,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x_BTD, cos, sin, mask_BTT=None, cache=None, t0=0, lora=None):
-        """lora: (projection name, its input) -> the routed experts' delta on that projection (attention experts)."""
+    def forward(self, x_BTD, cos, sin, mask_BTT=None, cache=None, t0=0, delta=None):
+        """delta: (projection name, its input) -> the routed experts' delta on that projection (attention experts)."""
         B, T, _ = x_BTD.shape
         c, hd = self.cfg, self.cfg.head_dim
-        q = self.proj("q", x_BTD, lora).view(B, T, c.n_heads, hd).transpose(1, 2)
-        k = self.proj("k", x_BTD, lora).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
-        v = self.proj("v", x_BTD, lora).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
+        q = self.proj("q", x_BTD, delta).view(B, T, c.n_heads, hd).transpose(1, 2)
+        k = self.proj("k", x_BTD, delta).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
+        v = self.proj("v", x_BTD, delta).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
         if cache is not None:  # static-size cache; keys past t0+T are masked out by mask_BTT
             cache["k"][:, :, t0:t0 + T] = k
@@ -149,11 +153,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None])
-        return self.proj("o", y.transpose(1, 2).reshape(B, T, -1), lora)
+        return self.proj("o", y.transpose(1, 2).reshape(B, T, -1), delta)
 
-    def proj(self, name, x, lora):
+    def proj(self, name, x, delta):
         y = getattr(self, f"{name}_proj")(x)
-        return y if lora is None else y + lora(name, x)
+        return y if delta is None else y + delta(name, x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,79 +269,88 @@ def sparse_wins(E, top_k, grad, rank=16, dim=512):
     return E > 2 * top_k and E * rank * dim > top_k * 16 * 512
 
 
-class ExpertFFN(nn.Module):
-    """SwiGLU FFN (frozen base weights) + LoRA experts on gate, up and down, chosen per token by the task's router.
-    `routers[t]` is task t's [E_t, D] weight over the first E_t experts (experts added later are invisible to it).
-    With ExpertConfig.attn the pool also holds each expert's q, k, v, o LoRA (the layer's Attention applies them):
-    an expert is then one LoRA set over the whole layer, and Block routes each token once, at the layer's input."""
+class Routing(NamedTuple):
+    """One layer's routing of its tokens, shared by every projection that carries experts."""
+    w_TE: torch.Tensor  # each token's top-k weights over the pool (zeros off the top-k)
+    plan: tuple | None  # the sparse block dispatch's plan (dispatch_plan), or None: masked-dense
+    aux: torch.Tensor  # the balance loss (0 without autograd)
+
+
+class Experts(nn.Module):
+    """One decoder layer's expert pool: E experts, each a LoRA set on the FFN's gate, up and down (and with
+    ExpertConfig.attn on attention's q, k, v, o too), and one router per task. `routers[t]` is task t's [E_t, D]
+    weight over the first E_t experts (experts added later are invisible to it). Each token is routed once per layer
+    (route); the same top-k then carries every projection's delta (lora)."""
 
     def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.reset_experts(ecfg)
+        self.reset(ecfg)
         self.dispatch = "auto"  # "auto" | "dense" (masked-dense) | "sparse" (block dispatch, the fast path)
         self.counting = False  # PGKE: accumulate per-expert assignment counts
         self.register_buffer("usage", torch.zeros(0), persistent=False)
+        self.batch_sum = None  # torchrun: a differentiable sum over the ranks (train.py sets it; see balance_loss)
 
-    def reset_experts(self, ecfg: ExpertConfig):
+    def reset(self, ecfg: ExpertConfig):
         """No experts, no routers, at ecfg's rank."""
         self.ecfg = ecfg
         D, Fd, R = self.cfg.dim, self.cfg.ffn_dim, ecfg.rank
-        self.experts = nn.ModuleDict({"gate": LoRAExperts(D, Fd, R), "up": LoRAExperts(D, Fd, R),
-                                      "down": LoRAExperts(Fd, D, R)})
+        dev = next((p.device for p in self.parameters()), None)
+        self.lora = nn.ModuleDict({"gate": LoRAExperts(D, Fd, R), "up": LoRAExperts(D, Fd, R),
+                                   "down": LoRAExperts(Fd, D, R)})
         if ecfg.attn:
             Q, KV = self.cfg.n_heads * self.cfg.head_dim, self.cfg.n_kv_heads * self.cfg.head_dim
-            self.experts.update({"q": LoRAExperts(D, Q, R), "k": LoRAExperts(D, KV, R), "v": LoRAExperts(D, KV, R),
-                                 "o": LoRAExperts(Q, D, R)})
+            self.lora.update({"q": LoRAExperts(D, Q, R), "k": LoRAExperts(D, KV, R), "v": LoRAExperts(D, KV, R),
+                              "o": LoRAExperts(Q, D, R)})
         self.routers = nn.ParameterList()
-        self.to(self.gate_proj.weight.device)
+        if dev is not None:
+            self.to(dev)
+
+    @property
+    def device(self):
+        return self.lora["gate"].frozen_A.device
 
     @property
     def n_frozen(self):
-        return self.experts["gate"].frozen_A.shape[0]
+        return self.lora["gate"].frozen_A.shape[0]
 
     @property
     def n_experts(self):
-        return len(self.experts["gate"])
+        return len(self.lora["gate"])
 
     # --- growing and freezing ------------------------------------------------------------------------
     def add_experts(self, n, copy_from: int | None = None, generator=None):
-        for experts in self.experts.values():
+        for experts in self.lora.values():
             experts.grow(n, copy_from, generator)
 
     def drop_trainable(self):
-        for experts in self.experts.values():
+        for experts in self.lora.values():
             experts.drop()
 
     def add_router(self, init_ED: torch.Tensor | None = None):
         """A new trainable router over all experts that exist now (init: given rows, else zeros = uniform)."""
-        w = torch.zeros(self.n_experts, self.cfg.dim, device=self.gate_proj.weight.device)
+        w = torch.zeros(self.n_experts, self.cfg.dim, device=self.device)
         if init_ED is not None:
             w[: init_ED.shape[0]] = init_ED.to(w)
         self.routers.append(nn.Parameter(w))
 
     def freeze(self):
         """Task end: trainable experts join the frozen bank; every router becomes frozen."""
-        for experts in self.experts.values():
+        for experts in self.lora.values():
             experts.freeze()
         for r in self.routers:
             r.requires_grad_(False)
 
-    def load_experts(self, tensors, prefix, router_trainable, source=""):
+    def load(self, tensors, prefix, router_trainable, source=""):
         """Adopt a stored pool: banks and routers with their stored sizes; `router_trainable[t]` per router."""
-        for name, experts in self.experts.items():
-            experts.load(tensors, f"{prefix}experts.{name}.", source)
-        dev = self.gate_proj.weight.device
-        self.routers = nn.ParameterList(nn.Parameter(tensors[f"{prefix}routers.{t}"].to(dev, torch.float32),
+        for name, experts in self.lora.items():
+            experts.load(tensors, f"{prefix}lora.{name}.", source)
+        self.routers = nn.ParameterList(nn.Parameter(tensors[f"{prefix}routers.{t}"].to(self.device, torch.float32),
                                                      requires_grad=flag) for t, flag in enumerate(router_trainable))
 
     def router_table(self):
         """All task routers padded to the current pool size, and which experts each may use."""
-        E = self.n_experts
-        dev = self.gate_proj.weight.device
+        E, dev = self.n_experts, self.device
         W_NED = torch.stack([F.pad(r, (0, 0, 0, E - r.shape[0])) for r in self.routers])
         sizes_N = torch.tensor([r.shape[0] for r in self.routers], device=dev)
         valid_NE = torch.arange(E, device=dev)[None, :] < sizes_N[:, None]
@@ -347,9 +360,9 @@ class ExpertFFN(nn.Module):
     def active(self, use_experts=True):
         return use_experts and self.n_experts > 0 and len(self.routers) > 0
 
-    def routing(self, x_BTD, task_ids_B=None, valid_BT=None):
-        """Each token's top-k experts under its sample's task router: (weights [B*T, E], the sparse block plan or
-        None, balance loss). Counted for PGKE when `counting`."""
+    def route(self, x_BTD, task_ids_B=None, valid_BT=None) -> Routing:
+        """Each token's top-k experts under its sample's task router (the latest router when task_ids_B is None).
+        Counted for PGKE when `counting`."""
         B, T, _ = x_BTD.shape
         if task_ids_B is None:
             task_ids_B = torch.full((B,), len(self.routers) - 1, dtype=torch.long, device=x_BTD.device)
@@ -358,40 +371,34 @@ class ExpertFFN(nn.Module):
         if self.counting:
             self.count(w_BTE, valid_BT)
         w_TE = w_BTE.reshape(B * T, -1)
-        return w_TE, dispatch_plan(w_TE, self.ecfg.top_k) if self.sparse() else None, aux  # plan: shared by all
+        return Routing(w_TE, dispatch_plan(w_TE, self.ecfg.top_k) if self.sparse() else None, aux)
 
-    def lora(self, name, x_BTI, routed, rows=None):
-        """The routed experts' delta on projection `name` for input x [B, T, in] (rows: to_rows of x, if gathered)."""
-        w_TE, plan, _ = routed
-        x_TI = x_BTI.reshape(-1, x_BTI.shape[-1])
-        return self.experts[name](x_TI, w_TE, self.ecfg.scale, plan, rows).view(*x_BTI.shape[:-1], -1)
+    def deltas(self, routing: Routing, x_BTD):
+        """delta(name, x_in): the routed experts' delta on projection `name` for its input x_in [B, T, in]. The
+        projections that read x_BTD itself (gate and up; q, k and v) share one gather of its rows."""
+        rows = None if routing.plan is None else to_rows(x_BTD.flatten(0, 1), routing.plan)
 
-    def forward(self, x_BTD, task_ids_B=None, valid_BT=None, use_experts=True, routed=None):
-        """routed: the layer's routing at its input (attention experts); None routes here, on the FFN's input."""
-        if not self.active(use_experts):
-            return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)), x_BTD.new_zeros(())
-        routed = self.routing(x_BTD, task_ids_B, valid_BT) if routed is None else routed
-        plan = routed[1]
-        rows = None if plan is None else to_rows(x_BTD.flatten(0, 1), plan)  # gate's and up's input rows, once
-        g_BTF = self.gate_proj(x_BTD) + self.lora("gate", x_BTD, routed, rows)
-        u_BTF = self.up_proj(x_BTD) + self.lora("up", x_BTD, routed, rows)
-        h_BTF = F.silu(g_BTF) * u_BTF
-        return self.down_proj(h_BTF) + self.lora("down", h_BTF, routed), routed[2]
+        def delta(name, x_in):
+            x_TI = x_in.reshape(-1, x_in.shape[-1])
+            y = self.lora[name](x_TI, routing.w_TE, self.ecfg.scale, routing.plan, rows if x_in is x_BTD else None)
+            return y.view(*x_in.shape[:-1], -1)
+        return delta
 
     def sparse(self):
         if self.dispatch not in ("auto", "dense", "sparse"):
-            raise ValueError(f"ExpertFFN.dispatch must be auto, dense or sparse, not {self.dispatch!r}")
+            raise ValueError(f"Experts.dispatch must be auto, dense or sparse, not {self.dispatch!r}")
         return self.dispatch == "sparse" or (
             self.dispatch == "auto" and sparse_wins(self.n_experts, self.ecfg.top_k, torch.is_grad_enabled(),
                                                     self.ecfg.rank, self.cfg.dim))
 
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
-        """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
+        """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e). Under
+        torchrun `batch_sum` sums the statistics over the ranks, so each rank computes the whole batch's loss."""
         m = torch.ones(w_BTE.shape[:2], device=w_BTE.device) if valid_BT is None else valid_BT.float()
         n, E = m.sum(), probs_BTE.shape[-1]
         hits_E, psum_E = ((w_BTE > 0).float() * m[..., None]).sum((0, 1)), (probs_BTE * m[..., None]).sum((0, 1))
-        if dist.is_available() and dist.is_initialized() and torch.is_grad_enabled():  # torchrun: the whole batch's
-            stats = dist_nn.all_reduce(torch.cat([hits_E, psum_E, n[None]]))  # statistics, as one process has them
+        if self.batch_sum is not None:
+            stats = self.batch_sum(torch.cat([hits_E, psum_E, n[None]]))
             hits_E, psum_E, n = stats[:E], stats[E:2 * E], stats[-1]
         n = n.clamp(min=1)
         frac_E = hits_E / (n * self.ecfg.top_k)
@@ -409,24 +416,43 @@ class ExpertFFN(nn.Module):
         self.usage += hits_E
 
 
+class FFN(nn.Module):
+    """The frozen SwiGLU FFN; `delta` adds the routed experts' LoRA on gate, up and down."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x_BTD, delta=None):
+        if delta is None:
+            return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        h_BTF = F.silu(self.gate_proj(x_BTD) + delta("gate", x_BTD)) * (self.up_proj(x_BTD) + delta("up", x_BTD))
+        return self.down_proj(h_BTF) + delta("down", h_BTF)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = ExpertFFN(cfg, ecfg)
+        self.ffn = FFN(cfg)
+        self.experts = Experts(cfg, ecfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None, t0=0, task_ids=None, valid=None, use_experts=True):
+        """Returns (output, balance loss). Experts on attention route each token once, at the layer's input, and that
+        routing carries the FFN's experts too; FFN-only experts route at the FFN's input."""
+        experts, on = self.experts, self.experts.active(use_experts)
         h = self.attn_norm(x)
-        routed, lora = None, None
-        if self.ffn.ecfg.attn and self.ffn.active(use_experts):  # one routing per token for the whole layer
-            routed = self.ffn.routing(h, task_ids, valid)
-            rows = None if routed[1] is None else to_rows(h.flatten(0, 1), routed[1])  # q's, k's and v's, gathered once
-            lora = lambda name, x_in: self.ffn.lora(name, x_in, routed, None if name == "o" else rows)  # noqa: E731
-        x = x + self.attn(h, cos, sin, mask, cache, t0, lora)
-        y, aux = self.ffn(self.ffn_norm(x), task_ids, valid, use_experts, routed)
-        return x + y, aux
+        routing = experts.route(h, task_ids, valid) if on and experts.ecfg.attn else None
+        x = x + self.attn(h, cos, sin, mask, cache, t0, experts.deltas(routing, h) if routing else None)
+        h = self.ffn_norm(x)
+        if on and routing is None:
+            routing = experts.route(h, task_ids, valid)
+        y = self.ffn(h, experts.deltas(routing, h) if on else None)
+        return x + y, routing.aux if on else x.new_zeros(())
 
 
 class Llama(nn.Module):
@@ -474,8 +500,8 @@ class Llama(nn.Module):
         x = self.norm(x)
         return (x if return_hidden else self.lm_head(x)), aux
 
-    def expert_ffns(self):
-        return [layer.ffn for layer in self.layers]
+    def expert_pools(self):
+        return [layer.experts for layer in self.layers]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -510,7 +536,7 @@ def load_llama(folder, ecfg: ExpertConfig | None = None) -> Llama:
     cfg.tie_embeddings = not has_head  # tied exactly when the file has no separate head
     model = Llama(cfg, ecfg)
     load_mapped(model, tensors, llama_key_map(cfg, has_head), skip=[r"\.rotary_emb\.inv_freq$"], source=str(folder),
-                allow_unmapped=[r"\.ffn\.experts\.", r"^lm_head\.weight$"])
+                allow_unmapped=[r"\.experts\.", r"^lm_head\.weight$"])
     return model
 
 
@@ -648,19 +674,44 @@ class LLaVA(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PGKE: Probe-Guided Knowledge Extension (where to grow)
+# PGKE: Probe-Guided Knowledge Extension (where to grow). train.pgke runs these steps in this order:
+#   probe_start -> train the probes -> count (set_counting, a forward pass, read_usage) -> probe_frequencies ->
+#   pgke_decide -> copy_sources -> probe_end -> expand
 
 def probe_start(llm: Llama, generator=None):
-    """Stage A: one temporary probe expert per layer and a probe router = latest router + a zero row."""
-    for ffn in llm.expert_ffns():
-        latest = ffn.routers[-1].detach() if len(ffn.routers) else None
-        ffn.add_experts(1, generator=generator)
-        ffn.add_router(latest)
+    """Stage A: one temporary probe expert per layer (the last expert) and a probe router = latest router + a row
+    of zeros for the probe."""
+    for pool in llm.expert_pools():
+        latest = pool.routers[-1].detach() if len(pool.routers) else None
+        pool.add_experts(1, generator=generator)
+        pool.add_router(latest)
 
 
-def probe_frequencies(llm: Llama) -> list[float]:
-    """freq_l = share of (token, top-k slot) assignments that went to the probe (the last expert)."""
-    return [float(f.usage[-1] / f.usage.sum().clamp(min=1)) if f.usage.numel() else 0.0 for f in llm.expert_ffns()]
+def set_counting(llm: Llama, on: bool):
+    """PGKE usage counts: switching on starts from zero; read_usage reads them."""
+    for pool in llm.expert_pools():
+        pool.counting = on
+        if on:
+            pool.usage = torch.zeros(0, device=pool.device)
+
+
+def read_usage(llm: Llama) -> list[torch.Tensor]:
+    """Per layer, the counted (token, top-k slot) assignments to each of its E experts [E] (zeros where nothing was
+    counted: a torchrun rank without held-out rows); stops counting."""
+    out = []
+    for i, pool in enumerate(llm.expert_pools()):
+        if not pool.counting:
+            raise RuntimeError(f"read_usage: layer {i} is not counting (set_counting(llm, True), then run the held-out "
+                               f"probe data)")
+        out.append(pool.usage.clone() if pool.usage.numel() == pool.n_experts else torch.zeros(pool.n_experts,
+                                                                                                device=pool.device))
+        pool.counting, pool.usage = False, torch.zeros(0, device=pool.device)
+    return out
+
+
+def probe_frequencies(usage) -> list[float]:
+    """freq_l = share of layer l's assignments that went to its probe (the last expert)."""
+    return [float(u[-1] / u.sum().clamp(min=1)) if u.numel() else 0.0 for u in usage]
 
 
 PGKE_TOL = 1e-9  # "greater" means greater by more than float rounding: equal frequencies never split
@@ -673,50 +724,45 @@ def pgke_decide(freq, alpha: float):
     return [bool(x > threshold + PGKE_TOL) for x in f], threshold
 
 
-def probe_end(llm: Llama):
-    """Drop probes and their routers; return, per layer, the most-used old expert on the counted (held-out)
-    probe data (the copy source; ties go to the lowest index) and the probe router (old rows + probe row)
-    to initialise the task's real router from."""
-    sources, probe_routers = [], []
-    for i, ffn in enumerate(llm.expert_ffns()):
-        if ffn.n_frozen and ffn.usage.numel() != ffn.n_experts:
-            raise RuntimeError(f"probe_end: layer {i} has no usage counts (run the held-out probe data with "
-                               f"set_counting(llm, True) first)")
-        old = ffn.usage[: ffn.n_frozen].tolist()
-        sources.append(old.index(max(old)) if old else None)  # list.index: the first (lowest) of tied maxima
-        probe_routers.append(ffn.routers[-1].detach().clone())
-        ffn.routers = nn.ParameterList(list(ffn.routers)[:-1])
-        ffn.drop_trainable()
-        ffn.counting = False
-        ffn.usage = torch.zeros(0, device=ffn.usage.device)
-    return sources, probe_routers
+def copy_sources(usage) -> list[int | None]:
+    """Per layer, the expert a new one is copied from: the most-used old expert during probing (ties: the lowest
+    index). The probe (the last expert) is never a source, also where it won: probe_end drops it, and a copy of a
+    briefly trained probe would start the task from less than the layer already knows. None: no old expert."""
+    out = []
+    for u in usage:
+        old = u[:-1].tolist()
+        out.append(old.index(max(old)) if old else None)  # list.index: the first (lowest) of tied maxima
+    return out
+
+
+def probe_end(llm: Llama) -> list[torch.Tensor]:
+    """Drop the probes and their routers; return each layer's probe router (old rows + the probe's row), which
+    initialises the task's real router."""
+    probe_routers = []
+    for pool in llm.expert_pools():
+        probe_routers.append(pool.routers[-1].detach().clone())
+        pool.routers = nn.ParameterList(list(pool.routers)[:-1])
+        pool.drop_trainable()
+    return probe_routers
 
 
 def expand(llm: Llama, decision, sources, probe_routers, n_new: int = 1, generator=None):
-    """Stage B: expanded layers get n_new copies of their most-used expert (fresh experts from `generator`
-    only in a layer that has none to copy); every layer gets the new task's router over all experts that
-    exist now (old rows from the probe router, new rows = the probe's row)."""
-    for ffn, grow, src, pr in zip(llm.expert_ffns(), decision, sources, probe_routers):
-        n_old = ffn.n_experts
+    """Stage B: expanded layers get n_new copies of their source expert (fresh experts from `generator` only in a
+    layer that has none to copy); every layer gets the new task's router over all experts that exist now (old rows
+    from the probe router, new rows = the probe's row). Runs after probe_end: the pool holds the old experts only."""
+    for pool, grow, src, pr in zip(llm.expert_pools(), decision, sources, probe_routers):
+        n_old = pool.n_experts
         if grow:
-            ffn.add_experts(n_new, copy_from=src, generator=generator)
-        init = torch.cat([pr[:n_old], pr[n_old:n_old + 1].expand(ffn.n_experts - n_old, -1)], 0)
-        ffn.add_router(init)
+            pool.add_experts(n_new, copy_from=src, generator=generator)
+        init = torch.cat([pr[:n_old], pr[n_old:n_old + 1].expand(pool.n_experts - n_old, -1)], 0)
+        pool.add_router(init)
 
 
 def init_experts(llm: Llama, n: int, generator=None):
     """Task 1: every layer gets n fresh experts and the first task's router."""
-    for ffn in llm.expert_ffns():
-        ffn.add_experts(n, generator=generator)
-        ffn.add_router(None if ffn.n_experts == 0 else torch.randn(ffn.n_experts, ffn.cfg.dim, generator=generator) * 0.02)
-
-
-def set_counting(llm: Llama, on: bool):
-    """PGKE usage counts: switching on starts from zero; switching off keeps the counts for probe_end."""
-    for ffn in llm.expert_ffns():
-        ffn.counting = on
-        if on:
-            ffn.usage = torch.zeros(0, device=ffn.gate_proj.weight.device)
+    for pool in llm.expert_pools():
+        pool.add_experts(n, generator=generator)
+        pool.add_router(None if pool.n_experts == 0 else torch.randn(pool.n_experts, pool.cfg.dim, generator=generator) * 0.02)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -773,6 +819,7 @@ def fit_vae(features_ND, hidden=128, latent=16, steps=400, lr=3e-3, batch=64, se
 
 class Locator(nn.Module):
     """One VAE per task seen; per sample, pick the task whose VAE explains the feature best (z-scored)."""
+    REJECTED = -1  # locate(reject=True): no task's VAE accepts the sample
 
     def __init__(self, feature="last"):
         super().__init__()
@@ -797,7 +844,7 @@ class Locator(nn.Module):
 
     def locate(self, f_BD, reject=False):
         """Hard, per-sample choice: argmin_t z_t. reject: only among the tasks that accept the sample (z_t within
-        its calibrated bound); -1 where none does (the caller answers with the base model alone)."""
+        its calibrated bound); REJECTED where none does (the caller answers with the base model alone)."""
         z_BN = self.scores(f_BD)
         if not reject:
             return z_BN.argmin(-1)
@@ -806,7 +853,7 @@ class Locator(nn.Module):
             raise ValueError("the locator's reject bounds were never calibrated (a checkpoint from before the reject "
                              "option: field 'accept_z' of its VAEs is unset); evaluate it without --reject")
         z_BN = z_BN.masked_fill(z_BN > bound_N, float("inf"))
-        return torch.where(z_BN.isinf().all(-1), -1, z_BN.argmin(-1))
+        return torch.where(z_BN.isinf().all(-1), self.REJECTED, z_BN.argmin(-1))
 
 
 # ----------------------------------------------------------------------------------------------------------

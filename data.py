@@ -1,5 +1,6 @@
 """
-Data for cmoe: the tiktoken tokenizer (Llama-3 file format), chat templates with answer-only labels, CoIN / LLaVA
+Data for cmoe: files (the one atomic writer, JSON, safetensors, Hugging Face folders and key tables), LLaVA's image
+preprocessing, the tiktoken tokenizer (Llama-3 file format), chat templates with answer-only labels, CoIN / LLaVA
 JSON loading, MiniCoIN (a procedurally generated CoIN-like continual benchmark), static-shape datasets, scorers.
 
     python data.py --show --out minicoin.png     # contact sheet: a few samples of every MiniCoIN task
@@ -10,6 +11,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -23,9 +25,214 @@ import numpy as np
 import tiktoken
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 
-from cmoe import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (data.IMAGE_TOKEN_ID is used by callers)
-from vision import load_image, preprocess, read_json, write_text
+IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id for "<image>" inside input_ids
+IGNORE_INDEX = -100  # label value the loss ignores
+
+# -----------------------------------------------------------------------------
+# files: the one atomic writer (every file cmoe writes goes through it), the one JSON reader, safetensors; Hugging Face folders (config.json, shards)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that does not fit what the code expects."""
+
+
+class MissingKeysError(KeyError, CheckpointError):
+    """Required keys/fields are absent (a KeyError, but printed without KeyError's repr quotes)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """The one atomic writer: yields a temp path in the target's folder; renamed over `path` when the block
+    finishes, removed when it fails part-way. Readers see the old file or the whole new one, never half of it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_json(path):
+    """The one JSON reader: parsed JSON of `path`, or the list of its lines' values for a .jsonl file (blank lines
+    skipped); errors name the file and the line/column."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                return json.load(f)
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+            return rows
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON at line {n or e.lineno} column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def save_json(obj, path):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def save_safetensors(tensors: dict, path):
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+
+def read_hf_config(folder):
+    """folder/config.json as a dict."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: model folder not found")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (a Hugging Face model folder needs a config.json)")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def require(cfg, key, source):
+    """cfg[key], or an error naming the config file and the missing field."""
+    if key not in cfg or cfg[key] is None:
+        raise MissingKeysError(f"{source}: required field '{key}' is missing")
+    return cfg[key]
+
+
+def read_safetensors(path):
+    """All tensors of one .safetensors file; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: safetensors file not found")
+    try:  # safe_open memory-maps the file, so tensors are paged in only when copied
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def open_hf_tensors(folder):
+    """All tensors of a HF folder: model.safetensors, or the shards of model.safetensors.index.json."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: model folder not found")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        found = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
+        hint = " (pickle checkpoints are never loaded: convert them to safetensors)" if any(
+            not f.endswith(".safetensors") for f in found) else ""
+        raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json found; "
+                                f"weight files present: {found or 'none'}{hint}")
+    weight_map = require(read_json(index), "weight_map", index)
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
+    tensors, where = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: shard listed in {index} not found")
+        for k, t in read_safetensors(path).items():
+            if k in tensors:
+                raise CheckpointError(f"{index}: tensor '{k}' appears in both {where[k]} and {shard}")
+            tensors[k], where[k] = t, shard
+    absent = [f"{k} (in {s})" for k, s in weight_map.items() if k not in tensors or where[k] != s]
+    if absent:
+        raise MissingKeysError(f"{index}: {len(absent)} tensors listed in weight_map are not in their shard: "
+                               + ", ".join(absent))
+    return tensors
+
+
+def load_mapped(module, tensors, mapping, skip=(), source="", allow_unmapped=()):
+    """Copy tensors[hf_key] into module.state_dict()[mapping[hf_key]] after checking everything first:
+    missing keys, unexpected keys (not mapped, not matched by a `skip` regex), shapes, and module
+    entries no key maps to (unless matched by an `allow_unmapped` regex). Nothing is copied on error."""
+    state = module.state_dict(keep_vars=True)  # keep_vars: the real Parameters, so copy_ writes into the module
+    name = type(module).__name__
+    problems = []
+    bad_targets = sorted(set(v for v in mapping.values() if v not in state))
+    if bad_targets:  # a bug in the caller's table, not in the checkpoint
+        raise CheckpointError(f"{source}: mapping targets that {name} does not have: {', '.join(bad_targets)}")
+    if len(set(mapping.values())) != len(mapping):
+        raise CheckpointError(f"{source}: mapping sends two checkpoint keys to the same {name} entry")
+    missing = [k for k in mapping if k not in tensors]
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+    unexpected = [k for k in tensors if k not in mapping and not any(re.search(p, k) for p in skip)]
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    for k, dst in mapping.items():
+        if k in tensors and tuple(tensors[k].shape) != tuple(state[dst].shape):
+            problems.append(f"{k}: expected {tuple(state[dst].shape)}, found {tuple(tensors[k].shape)}")
+    mapped = set(mapping.values())
+    unmapped = [k for k in state if k not in mapped and not any(re.search(p, k) for p in allow_unmapped)]
+    if unmapped:
+        problems.append(f"{name} entries not loaded by any checkpoint key ({len(unmapped)}): " + ", ".join(unmapped))
+    if problems:
+        cls = MissingKeysError if missing else CheckpointError
+        raise cls(f"{source}: cannot load into {name}:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for k, dst in mapping.items():
+            state[dst].copy_(tensors[k])  # copy_ casts to the parameter's dtype and device
+    return module
+
+
+# -----------------------------------------------------------------------------
+# images: LLaVA's preprocessing (pad to square with the mean colour, bicubic resize, CLIP normalisation)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path):
+    """Fully decoded PIL image; a missing, non-image or truncated file raises an error naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now: PIL is lazy, and a truncated file only fails here
+        return img
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def preprocess(image, size):
+    """LLaVA 'pad' preprocessing -> FloatTensor[3, size, size]. `image`: PIL image or a path."""
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
+    img = image.convert("RGB")
+    w, h = img.size
+    if w != h:  # pad to square with CLIP's mean colour, image centred, so nothing is cropped away
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in CLIP_MEAN))
+        square.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = square
+    img = img.resize((size, size), Image.BICUBIC)
+    x_SSC = np.asarray(img, dtype=np.float32) / 255.0
+    x_SSC = (x_SSC - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x_SSC.transpose(2, 0, 1)))
+
 
 
 # -----------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 import cmoe
 import data
 from cmoe import ExpertConfig, LLaVA, Llama, LlamaConfig
-from vision import (CLIPVision, Projector, VisionConfig, atomic_path, load_clip, load_projector, preprocess, read_json,
-                    read_safetensors, save_json, save_safetensors, write_text)
+from data import atomic_path, preprocess, read_json, read_safetensors, save_json, save_safetensors, write_text
+from vision import CLIPVision, Projector, VisionConfig, load_clip, load_projector
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -112,7 +112,7 @@ class Log:
 
 def is_cl_key(k):
     """A state_dict key that continual learning adds to the base: experts and routers."""
-    return ".ffn.experts." in k or ".ffn.routers." in k
+    return ".experts." in k
 
 def save_base(model: LLaVA, folder):
     """The frozen base (vision, projector, LLM without experts; a tied head stored once) + meta.json, written last:
@@ -149,7 +149,7 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
     """Everything continual learning adds (experts, routers, VAEs) and what rebuilding them needs."""
     sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k)}
     meta = {"experts": dataclasses.asdict(model.llm.ecfg),
-            "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_ffns()]}
+            "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_pools()]}
     if locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
@@ -161,9 +161,9 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
 def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Locator:
     """Rebuild the expert pools and routers with their stored sizes, then the locator; returns the locator."""
     model.llm.ecfg = ExpertConfig(**meta["experts"])
-    for i, ffn in enumerate(model.llm.expert_ffns()):
-        ffn.reset_experts(model.llm.ecfg)
-        ffn.load_experts(tensors, f"llm.layers.{i}.ffn.", meta["router_trainable"][i], source)
+    for i, pool in enumerate(model.llm.expert_pools()):
+        pool.reset(model.llm.ecfg)
+        pool.load(tensors, f"llm.layers.{i}.experts.", meta["router_trainable"][i], source)
     loc = cmoe.Locator(meta.get("locator_feature", "last"))
     for t in range(meta.get("n_vae", 0)):
         pre = f"locator.vaes.{t}."
@@ -260,14 +260,28 @@ def reject_features(model: LLaVA, examples, tok, template, cfg):
     held_out = examples[cfg.locator_n: cfg.locator_n + cfg.calib_n] or examples[: cfg.locator_n]
     return task_features(model, held_out, tok, template, cfg)
 
+BASE_ONLY = -1  # a routing choice: no task's routers; the frozen base answers alone, without experts
+
+
+def choose_routers(locator, cfg, feats_BD, n, true_task, seen, routed):
+    """Whose routers answer each of n samples: a task index, or BASE_ONLY.
+      none    routed=False (the baselines' one shared pool; row 0's bare base): task 0's, the only ones
+      PTL     --locator ptl, once 2 tasks are seen (or with --reject): the locator's choice per sample, BASE_ONLY
+              where no task's VAE accepts it (--reject)
+      oracle  otherwise: the true task's (the latest for a task not trained yet), BASE_ONLY for an unseen task
+              (true_task None), which no router was trained for"""
+    if not routed:
+        return torch.zeros(n, dtype=torch.long)
+    if cfg.locator == "ptl" and (seen > 1 or cfg.reject):
+        t_B = locator.locate(feats_BD, reject=cfg.reject)
+        return torch.where(t_B == locator.REJECTED, BASE_ONLY, t_B)
+    return torch.full((n,), BASE_ONLY if true_task is None else min(true_task, seen - 1), dtype=torch.long)
+
+
 @torch.no_grad()
 def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed, feats=None):
     """Greedy answers for `examples` (`images`: their projected features; `feats`: their PTL features, needed when the
-    locator chooses); returns rows for predictions/<task>.jsonl and the chosen task ids. Routers per sample:
-    routed=False (the baselines' one pool; the bare base): task 0; else the locator's choice (--locator ptl, once
-    2 tasks are seen or with --reject, where a sample no task accepts gets -1), else the oracle: the true task, or
-    the latest router for a task not trained yet (an unseen task: -1). -1 means the frozen base alone, without
-    experts."""
+    locator chooses); returns rows for predictions/<task>.jsonl and the routers chosen per sample (choose_routers)."""
     model.eval()
     rows, chosen = [], []
     stops = data.stop_ids(tok, template)
@@ -275,15 +289,11 @@ def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_ta
         exs = examples[i:i + cfg.eval_batch]
         prompts = [data.encode_prompt(tok, ex, template, cfg.max_len) for ex in exs]
         img = images[i:i + cfg.eval_batch].to(cfg.device)
-        if not routed:
-            tids = torch.zeros(len(exs), dtype=torch.long)
-        elif cfg.locator == "ptl" and (seen > 1 or cfg.reject):
-            tids = locator.locate(feats[i:i + cfg.eval_batch], reject=cfg.reject)
-        else:
-            tids = torch.full((len(exs),), -1 if true_task is None else min(true_task, seen - 1), dtype=torch.long)
+        tids = choose_routers(locator, cfg, None if feats is None else feats[i:i + cfg.eval_batch], len(exs),
+                              true_task, seen, routed)
         outs = [None] * len(exs)
-        for experts in (True, False):  # located samples with their routers; rejected ones by the base alone
-            idx = [j for j in range(len(exs)) if bool(tids[j] >= 0) == experts]
+        for experts in (True, False):  # samples with routers, then those the base answers alone
+            idx = [j for j in range(len(exs)) if bool(tids[j] != BASE_ONLY) == experts]
             if idx:
                 with cmoe.autocast(cfg.device):
                     gen = model.generate([prompts[j] for j in idx], img[idx], tids[idx].clamp(min=0).to(cfg.device),
@@ -348,7 +358,7 @@ class Benchmark:
             rows, chosen = gather_in_order(mine, rows, chosen)
             out["acc" if i < T else "unseen"].append(None if cfg.predict_only else task_accuracy(rows, self.metric[n]))
             for c in chosen if routed and i <= t else ():
-                if c < 0:
+                if c == BASE_ONLY:  # a seen task's sample: every VAE rejected it
                     out["rejected"][i] += 1
                 else:
                     out["confusion"][i][c] += 1
@@ -454,10 +464,10 @@ def recompute(run_dir, score=None):
             stages[int(r["stage"])].append(r)
             if r.get("located") is not None and int(r["stage"]) == final:
                 t, c = int(r.get("true_task", i)), int(r["located"])
-                if not (0 <= t < T and -1 <= c < T):
+                if not (0 <= t < T and (0 <= c < T or c == BASE_ONLY)):
                     raise ValueError(f"{path}: record {k} has true_task {t} / located {c} outside 0..{T - 1} "
-                                     f"(-1: rejected)")
-                if c < 0:
+                                     f"({BASE_ONLY}: rejected)")
+                if c == BASE_ONLY:
                     rejected[t] += 1
                 else:
                     conf[t][c] += 1

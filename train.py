@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,8 +32,8 @@ import data
 import eval as ev
 from cmoe import LLaVA, Llama, LlamaConfig, ExpertConfig
 from eval import Log
-from vision import (CheckpointError, CLIPVision, Projector, VisionConfig, read_hf_config, read_json, read_safetensors,
-                    save_json, save_safetensors)
+from data import CheckpointError, read_hf_config, read_json, read_safetensors, save_json, save_safetensors
+from vision import CLIPVision, Projector, VisionConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,21 +279,6 @@ def trim_padding(ds, pad_id):
 # ----------------------------------------------------------------------------------------------------------
 # the base model (stage 0)
 
-def init_distributed(cfg):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, one GPU per rank; gloo on CPU). Returns
-    this process's rank (0 in a plain run)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > cfg.batch_size:  # checked before joining: every rank stops at once, none waits for the others
-        raise SystemExit(f"torchrun started {world} ranks but --batch-size is {cfg.batch_size}: each rank needs at "
-                         f"least one sample of every batch (use --nproc_per_node <= the batch size)")
-    if world > 1 and not dist.is_initialized():
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(cfg.device)
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    return ev.rank_world()[0]
-
-
 def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
     """The frozen base and where it comes from (kept in metrics.json, so eval.reevaluate loads the same model):
     real checkpoints (a projector without a file is saved into the run folder), or the tiny MiniCoIN base."""
@@ -391,8 +377,8 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
         step0 = start[0]
         load_optimizer(opt, named, start[1])
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
-    world = ev.rank_world()[1]  # torchrun: DDP over the trainable parameters, rebuilt per stage (PGKE grows them)
-    fwd = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    world = ev.rank_world()[1]
+    fwd = data_parallel(model)
     if compiled:  # every stage brings new shapes (a grown pool): without a reset the recompiles add up over the run,
         torch._dynamo.reset()  # and past dynamo's limit (8: task ~5 of cmoe) the rest would run eagerly, silently
         fwd = torch.compile(fwd)
@@ -413,7 +399,7 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
                 raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step {step + 1}: "
                                          f"stopping; checkpoints already on disk are untouched")
             (total / cfg.grad_accum).backward()
-            loss_sum += (all_sum(loss.detach() * share / world) if world > 1 else float(loss.detach())) / cfg.grad_accum
+            loss_sum += (float(sum_over_ranks(loss.detach() * share / world)) if world > 1 else float(loss.detach())) / cfg.grad_accum
             aux_sum += float(aux.detach()) / cfg.grad_accum
             tok_count += int((b["input_ids"] != model.pad_id).sum())
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -427,6 +413,54 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
         if ckpt is not None and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             ckpt(step + 1, optimizer_state(opt, named))
     model.eval()
+
+
+def optimizer_state(opt, named) -> dict:
+    """AdamW state keyed by parameter name (not position), so it survives a rebuilt model."""
+    out = {}
+    for n, p in named:
+        for k, v in opt.state.get(p, {}).items():
+            out[f"opt.{n}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return out
+
+
+def load_optimizer(opt, named, tensors):
+    for n, p in named:
+        st = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        if st:
+            opt.state[p] = st
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun: the rank plumbing. Every torch.distributed call of training is in this section; with one process each
+# helper is the identity. Ranks split every batch (rank_shard), DDP averages the gradients, and what decides the
+# method's course (PGKE's counts, the VAEs, the balance loss's statistics) is summed or sent so every rank agrees.
+
+def init_distributed(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, one GPU per rank; gloo on CPU). Returns
+    this process's rank (0 in a plain run)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > cfg.batch_size:  # checked before joining: every rank stops at once, none waits for the others
+        raise SystemExit(f"torchrun started {world} ranks but --batch-size is {cfg.batch_size}: each rank needs at "
+                         f"least one sample of every batch (use --nproc_per_node <= the batch size)")
+    if world > 1 and not dist.is_initialized():
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    return ev.rank_world()[0]
+
+
+def share_batch_statistics(llm: Llama):
+    """The balance loss of each layer sees the whole batch's routing statistics, as one process has them."""
+    if ev.rank_world()[1] > 1:
+        for pool in llm.expert_pools():
+            pool.batch_sum = dist_nn.all_reduce
+
+
+def data_parallel(model):
+    """DDP over the trainable parameters, rebuilt per stage (PGKE grows them); the model itself in one process."""
+    return DistributedDataParallel(model, broadcast_buffers=False) if ev.rank_world()[1] > 1 else model
 
 
 def rank_shard(b):
@@ -449,27 +483,19 @@ def all_finite(x):
     return not bool(bad)
 
 
-def all_sum(x):
-    """Sum of a scalar over the ranks."""
-    x = x.detach().float().reshape(1).clone()
-    dist.all_reduce(x)
-    return float(x)
+def sum_over_ranks(x):
+    """x summed over the ranks (a copy; x itself in one process)."""
+    x = x.detach().clone()
+    if ev.rank_world()[1] > 1:
+        dist.all_reduce(x)
+    return x
 
 
-def optimizer_state(opt, named) -> dict:
-    """AdamW state keyed by parameter name (not position), so it survives a rebuilt model."""
-    out = {}
-    for n, p in named:
-        for k, v in opt.state.get(p, {}).items():
-            out[f"opt.{n}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    return out
+def broadcast_from_rank0(tensors):
+    """Every rank's `tensors` (in place) become rank 0's."""
+    for v in tensors if ev.rank_world()[1] > 1 else ():
+        dist.broadcast(v, 0)
 
-
-def load_optimizer(opt, named, tensors):
-    for n, p in named:
-        st = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
-        if st:
-            opt.state[p] = st
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,8 +524,8 @@ def run(cfg: TrainConfig):
                         task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
                         start=start)
         if cfg.method == "cmoe":
-            for f in model.llm.expert_ffns():
-                f.freeze()
+            for pool in model.llm.expert_pools():
+                pool.freeze()
             with clock("locator"):  # PTL: this task's VAE on frozen-base features of its training data
                 fit_task_vae(model, locator, exs, r, cfg, t)
         with clock("eval"):
@@ -521,8 +547,7 @@ def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
                   f"calibrated on the features the VAE was fitted on (raise --train-n or lower --locator-n)")
     else:
         locator.vaes.append(cmoe.TaskVAE(model.llm.cfg.dim * (2 if cfg.locator_feature == "mean" else 1)).eval())
-    for v in locator.vaes[-1].state_dict().values() if world > 1 else ():
-        dist.broadcast(v, 0)
+    broadcast_from_rank0(locator.vaes[-1].state_dict().values())
 
 
 def grow(model: LLaVA, ds, cfg, t, log):
@@ -537,37 +562,28 @@ def grow(model: LLaVA, ds, cfg, t, log):
 
 
 def pgke(model: LLaVA, ds, cfg, t, log):
-    """Stage A of task t: probe experts + probe routers on a small subset, measure, decide; then stage B: expand."""
-    N = ds["input_ids"].shape[0]
-    perm = torch.randperm(N, generator=stage_rng(cfg, t, "split"))
-    n_probe = max(8, int(cfg.probe_frac * N))
-    n_hold = max(4, n_probe // 5)
-    probe_train, probe_hold = subset(ds, perm[:n_probe - n_hold]), subset(ds, perm[n_probe - n_hold:n_probe])
-    cmoe.probe_start(model.llm, generator=stage_rng(cfg, t, "probe"))
+    """PGKE for task t >= 1 (the paper's Probe-Guided Knowledge Extension), its four steps in order:
+    1. probe   one temporary probe expert per layer and a probe router, trained on a small share of the task;
+    2. count   on held-out probe data, how often each layer's tokens go to each expert (its probe included);
+    3. decide  grow layer l iff its probe's share freq_l > mean(freq) - alpha * std(freq);
+    4. expand  drop the probes, then give each growing layer n_new copies of its most-used old expert, and every
+               layer the task's router (initialised from the probe router).
+    Returns the decision record kept in metrics.json."""
+    llm = model.llm
+    probe_train, probe_hold = probe_split(ds, cfg, t)
+    cmoe.probe_start(llm, generator=stage_rng(cfg, t, "probe"))  # 1. probe
     trainable_cl(model)
     train_stage(model, probe_train, cfg, cfg.probe_steps, cfg.lr, t, f"probe{t}", log)
-    cmoe.set_counting(model.llm, True)
-    rank, world = ev.rank_world()
-    mine = subset(probe_hold, torch.arange(rank, n_hold, world))  # torchrun: each rank counts its share, then sums
-    with torch.no_grad():
-        for i in range(0, mine["input_ids"].shape[0], cfg.eval_batch):
-            b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in mine.items() if isinstance(v, torch.Tensor)}
-            model(b["input_ids"], b["images"], None, b["task_ids"])
-    for f in model.llm.expert_ffns() if world > 1 else ():  # every rank takes the same decision
-        f.usage = f.usage if f.usage.numel() == f.n_experts else torch.zeros(f.n_experts, device=cfg.device)
-        dist.all_reduce(f.usage)
-    freq = cmoe.probe_frequencies(model.llm)
-    expand, thr = cmoe.pgke_decide(freq, cfg.alpha)
-    if cfg.expand == "all":
+    usage = count_usage(model, probe_hold, cfg)  # 2. count
+    freq = cmoe.probe_frequencies(usage)
+    expand, thr = cmoe.pgke_decide(freq, cfg.alpha)  # 3. decide
+    if cfg.expand == "all":  # ablation: grow every layer
         expand = [True] * len(expand)
-    if cfg.expand == "gradnorm":  # D-MoLE's allocator, at the probe rule's budget: as many layers, by gradient norm
-        cmoe.set_counting(model.llm, False)  # keeps the counts probe_end reads
-        norms = probe_gradnorms(model, probe_hold, cfg)
-        top = sorted(range(len(norms)), key=lambda l: -norms[l])[: sum(expand)]
-        expand = [l in top for l in range(len(norms))]
-        log(f"PGKE task {t}: probe gradient norm per layer " + " ".join(f"{g:.3g}" for g in norms))
-    sources, probe_routers = cmoe.probe_end(model.llm)  # reads the usage counts, then stops counting
-    cmoe.expand(model.llm, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
+    if cfg.expand == "gradnorm":  # ablation: as many layers, chosen by the probes' gradient norms (needs the probes)
+        expand = decide_by_gradnorm(model, probe_hold, cfg, sum(expand), t, log)
+    sources = cmoe.copy_sources(usage)  # 4. expand
+    probe_routers = cmoe.probe_end(llm)
+    cmoe.expand(llm, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
     copied = [src if grow else None for grow, src in zip(expand, sources)]
     log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
         + "".join("1" if e else "0" for e in expand) + " | copied from "
@@ -575,9 +591,40 @@ def pgke(model: LLaVA, ds, cfg, t, log):
     return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied}
 
 
+def probe_split(ds, cfg, t):
+    """PGKE's data: probe_frac of the task, four fifths to train the probes, one fifth held out to count on."""
+    N = ds["input_ids"].shape[0]
+    perm = torch.randperm(N, generator=stage_rng(cfg, t, "split"))
+    n_probe = max(8, int(cfg.probe_frac * N))
+    n_hold = max(4, n_probe // 5)
+    return subset(ds, perm[:n_probe - n_hold]), subset(ds, perm[n_probe - n_hold:n_probe])
+
+
+@torch.no_grad()
+def count_usage(model: LLaVA, ds, cfg):
+    """Per layer, the (token, top-k slot) assignments to each expert on `ds` [E] (forward only; under torchrun each
+    rank counts its share and the counts are summed, so every rank takes the same decision)."""
+    rank, world = ev.rank_world()
+    mine = subset(ds, torch.arange(rank, ds["input_ids"].shape[0], world))
+    cmoe.set_counting(model.llm, True)
+    for i in range(0, mine["input_ids"].shape[0], cfg.eval_batch):
+        b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in mine.items() if isinstance(v, torch.Tensor)}
+        model(b["input_ids"], b["images"], None, b["task_ids"])
+    return [sum_over_ranks(u) for u in cmoe.read_usage(model.llm)]
+
+
+def decide_by_gradnorm(model: LLaVA, ds, cfg, n_layers, t, log):
+    """--expand gradnorm (D-MoLE's allocation signal at the probe rule's budget): grow the n_layers layers whose probe
+    expert has the largest gradient norm of the task loss over `ds`."""
+    norms = probe_gradnorms(model, ds, cfg)
+    log(f"PGKE task {t}: probe gradient norm per layer " + " ".join(f"{g:.3g}" for g in norms))
+    top = sorted(range(len(norms)), key=lambda l: -norms[l])[:n_layers]
+    return [l in top for l in range(len(norms))]
+
+
 def probe_gradnorms(model: LLaVA, ds, cfg):
-    """Per layer, the gradient norm of the task loss w.r.t. the layer's probe expert (its trainable A and B of gate,
-    up and down) over `ds` (D-MoLE's allocation signal)."""
+    """Per layer, the gradient norm of the task loss w.r.t. the layer's probe expert (its trainable A and B of every
+    projection) over `ds`."""
     model.zero_grad(set_to_none=True)
     n = ds["input_ids"].shape[0]
     for i in range(0, n, cfg.eval_batch):
@@ -585,8 +632,8 @@ def probe_gradnorms(model: LLaVA, ds, cfg):
         with cmoe.autocast(cfg.device):
             _, loss, _ = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
         (loss * b["input_ids"].shape[0] / n).backward()
-    norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for e in f.experts.values() for p in (e.train_A, e.train_B)
-                           if p.grad is not None)) for f in model.llm.expert_ffns()]
+    norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for e in pool.lora.values() for p in (e.train_A, e.train_B)
+                           if p.grad is not None)) for pool in model.llm.expert_pools()]
     model.zero_grad(set_to_none=True)
     return norms
 
@@ -617,11 +664,11 @@ def stage_rng(cfg, t, stage):
 
 def set_experts(llm: Llama, ecfg: ExpertConfig):
     """Expert settings of a fresh (expert-free) model."""
-    if any(f.n_experts for f in llm.expert_ffns()):
+    if any(pool.n_experts for pool in llm.expert_pools()):
         raise ValueError("set_experts is for a model without experts (the banks would lose their experts)")
     llm.ecfg = ecfg
-    for f in llm.expert_ffns():
-        f.reset_experts(ecfg)
+    for pool in llm.expert_pools():
+        pool.reset(ecfg)
 
 
 def expert_config(cfg):
@@ -717,6 +764,7 @@ class RunState:
         freeze_base(model)
         t_base = time.time() - t0
         set_experts(model.llm, expert_config(cfg))
+        share_batch_statistics(model.llm)
         model.llm.grad_ckpt = cfg.grad_ckpt
         bench, locator = ev.Benchmark(cfg, model, self.tok, self.template, self.log), cmoe.Locator(cfg.locator_feature)
         if cfg.resume and os.path.exists(self.state_path):
@@ -770,10 +818,10 @@ class RunState:
         cfg, metrics, clock, located = self.cfg, self.metrics, self.clock, self.cfg.method == "cmoe"
         metrics["pgke"] += [decision] if decision is not None else []
         ev.record(metrics, result, t)
-        ffns = model.llm.expert_ffns()
+        pools = model.llm.expert_pools()
         metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
-            f.n_experts for f in ffns), "added": ev.count_params(model)[1] - clock.n_before})
-        metrics["experts_per_layer"].append([f.n_experts for f in ffns])
+            f.n_experts for f in pools), "added": ev.count_params(model)[1] - clock.n_before})
+        metrics["experts_per_layer"].append([f.n_experts for f in pools])
         metrics["time"]["tasks"].append(clock.seconds)
         metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
         scores = zip(self.names + metrics["unseen"]["tasks"], result["acc"] + result["unseen"])
@@ -873,7 +921,7 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
     --grad-ckpt keeps each layer's input T*D*dt instead, and recomputes one layer at a time in backward (in fp32, that
     layer's first norm keeps the saved input itself). Returns (total bytes, the terms of one layer after the first)."""
     T, D, F, R, H, K, blk = B * S, lc.dim, lc.ffn_dim, ecfg.rank, lc.n_heads, min(ecfg.top_k, E), cmoe.BLOCK
-    sparse = cmoe.sparse_wins(E, ecfg.top_k, True, ecfg.rank, D)  # ExpertFFN's "auto" dispatch in training
+    sparse = cmoe.sparse_wins(E, ecfg.top_k, True, ecfg.rank, D)  # Experts' "auto" dispatch in training
     M = -(-(T * K + E * (blk - 1)) // blk) * blk
     n, nw = (M, M // blk) if sparse else (T * E, E)
     proj = ((D, F), (D, F), (F, D))
@@ -913,12 +961,12 @@ def plan(args):
     cmoe.init_experts(model.llm, {"cmoe": args.n_init, "lora": 1}.get(args.method, args.moelora_experts))
     first = ev.count_params(model)[0]
     for _ in range(n_tasks - 1 if args.method == "cmoe" else 0):  # new tensors follow the weights onto meta
-        for f in model.llm.expert_ffns():
-            f.freeze()
-            f.add_experts(args.n_new)
-            f.add_router()
+        for pool in model.llm.expert_pools():
+            pool.freeze()
+            pool.add_experts(args.n_new)
+            pool.add_router()
     last, added = ev.count_params(model)
-    E, S, frozen = model.llm.layers[0].ffn.n_experts, args.max_len - 1 + vc.num_patches, sum(base.values())
+    E, S, frozen = model.llm.layers[0].experts.n_experts, args.max_len - 1 + vc.num_patches, sum(base.values())
     clip_layer = sum(p.numel() for p in model.vision.encoder.layers[0].parameters())
     mem = {"weights": (frozen + added) * dt, "gradients": max(first, last) * dt, "AdamW": max(first, last) * 8}
     loss_peak = S * lc.vocab_size * (dt + 8)  # per sample: the logits train_stage holds, 2 fp32 grads of the log-probs

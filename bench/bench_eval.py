@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-from vision import read_json  # noqa: E402
+from data import read_json  # noqa: E402
 
 
 def main():

@@ -4,17 +4,18 @@
     python bench/bench_moe.py --forward [--dims 128 384 8] [--T 100 8192] [--E 4 8 12 16 32]
 
 
-Builds cmoe.ExpertFFN (dim 512, ffn 1376, LoRA rank 16, top-2), E trainable experts with random A and B
+Builds one layer's FFN with its expert pool (tests/test_experts.PoolFFN: cmoe.FFN + cmoe.Experts, as cmoe.Block
+runs FFN-only experts; dim 512, ffn 1376, LoRA rank 16, top-2), E trainable experts with random A and B
 and a random router (so routing is non-trivial), frozen base weights (no weight grads; the input grad flows).
 Per (T, E) it times, as medians over repeats after warm-up:
-  floor      the frozen dense FFN alone (ExpertFFN with use_experts=False), eager and compiled
+  floor      the frozen dense FFN alone (use_experts=False), eager and compiled
   loop       the per-expert loop reference (tests/test_experts.lora_loop in lora_dense's place), eager
   fused      the project's fused dispatch (ffn.dispatch = --dispatch), eager and
              torch.compile(ffn, fullgraph=True, dynamic=False)
 The loss includes the balance loss, so the router gets gradients as in training. Ratios are against the
 compiled floor. fp32 on CPU, bf16 on CUDA. The last line is the headline.
 --forward times the forward alone (no autograd, eager: as generation runs it) of the dense and sparse dispatches,
-for the crossover that ExpertFFN's "auto" uses without autograd; --dims sets the layer (the MiniCoIN model: 128 384 8)."""
+for the crossover that Experts' "auto" uses without autograd; --dims sets the layer (the MiniCoIN model: 128 384 8)."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the modules, and the loop reference in tests/test_experts.py
 import cmoe  # noqa: E402
-from test_experts import lora_loop  # noqa: E402
+from test_experts import PoolFFN, lora_loop  # noqa: E402
 
 DENSE = cmoe.lora_dense
 
@@ -38,16 +39,17 @@ def build(T, E, device, dtype, seed=0, batch=8, dims=(512, 1376, 16)):
     g = torch.Generator().manual_seed(seed)
     cfg = cmoe.LlamaConfig(dim=dims[0], ffn_dim=dims[1], n_heads=8, n_kv_heads=8, n_layers=1)
     ecfg = cmoe.ExpertConfig(rank=dims[2], alpha=2.0 * dims[2], top_k=2)
-    ffn = cmoe.ExpertFFN(cfg, ecfg)
+    ffn = PoolFFN(cfg, ecfg)
+    dense = (ffn.ffn.gate_proj, ffn.ffn.up_proj, ffn.ffn.down_proj)
     with torch.no_grad():
-        for lin in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
+        for lin in dense:
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.in_features))
     ffn.add_experts(E, generator=g)
     with torch.no_grad():
-        for p in (experts.train_B for experts in ffn.experts.values()):
+        for p in (experts.train_B for experts in ffn.lora.values()):
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
     ffn.add_router(torch.randn(E, cfg.dim, generator=g) / math.sqrt(cfg.dim))
-    for lin in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
+    for lin in dense:
         lin.weight.requires_grad_(False)
     ffn = ffn.to(device=device, dtype=dtype)
     # T tokens as `batch` sequences: with batch=1 the compiled router backward (index_put of
@@ -114,7 +116,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="T=256, E=8 only, 3 repeats")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dispatch", nargs="+", default=["dense", "sparse", "auto"],
-                    help="ExpertFFN.dispatch values to time as the fused path (dense, sparse, auto)")
+                    help="Experts.dispatch values to time as the fused path (dense, sparse, auto)")
     ap.add_argument("--T", type=int, nargs="+", default=[256, 2048])
     ap.add_argument("--E", type=int, nargs="+", default=[2, 8, 32])
     ap.add_argument("--batch", type=int, default=8, help="T tokens = batch x T/batch (batch=1 crashes, see build)")

@@ -4,7 +4,7 @@ outside the production code by wrapping the functions that mark the point.
     python tests/killrun.py KIND:PATTERN:N -- <train.py arguments>
 
 KIND  log     kill right after the N-th log line matching the regex PATTERN has been printed and written
-      before  kill just before the N-th atomic write (vision.atomic_path: json, safetensors, predictions) to a path
+      before  kill just before the N-th atomic write (data.atomic_path: json, safetensors, predictions) to a path
               ending in PATTERN
       after   kill just after that write has completed (renamed into place)
 Under torchrun, KILL_RANK=r in the environment kills rank r only (default: every rank that reaches the point).
@@ -35,9 +35,9 @@ def arm(point):
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    import vision
+    import data
     if kind in ("before", "after"):  # patched before train and eval import it
-        atomic_path = vision.atomic_path
+        atomic_path = data.atomic_path
 
         @contextlib.contextmanager
         def writer(path):
@@ -48,7 +48,7 @@ def arm(point):
                 yield tmp
             if match and kind == "after":
                 hit()
-        vision.atomic_path = writer
+        data.atomic_path = writer
     elif kind != "log":
         raise SystemExit(f"unknown kill kind {kind!r}: log, before or after")
     import train

@@ -214,11 +214,11 @@ def test_coin_real_checkpoint_path(coin_files, monkeypatch):
     for t in range(3):
         path = os.path.join(out, f"task_{t}", "model.safetensors")
         assert os.path.isfile(path) and os.path.isfile(os.path.join(out, f"task_{t}", "meta.json"))
-        keys = list(vision.read_safetensors(path))
-        assert any(".ffn.experts." in k for k in keys)
-        assert any(".ffn.routers." in k for k in keys) and any(k.startswith("locator.") for k in keys)
+        keys = list(data.read_safetensors(path))
+        assert any(".experts.lora." in k for k in keys)
+        assert any(".experts.routers." in k for k in keys) and any(k.startswith("locator.") for k in keys)
         bad = [k for k in keys if not (k.startswith("locator.") or any(
-            s in k for s in (".ffn.experts.", ".ffn.routers.")))]
+            s in k for s in (".experts.lora.", ".experts.routers.")))]
         assert not bad, f"task_{t} checkpoint holds non-CL keys: {bad[:5]}"
 
     # the base is untouched: files byte-identical, and the trained in-memory model still equals the checkpoints

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import cmoe
-from cmoe import ExpertConfig, ExpertFFN, Llama, LlamaConfig
+from cmoe import ExpertConfig, Llama, LlamaConfig
 
 D, FF, R = 16, 24, 4
 
@@ -29,9 +29,24 @@ def set_dispatch(ffn, mode, monkeypatch):
 REAL_DENSE = cmoe.lora_dense
 
 
+class PoolFFN(cmoe.Experts):
+    """A layer's expert pool with its FFN, run as cmoe.Block runs FFN-only experts: route at the FFN's input, then the
+    FFN with the routed experts' deltas. Returns (output, balance loss)."""
+
+    def __init__(self, cfg, ecfg):
+        super().__init__(cfg, ecfg)
+        self.ffn = cmoe.FFN(cfg)
+
+    def forward(self, x_BTD, task_ids_B=None, valid_BT=None, use_experts=True):
+        if not self.active(use_experts):
+            return self.ffn(x_BTD), x_BTD.new_zeros(())
+        routing = self.route(x_BTD, task_ids_B, valid_BT)
+        return self.ffn(x_BTD, self.deltas(routing, x_BTD)), routing.aux
+
+
 def make_ffn(E, k, n_tasks=1, seed=0):
     torch.manual_seed(seed)
-    ffn = ExpertFFN(LlamaConfig(dim=D, ffn_dim=FF, n_heads=2, n_kv_heads=1), ExpertConfig(rank=R, alpha=8, top_k=k))
+    ffn = PoolFFN(LlamaConfig(dim=D, ffn_dim=FF, n_heads=2, n_kv_heads=1), ExpertConfig(rank=R, alpha=8, top_k=k))
     per_task = [max(1, E * (t + 1) // n_tasks) for t in range(n_tasks)]
     for t, e_t in enumerate(per_task):
         ffn.add_experts(e_t - ffn.n_experts)
@@ -39,7 +54,7 @@ def make_ffn(E, k, n_tasks=1, seed=0):
         if t < n_tasks - 1:
             ffn.freeze()
     with torch.no_grad():  # non-zero B so every expert changes the output
-        for experts in ffn.experts.values():
+        for experts in ffn.lora.values():
             experts.frozen_B.normal_(0, 0.3)
             experts.train_B.normal_(0, 0.3)
     return ffn
@@ -70,10 +85,10 @@ def hand_ffn(x_BTD, ffn, w_BTE):
                 y = base(v)
                 for e in range(ffn.n_experts):
                     if w_BTE[b, t, e] != 0:
-                        y = y + w_BTE[b, t, e] * s * (v @ ffn.experts[p].A[e] @ ffn.experts[p].B[e])
+                        y = y + w_BTE[b, t, e] * s * (v @ ffn.lora[p].A[e] @ ffn.lora[p].B[e])
                 return y
-            h = F.silu(proj("gate", x, ffn.gate_proj)) * proj("up", x, ffn.up_proj)
-            out[b, t] = proj("down", h, ffn.down_proj)
+            h = F.silu(proj("gate", x, ffn.ffn.gate_proj)) * proj("up", x, ffn.ffn.up_proj)
+            out[b, t] = proj("down", h, ffn.ffn.down_proj)
     return out
 
 
@@ -115,7 +130,7 @@ def test_experts_with_no_tokens_get_zero_grad_and_match_loop(mode, monkeypatch):
     assert idle.sum() >= 5
     y, _ = ffn(x)
     y.sum().backward()
-    assert (ffn.experts["gate"].train_B.grad[idle] == 0).all() and (ffn.experts["up"].train_A.grad[idle] == 0).all()
+    assert (ffn.lora["gate"].train_B.grad[idle] == 0).all() and (ffn.lora["up"].train_A.grad[idle] == 0).all()
     set_dispatch(ffn, "loop", monkeypatch)
     torch.testing.assert_close(ffn(x)[0], y, atol=1e-5, rtol=1e-5)
 
@@ -130,11 +145,11 @@ def test_auto_dispatch_crossover_with_and_without_autograd(E, grad, sparse, dims
     training term: 0 without autograd. Either way the output is the loop's."""
     dim, rank = dims
     torch.manual_seed(0)
-    ffn = ExpertFFN(LlamaConfig(dim=dim, ffn_dim=8, n_heads=2, n_kv_heads=1), ExpertConfig(rank=rank, alpha=8, top_k=2))
+    ffn = PoolFFN(LlamaConfig(dim=dim, ffn_dim=8, n_heads=2, n_kv_heads=1), ExpertConfig(rank=rank, alpha=8, top_k=2))
     ffn.add_experts(E)
     ffn.add_router(torch.randn(E, dim))
     with torch.no_grad():  # non-zero B so every expert changes the output
-        for experts in ffn.experts.values():
+        for experts in ffn.lora.values():
             experts.train_B.normal_(0, 0.3)
     x, plans = torch.randn(2, 5, dim), []
     monkeypatch.setattr(cmoe, "dispatch_plan", lambda *a: plans.append(1) or REAL_PLAN(*a))
@@ -166,7 +181,7 @@ def test_later_experts_invisible_to_earlier_router():
     ffn.freeze()
     ffn.add_experts(3)
     with torch.no_grad():
-        ffn.experts["down"].train_B.normal_()
+        ffn.lora["down"].train_B.normal_()
     ffn.add_router(torch.randn(5, D))
     after, _ = ffn(x, t0)
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
@@ -179,9 +194,9 @@ def test_copy_expert_and_zero_init():
     ffn.freeze()
     ffn.add_experts(1, copy_from=1)
     for p in ("gate", "up", "down"):
-        assert torch.equal(ffn.experts[p].A[3], ffn.experts[p].A[1]) and torch.equal(ffn.experts[p].B[3], ffn.experts[p].B[1])
+        assert torch.equal(ffn.lora[p].A[3], ffn.lora[p].A[1]) and torch.equal(ffn.lora[p].B[3], ffn.lora[p].B[1])
     ffn.add_experts(1)
-    assert (ffn.experts["up"].train_B[1] == 0).all() and ffn.experts["up"].train_A[1].abs().sum() > 0
+    assert (ffn.lora["up"].train_B[1] == 0).all() and ffn.lora["up"].train_A[1].abs().sum() > 0
 
 
 def test_frozen_experts_and_routers_untouched_by_training():
@@ -199,7 +214,7 @@ def test_frozen_experts_and_routers_untouched_by_training():
         if n in frozen:
             assert p.grad is None
             assert torch.equal(p, frozen[n]), n
-    assert not torch.equal(ffn.experts["gate"].train_B, torch.zeros_like(ffn.experts["gate"].train_B))
+    assert not torch.equal(ffn.lora["gate"].train_B, torch.zeros_like(ffn.lora["gate"].train_B))
 
 
 def test_balance_loss_hand_computed():
@@ -220,7 +235,7 @@ def test_zero_experts_is_the_base_ffn_and_model():
     base, _ = m(ids)
     ffn = m.layers[0].ffn
     x = torch.randn(1, 3, D)
-    torch.testing.assert_close(ffn(x)[0], ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x)), atol=0, rtol=0)
+    torch.testing.assert_close(ffn(x), ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x)), atol=0, rtol=0)
     cmoe.init_experts(m, 2)  # fresh experts start with B = 0: the function is unchanged
     grown, _ = m(ids)
     torch.testing.assert_close(grown, base, atol=1e-6, rtol=1e-6)
@@ -232,45 +247,49 @@ def test_pgke_grows_a_layer_by_a_copy_of_its_most_used_expert(attn):
     llm = Llama(cfg, ExpertConfig(rank=R, alpha=8, top_k=1, attn=attn))
     g = torch.Generator().manual_seed(0)
     cmoe.init_experts(llm, 3, generator=g)
-    for ffn in llm.expert_ffns():
+    for ffn in llm.expert_pools():
         with torch.no_grad():  # distinct non-zero experts, so a copy of the wrong one shows
-            for experts in ffn.experts.values():
+            for experts in ffn.lora.values():
                 experts.train_B.normal_(generator=g)
         ffn.freeze()
     cmoe.probe_start(llm, generator=g)
-    assert [f.n_experts for f in llm.expert_ffns()] == [4, 4] and [len(f.routers) for f in llm.expert_ffns()] == [2, 2]
+    assert [f.n_experts for f in llm.expert_pools()] == [4, 4] and [len(f.routers) for f in llm.expert_pools()] == [2, 2]
     cmoe.set_counting(llm, True)
     # hand-made top-1 assignments, one token per row; the first token is padding and must not count
     valid = torch.tensor([[False, True, True, True, True]])
     hits = {0: [0, 2, 2, 1, 3], 1: [0, 1, 2, 3, 3]}  # layer 0: expert 2 wins; layer 1: experts 1 and 2 tie
     for layer, ids in hits.items():
-        llm.layers[layer].ffn.count(F.one_hot(torch.tensor([ids]), 4).float(), valid)
-    assert llm.layers[0].ffn.usage.tolist() == [0, 1, 2, 1]
-    assert cmoe.probe_frequencies(llm) == [0.25, 0.5]
-    probe_router = [f.routers[-1].detach().clone() for f in llm.expert_ffns()]
-    sources, routers = cmoe.probe_end(llm)
-    assert sources == [2, 1]  # most-used old expert; a tie goes to the lowest index
-    assert [f.n_experts for f in llm.expert_ffns()] == [3, 3] and [len(f.routers) for f in llm.expert_ffns()] == [1, 1]
+        llm.layers[layer].experts.count(F.one_hot(torch.tensor([ids]), 4).float(), valid)
+    usage = cmoe.read_usage(llm)
+    assert [u.tolist() for u in usage] == [[0, 1, 2, 1], [0, 1, 1, 2]]
+    assert cmoe.probe_frequencies(usage) == [0.25, 0.5]
+    probe_router = [f.routers[-1].detach().clone() for f in llm.expert_pools()]
+    sources = cmoe.copy_sources(usage)
+    assert sources == [2, 1]  # most-used old expert (never the probe); a tie goes to the lowest index
+    routers = cmoe.probe_end(llm)
+    assert [f.n_experts for f in llm.expert_pools()] == [3, 3] and [len(f.routers) for f in llm.expert_pools()] == [1, 1]
     cmoe.expand(llm, [True, False], sources, routers, n_new=1)
-    grown, kept = llm.expert_ffns()
+    grown, kept = llm.expert_pools()
     assert grown.n_experts == 4 and kept.n_experts == 3 and grown.n_frozen == 3
-    assert len(grown.experts) == (7 if attn else 3)  # with attention experts, q/k/v/o are copied with the rest
-    for p in grown.experts:
-        assert torch.equal(grown.experts[p].A[3], grown.experts[p].A[2]) and torch.equal(grown.experts[p].B[3], grown.experts[p].B[2]), p
+    assert len(grown.lora) == (7 if attn else 3)  # with attention experts, q/k/v/o are copied with the rest
+    for p in grown.lora:
+        assert torch.equal(grown.lora[p].A[3], grown.lora[p].A[2]) and torch.equal(grown.lora[p].B[3], grown.lora[p].B[2]), p
     # one router per task, probes gone; the new router starts from the probe router, the grown row from the probe's
-    assert [len(f.routers) for f in llm.expert_ffns()] == [2, 2]
+    assert [len(f.routers) for f in llm.expert_pools()] == [2, 2]
     assert torch.equal(grown.routers[1], torch.cat([probe_router[0][:3], probe_router[0][3:]]))
     assert torch.equal(kept.routers[1], probe_router[1][:3])
     assert grown.routers[1].requires_grad and not grown.routers[0].requires_grad
 
 
-def test_probe_end_refuses_a_layer_without_counts():
+def test_read_usage_refuses_a_layer_that_never_counted():
     llm = Llama(LlamaConfig(vocab_size=32, dim=D, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FF))
     cmoe.init_experts(llm, 2, generator=torch.Generator().manual_seed(0))
-    llm.layers[0].ffn.freeze()
+    llm.layers[0].experts.freeze()
     cmoe.probe_start(llm, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(RuntimeError, match="layer 0 has no usage counts"):
-        cmoe.probe_end(llm)
+    with pytest.raises(RuntimeError, match="layer 0 is not counting"):
+        cmoe.read_usage(llm)
+    cmoe.set_counting(llm, True)  # counting, but no token seen (a torchrun rank without held-out rows): zeros
+    assert [u.tolist() for u in cmoe.read_usage(llm)] == [[0.0, 0.0, 0.0]]
 
 
 @pytest.mark.parametrize("mode,batch,backend,attn", [("dense", 2, "aot_eager", False), ("sparse", 1, "inductor", False),
@@ -292,7 +311,7 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, at
     m = Llama(cfg, ExpertConfig(rank=R, top_k=2, attn=attn))
     for p in m.parameters():
         p.requires_grad_(False)
-    ffn = m.layers[0].ffn
+    ffn = m.layers[0].experts
     ffn.add_experts(3)
     ffn.add_router(torch.randn(3, D))
     ffn.freeze()
@@ -300,7 +319,7 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, at
     ffn.add_router(torch.randn(5, D))
     with torch.no_grad():  # non-zero B where the output should feel the experts (q and o: attention's way in and out)
         for name in ["gate"] + (["q", "o"] if attn else []):
-            ffn.experts[name].train_B.normal_()
+            ffn.lora[name].train_B.normal_()
     ids = torch.randint(0, 40, (batch, 6))  # batch 2 mixes tasks; batch 1 once broke the compiled router backward
     tids = torch.tensor([0, 1][-batch:])
 
@@ -311,9 +330,9 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, at
     set_dispatch(ffn, "loop", monkeypatch)
     ref = step(m)
     ref.backward()
-    ref_grads = {name: e.train_B.grad.clone() for name, e in ffn.experts.items()}
+    ref_grads = {name: e.train_B.grad.clone() for name, e in ffn.lora.items()}
     assert all(g.abs().sum() > 0 for g in ref_grads.values())  # every projection's experts reach the loss
-    for e in ffn.experts.values():
+    for e in ffn.lora.values():
         e.train_B.grad = None
     set_dispatch(ffn, mode, monkeypatch)
     compiled = torch.compile(m, fullgraph=True, backend=backend)
@@ -324,7 +343,7 @@ def test_compiled_fused_matches_loop_without_recompiles(mode, batch, backend, at
             loss.backward()
             if i == 0:
                 torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
-                for name, e in ffn.experts.items():
+                for name, e in ffn.lora.items():
                     torch.testing.assert_close(e.train_B.grad, ref_grads[name], atol=1e-5, rtol=1e-5,
                                                msg=lambda m, name=name: f"{name}: {m}")
             opt.step()
@@ -338,14 +357,14 @@ def hand_attention_block(blk, x_BTD, w_BTE, cos, sin):
     """Independent decoder layer with attention experts: every projection p of q, k, v, o, gate, up, down is
     W_p v + sum_e w_e s B_e A_e v, with w the routing of the layer's input (attn_norm(x)); attention by hand (causal
     softmax over the scores, GQA by repeating each kv head)."""
-    ffn, att, c = blk.ffn, blk.attn, blk.attn.cfg
-    s, hd, B, T = ffn.ecfg.scale, c.head_dim, x_BTD.shape[0], x_BTD.shape[1]
+    pool, ffn, att, c = blk.experts, blk.ffn, blk.attn, blk.attn.cfg
+    s, hd, B, T = pool.ecfg.scale, c.head_dim, x_BTD.shape[0], x_BTD.shape[1]
 
     def proj(p, v, base, b, t):
         y = base(v)
-        for e in range(ffn.n_experts):
+        for e in range(pool.n_experts):
             if w_BTE[b, t, e] != 0:
-                y = y + w_BTE[b, t, e] * s * (v @ ffn.experts[p].A[e] @ ffn.experts[p].B[e])
+                y = y + w_BTE[b, t, e] * s * (v @ pool.lora[p].A[e] @ pool.lora[p].B[e])
         return y
     h = blk.attn_norm(x_BTD)
     out = torch.zeros_like(x_BTD)
@@ -372,15 +391,15 @@ def test_attention_experts_equal_a_hand_written_layer(mode):
     cfg = LlamaConfig(vocab_size=40, dim=D, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=FF)
     torch.manual_seed(3)
     m = Llama(cfg, ExpertConfig(rank=R, alpha=8, top_k=2, attn=True))
-    blk, ffn = m.layers[0], m.layers[0].ffn
-    assert sorted(ffn.experts) == ["down", "gate", "k", "o", "q", "up", "v"]
+    blk, ffn = m.layers[0], m.layers[0].experts
+    assert sorted(ffn.lora) == ["down", "gate", "k", "o", "q", "up", "v"]
     ffn.add_experts(3)
     ffn.add_router(torch.randn(3, D))
     ffn.freeze()
     ffn.add_experts(2, copy_from=1)
     ffn.add_router(torch.randn(5, D))
     with torch.no_grad():  # non-zero B everywhere, so every projection's experts change the output
-        for experts in ffn.experts.values():
+        for experts in ffn.lora.values():
             experts.frozen_B.normal_(0, 0.3)
             experts.train_B.normal_(0, 0.3)
     ffn.dispatch = mode
@@ -392,7 +411,7 @@ def test_attention_experts_equal_a_hand_written_layer(mode):
     aux.backward(retain_graph=True)  # the balance loss of that one routing reaches the trainable router
     assert ffn.routers[1].grad is not None and ffn.routers[1].grad.abs().sum() > 0
     y.sum().backward()  # every projection's trainable experts get a gradient; the frozen ones none
-    for name, experts in ffn.experts.items():
+    for name, experts in ffn.lora.items():
         assert experts.train_B.grad.abs().sum() > 0 and experts.frozen_B.grad is None, name
     y0, _ = blk(x, cos, sin, task_ids=tids, use_experts=False)
     ref = Llama(cfg)  # no experts: the same layer is the plain Llama layer

@@ -5,6 +5,7 @@ import math
 import os
 import statistics
 import sys
+import types
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import cmoe  # noqa: E402
+import data  # noqa: E402
 import eval as ev  # noqa: E402
-import vision  # noqa: E402
 from cmoe import IMAGE_TOKEN_ID as IMG, ExpertConfig, Llama, LlamaConfig  # noqa: E402
 from test_experts import lora_loop  # noqa: E402
 
@@ -24,7 +25,7 @@ BANKS = ("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down")
 def bank(ffn, name, which=None):
     """Expert tensor `name` ("A_gate", ...) of an FFN: both banks stacked, or `which` ("frozen" / "train") alone."""
     ab, proj = name.split("_")
-    experts = ffn.experts[proj]
+    experts = ffn.lora[proj]
     return getattr(experts, ab) if which is None else getattr(experts, f"{which}_{ab}")
 
 
@@ -63,17 +64,20 @@ def hand_counts(x_BTD, routers_B, valid_BT, k, E):
 
 
 def capture_ffn_inputs(llm):
-    """Record, per layer, every (ffn input, task ids, valid mask, routers) the FFNs see."""
+    """Record, per layer, every (routed input, task ids, valid mask, routers) its expert pool routes. Returns the
+    records and handles whose remove() restores the pools."""
     seen = {i: [] for i in range(len(llm.layers))}
 
-    def hook(i):
-        def f(mod, args):
-            x, tids, valid = args[0], args[1], args[2]
+    def spy(i, pool):
+        route = pool.route
+
+        def f(x, tids=None, valid=None):
             seen[i].append((x.detach().clone(), None if tids is None else tids.clone(),
-                            None if valid is None else valid.clone(), [r.detach().clone() for r in mod.routers]))
-        return f
-    handles = [layer.ffn.register_forward_pre_hook(hook(i)) for i, layer in enumerate(llm.layers)]
-    return seen, handles
+                            None if valid is None else valid.clone(), [r.detach().clone() for r in pool.routers]))
+            return route(x, tids, valid)
+        pool.route = f
+        return types.SimpleNamespace(remove=lambda: pool.__dict__.pop("route"))
+    return seen, [spy(i, layer.experts) for i, layer in enumerate(llm.layers)]
 
 
 def counts_of(records, k, E, router=None):
@@ -95,11 +99,11 @@ def test_usage_counts_top2_under_a_padding_mask_through_the_model():
     g = torch.Generator().manual_seed(1)
     llm = tiny_llm(n_layers=2, k=2)
     cmoe.init_experts(llm, 2, generator=g)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         randomise(f, g, routers=True)
         f.freeze()
     cmoe.probe_start(llm, generator=g)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         with torch.no_grad():
             f.routers[-1].normal_(generator=g)  # a "trained" probe router, so the probe gets traffic
     ids = torch.randint(1, 64, (2, 6), generator=g)
@@ -113,19 +117,20 @@ def test_usage_counts_top2_under_a_padding_mask_through_the_model():
     for h in handles:
         h.remove()
     assert all(sum(c) == 2 * n_valid for c in want)  # top-2: two assignments per valid token, none for padding
-    assert [f.usage.tolist() for f in llm.expert_ffns()] == want
-    assert cmoe.probe_frequencies(llm) == pytest.approx([c[2] / (2 * n_valid) for c in want])
+    assert [f.usage.tolist() for f in llm.expert_pools()] == want
+    assert cmoe.probe_frequencies([f.usage for f in llm.expert_pools()]) == pytest.approx(
+        [c[2] / (2 * n_valid) for c in want])
     with torch.no_grad():
         llm(ids, valid_BT=valid)  # counting accumulates over batches
-    assert [f.usage.tolist() for f in llm.expert_ffns()] == [[2 * v for v in c] for c in want]
-    cmoe.set_counting(llm, False)  # switching off keeps the counts (probe_end reads them) ...
+    assert [f.usage.tolist() for f in llm.expert_pools()] == [[2 * v for v in c] for c in want]
+    cmoe.set_counting(llm, False)  # switching off keeps the counts ...
     with torch.no_grad():
         llm(ids, valid_BT=valid)  # ... and stops counting
-    assert [f.usage.tolist() for f in llm.expert_ffns()] == [[2 * v for v in c] for c in want]
+    assert [f.usage.tolist() for f in llm.expert_pools()] == [[2 * v for v in c] for c in want]
     cmoe.set_counting(llm, True)  # switching on starts from zero
     with torch.no_grad():
         llm(ids, valid_BT=valid)
-    assert [f.usage.tolist() for f in llm.expert_ffns()] == want
+    assert [f.usage.tolist() for f in llm.expert_pools()] == want
 
 
 def test_pgke_rule_ties_and_degenerate_frequencies():
@@ -156,14 +161,14 @@ def test_pgke_probe_grow_structure_sources_and_router_rows_by_hand():
     g = torch.Generator().manual_seed(2)
     llm = tiny_llm(n_layers=3, k=1)
     cmoe.init_experts(llm, 2, generator=g)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         f.freeze()
-    llm.layers[0].ffn.add_experts(1, generator=g)  # task 2 grew layer 0 only
-    for f in llm.expert_ffns():
+    llm.layers[0].experts.add_experts(1, generator=g)  # task 2 grew layer 0 only
+    for f in llm.expert_pools():
         f.add_router(torch.randn(f.n_experts, D, generator=g))
         randomise(f, g, routers=True)
         f.freeze()
-    ffns = llm.expert_ffns()
+    ffns = llm.expert_pools()
     assert [f.n_experts for f in ffns] == [3, 2, 2] and [len(f.routers) for f in ffns] == [2, 2, 2]
     old = [{n: bank(f, n).clone() for n in BANKS} for f in ffns]
     old_routers = [[r.detach().clone() for r in f.routers] for f in ffns]
@@ -185,10 +190,12 @@ def test_pgke_probe_grow_structure_sources_and_router_rows_by_hand():
     for f, c in zip(ffns, made):
         ids = torch.tensor([[e for e, n in enumerate(c) for _ in range(n)]])
         f.count(nn.functional.one_hot(ids, len(c)).float(), None)
-    assert cmoe.probe_frequencies(llm) == pytest.approx([9 / 17, 0.0, 1 / 4])
+    usage = cmoe.read_usage(llm)
+    assert [u.tolist() for u in usage] == made and cmoe.probe_frequencies(usage) == pytest.approx([9 / 17, 0.0, 1 / 4])
 
-    sources, prs = cmoe.probe_end(llm)
+    sources = cmoe.copy_sources(usage)
     assert sources == [1, 0, 1]  # most-used OLD expert (not the winning probe); tie -> lowest index
+    prs = cmoe.probe_end(llm)
     for f, pr, want in zip(ffns, prs, probe_routers):
         assert torch.equal(pr, want)
         assert len(f.routers) == 2 and bank(f, "A_gate", "train").shape[0] == 0 and not f.counting and f.usage.numel() == 0
@@ -216,7 +223,7 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
     g = torch.Generator().manual_seed(3)
     llm = tiny_llm(n_layers=3, k=1)
     cmoe.init_experts(llm, 2, generator=g)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         randomise(f, g, routers=True)
         f.freeze()
     model = cmoe.LLaVA(nn.Identity(), nn.Identity(), llm, pad_id=0)
@@ -232,7 +239,7 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
     trained = []
 
     def fake_train_stage(m, d, a, steps, lr, task_id, tag, log, **kw):
-        ffns = m.llm.expert_ffns()
+        ffns = m.llm.expert_pools()
         trained.append(dict(idx=(d["input_ids"][:, 2] - 2).tolist(), task_ids=d["task_ids"].tolist(),
                             experts=[f.n_experts for f in ffns], routers=[len(f.routers) for f in ffns],
                             trainable=sorted(n for n, p in m.named_parameters() if p.requires_grad)))
@@ -247,7 +254,7 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
     model.forward = lambda *a, **kw: (counted.extend((a[0][:, 2] - 2).tolist()), real_forward(*a, **kw))[1]
     monkeypatch.setattr(train, "train_stage", fake_train_stage)
     seen, handles = capture_ffn_inputs(llm)
-    old = [{n: bank(f, n).clone() for n in BANKS} for f in llm.expert_ffns()]
+    old = [{n: bank(f, n).clone() for n in BANKS} for f in llm.expert_pools()]
     out = train.pgke(model, ds, args, t, lambda msg: None)
     for h in handles:
         h.remove()
@@ -262,8 +269,8 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
     # during the probe stage: old + probe experts, one router per earlier task + the probe router; trainable =
     # the probe experts and the probe routers only
     assert tr["experts"] == [3, 3, 3] and tr["routers"] == [2, 2, 2]
-    want_trainable = sorted([f"llm.layers.{i}.ffn.experts.{n[2:]}.train_{n[0]}" for i in range(3) for n in BANKS]
-                            + [f"llm.layers.{i}.ffn.routers.1" for i in range(3)])
+    want_trainable = sorted([f"llm.layers.{i}.experts.lora.{n[2:]}.train_{n[0]}" for i in range(3) for n in BANKS]
+                            + [f"llm.layers.{i}.experts.routers.1" for i in range(3)])
     assert tr["trainable"] == want_trainable
     # the counts come from the held-out forward only (2 batches of eval_batch 3 and 1), routed by hand
     counts = [counts_of(seen[i], 1, 3, router=t) for i in range(3)]  # routed by the probe router (index t)
@@ -278,7 +285,7 @@ def test_pgke_stage_probe_split_is_disjoint_and_counts_only_held_out(monkeypatch
     src = [c.index(max(c[:2])) for c in counts]  # most-used old expert, lowest index on a tie
     assert out["copied_from"] == [s if gr else None for s, gr in zip(src, grow)]
     # after the stage: probes and probe routers gone, one router per task, grown layers hold a copy of the source
-    for f, o, gr, s in zip(llm.expert_ffns(), old, grow, src):
+    for f, o, gr, s in zip(llm.expert_pools(), old, grow, src):
         assert len(f.routers) == t + 1 and f.n_experts == 2 + gr and f.n_frozen == 2
         for n in BANKS:
             assert torch.equal(bank(f, n)[:2], o[n])
@@ -291,7 +298,7 @@ def _probe_setup(seed=3, N=40, P=2, t=1):
     g = torch.Generator().manual_seed(seed)
     llm = tiny_llm(n_layers=3, k=1)
     cmoe.init_experts(llm, 2, generator=g)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         randomise(f, g, routers=True)
         f.freeze()
     ids = torch.randint(3, 60, (N, 6), generator=g)
@@ -309,7 +316,7 @@ def test_gradnorm_allocator_grows_the_probe_rules_count_of_layers_by_gradient_no
 
     def fake_train_stage(m, d, a, steps, lr, task_id, tag, log, **kw):  # "trains" the probes: non-zero B
         with torch.no_grad():
-            for f in m.llm.expert_ffns():
+            for f in m.llm.expert_pools():
                 for n in ("B_gate", "B_up", "B_down"):
                     bank(f, n, "train").normal_(generator=g)
     monkeypatch.setattr(train, "train_stage", fake_train_stage)
@@ -317,14 +324,14 @@ def test_gradnorm_allocator_grows_the_probe_rules_count_of_layers_by_gradient_no
     out = train.pgke(model, ds, cfg, 1, lambda msg: None)
     k = sum(cmoe.pgke_decide(out["freq"], cfg.alpha)[0])  # the probe rule's budget, from the same frequencies
     assert 0 < k < 3 and out["expand"] == [[False, False, True], [True, False, True]][k - 1]
-    assert [f.n_experts for f in model.llm.expert_ffns()] == [2 + e for e in out["expand"]]
+    assert [f.n_experts for f in model.llm.expert_pools()] == [2 + e for e in out["expand"]]
 
 
 def test_probe_gradnorms_are_the_norms_of_each_layers_probe_expert_gradient():
     import train
     model, ds, g = _probe_setup(seed=5)
     cmoe.probe_start(model.llm, generator=g)
-    for f in model.llm.expert_ffns():
+    for f in model.llm.expert_pools():
         randomise(f, g)
     for n, p in model.named_parameters():
         p.requires_grad_(".train_" in n or ".routers.1" in n)  # the probes and the probe router
@@ -332,7 +339,7 @@ def test_probe_gradnorms_are_the_norms_of_each_layers_probe_expert_gradient():
     cfg.device = "cpu"
     got = train.probe_gradnorms(model, ds, cfg)
     _, loss, _ = model(ds["input_ids"], ds["images"], ds["labels"], ds["task_ids"])
-    params = [[getattr(e, w) for e in f.experts.values() for w in ("train_A", "train_B")] for f in model.llm.expert_ffns()]
+    params = [[getattr(e, w) for e in f.lora.values() for w in ("train_A", "train_B")] for f in model.llm.expert_pools()]
     grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
     want = [math.sqrt(sum(float(x.pow(2).sum()) for x in grads[6 * i:6 * i + 6])) for i in range(3)]
     assert got == pytest.approx(want, rel=1e-5) and min(want) > 0
@@ -345,7 +352,7 @@ def test_trim_padding_keeps_loss_balance_and_gradients_of_the_full_width_batch()
     import train
     model, ds, g = _probe_setup(seed=7, N=6)
     cmoe.probe_start(model.llm, generator=g)
-    for f in model.llm.expert_ffns():
+    for f in model.llm.expert_pools():
         randomise(f, g)
     for n, p in model.named_parameters():
         p.requires_grad_(".train_" in n or ".routers.1" in n)
@@ -446,10 +453,10 @@ def test_locator_feature_unchanged_by_experts_and_routers():
     img = torch.randn(3, 2, D, generator=g)
     before = model.features(prompts, img)
     cmoe.init_experts(llm, 2, generator=g)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         randomise(f, g, routers=True)
     after_task1 = model.features(prompts, img)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         f.freeze()
         f.add_experts(2, copy_from=0)
         f.add_router(torch.randn(4, D, generator=g))
@@ -541,12 +548,12 @@ def test_dispatch_plan_layout_by_hand(k):
 def test_balance_loss_by_hand_top2_with_padding():
     g = torch.Generator().manual_seed(8)
     llm = tiny_llm(n_layers=1, k=2)
-    ffn = llm.layers[0].ffn
+    ffn = llm.layers[0].experts
     ffn.add_experts(4, generator=g)
     ffn.add_router(torch.randn(4, D, generator=g))
     x = torch.randn(2, 5, D, generator=g)
     valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    _, aux = ffn(x, None, valid)
+    aux = ffn.route(x, None, valid).aux
     r = ffn.routers[0].detach()
     frac, prob, n = [0.0] * 4, [0.0] * 4, 8
     for b in range(2):
@@ -559,10 +566,10 @@ def test_balance_loss_by_hand_top2_with_padding():
                     prob[e] += float(p[e]) / n
     assert float(aux.detach()) == pytest.approx(4 * sum(f * p for f, p in zip(frac, prob)), rel=1e-5)
     # top-k = E: every token uses every expert, fractions 1/E, and the loss is exactly 1 for any router
-    ffn2 = tiny_llm(n_layers=1, k=2).layers[0].ffn
+    ffn2 = tiny_llm(n_layers=1, k=2).layers[0].experts
     ffn2.add_experts(2, generator=g)
     ffn2.add_router(torch.randn(2, D, generator=g) * 3)
-    assert float(ffn2(x, None, valid)[1].detach()) == pytest.approx(1.0, abs=1e-6)
+    assert float(ffn2.route(x, None, valid).aux.detach()) == pytest.approx(1.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -572,7 +579,7 @@ def test_safetensors_write_failing_part_way_keeps_the_previous_checkpoint(tmp_pa
     import safetensors.torch as st
     path = tmp_path / "task_0" / "model.safetensors"
     old = {"w": torch.arange(6.0).view(2, 3)}
-    vision.save_safetensors(old, str(path))
+    data.save_safetensors(old, str(path))
     before = path.read_bytes()
     real = st.save_file
 
@@ -583,9 +590,9 @@ def test_safetensors_write_failing_part_way_keeps_the_previous_checkpoint(tmp_pa
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(st, "save_file", fail_half_way)
     with pytest.raises(OSError):
-        vision.save_safetensors({"w": torch.ones(64, 64)}, str(path))
+        data.save_safetensors({"w": torch.ones(64, 64)}, str(path))
     assert path.read_bytes() == before
-    assert torch.equal(vision.read_safetensors(str(path))["w"], old["w"])
+    assert torch.equal(data.read_safetensors(str(path))["w"], old["w"])
     assert os.listdir(path.parent) == ["model.safetensors"]  # no partial temp file left behind
 
 
@@ -594,9 +601,9 @@ def test_json_and_prediction_writes_failing_part_way_keep_the_previous_file(tmp_
 
     import eval as ev
     path = tmp_path / "state.json"
-    vision.save_json({"finished_tasks": 1}, str(path))
+    data.save_json({"finished_tasks": 1}, str(path))
     with pytest.raises(TypeError):  # json.dump streams: "{"finished_tasks": 2, "bad": " is written, then it fails
-        vision.save_json({"finished_tasks": 2, "bad": object()}, str(path))
+        data.save_json({"finished_tasks": 2, "bad": object()}, str(path))
     assert json.loads(path.read_text()) == {"finished_tasks": 1}
     pred = tmp_path / "predictions" / "sqa.jsonl"
     ev.write_predictions(str(pred), [{"prediction": "A"}])
@@ -611,11 +618,11 @@ def test_continual_state_round_trip_rebuilds_pools_routers_flags_and_locator(tmp
     g = torch.Generator().manual_seed(9)
     llm = tiny_llm(n_layers=2, k=2)
     cmoe.init_experts(llm, 2, generator=g)
-    for f in llm.expert_ffns():
+    for f in llm.expert_pools():
         randomise(f, g, routers=True)
         f.freeze()
-    llm.layers[1].ffn.add_experts(1, copy_from=1)  # task 2 (still training): layer 1 grown
-    for f in llm.expert_ffns():
+    llm.layers[1].experts.add_experts(1, copy_from=1)  # task 2 (still training): layer 1 grown
+    for f in llm.expert_pools():
         f.add_router(torch.randn(f.n_experts, D, generator=g))
         randomise(f, g)
     model = cmoe.LLaVA(nn.Identity(), nn.Identity(), llm, pad_id=0)
@@ -624,13 +631,13 @@ def test_continual_state_round_trip_rebuilds_pools_routers_flags_and_locator(tmp
     loc.add_task(feats, hidden=8, latent=2, steps=2)
     loc.add_task(feats * 2 + 1, hidden=8, latent=2, steps=2)
     sd, meta = ev.cl_state(model, loc)
-    vision.save_safetensors(sd, str(tmp_path / "m.safetensors"))
-    vision.save_json(meta, str(tmp_path / "meta.json"))
+    data.save_safetensors(sd, str(tmp_path / "m.safetensors"))
+    data.save_json(meta, str(tmp_path / "meta.json"))
     import json
     fresh = cmoe.LLaVA(nn.Identity(), nn.Identity(), tiny_llm(n_layers=2, k=2, seed=0), pad_id=0)
-    loc2 = ev.load_cl_state(fresh, vision.read_safetensors(str(tmp_path / "m.safetensors")),
+    loc2 = ev.load_cl_state(fresh, data.read_safetensors(str(tmp_path / "m.safetensors")),
                               json.loads((tmp_path / "meta.json").read_text()), "test")
-    for a, b in zip(llm.expert_ffns(), fresh.llm.expert_ffns()):
+    for a, b in zip(llm.expert_pools(), fresh.llm.expert_pools()):
         assert (b.n_frozen, b.n_experts) == (a.n_frozen, a.n_experts)
         for n in BANKS:
             for which in ("frozen", "train"):

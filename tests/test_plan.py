@@ -159,7 +159,7 @@ def test_activation_estimate_matches_saved_bytes(tmp_path, capsys, monkeypatch, 
     cmoe.init_experts(model.llm, n_init, generator=torch.Generator().manual_seed(0))
     train.trainable_cl(model)
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    ffn = model.llm.layers[0].ffn
+    ffn = model.llm.layers[0].experts
     assert ffn.n_experts == got["experts"] and (ffn.n_experts > 2 * top_k) == (top_k == 1)  # the dispatch tested
     plain, per_layer = training_step_saved(model, args)
     model.llm.grad_ckpt = True

@@ -303,7 +303,7 @@ def test_attention_experts_run_keeps_old_experts_and_reloads(tmp_path, base_dir,
     assert not os.path.isabs(M["base"]["tiny"])
     a, b = load_file(str(out / "task_0/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
     frozen = [k for k in a if ".frozen_" in k]
-    assert {k.split(".experts.")[1].split(".")[0] for k in frozen} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert {k.split(".experts.lora.")[1].split(".")[0] for k in frozen} == {"q", "k", "v", "o", "gate", "up", "down"}
     assert len(frozen) == 4 * 7 * 2 and all(torch.equal(b[k][: a[k].shape[0]], a[k]) for k in frozen)
     assert all(torch.equal(b[k], a[k]) for k in a if ".routers.0" in k)
     assert any(b[k].shape[0] > a[k].shape[0] for k in frozen)  # PGKE grew some layer (the check above is not empty)
@@ -319,7 +319,7 @@ def test_attention_experts_run_keeps_old_experts_and_reloads(tmp_path, base_dir,
 # settings: TrainConfig fields as flags, --set, the --quick preset
 
 def test_patch_merge_and_text_steps_base_is_cached_reloaded_and_refused_where_it_cannot_apply(tmp_path, base_dir):
-    from vision import preprocess
+    from data import preprocess
     import data
     import eval as ev
     out = tmp_path / "m2"
@@ -510,7 +510,7 @@ def test_compiled_stages_with_grown_pools_never_hit_the_recompile_limit(monkeypa
     try:
         with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
             for stage in range(2):
-                for f in model.llm.expert_ffns():  # the pool grows by one trainable expert; a new router over all
+                for f in model.llm.expert_pools():  # the pool grows by one trainable expert; a new router over all
                     f.add_experts(1, generator=g)
                     f.routers = torch.nn.ParameterList(list(f.routers)[:1])
                     f.add_router()

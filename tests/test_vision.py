@@ -1,4 +1,5 @@
-"""vision.py: HF checkpoint helpers, CLIP tower vs a plain-math reference, preprocessing, projector."""
+"""vision.py and the file side of data.py: HF checkpoint helpers, CLIP tower vs a plain-math reference,
+preprocessing, projector."""
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
 import vision as V  # noqa: E402
 
 CFG = V.VisionConfig.tiny()
@@ -165,7 +167,7 @@ def test_config_presets():
 def test_from_hf_both_layouts():
     assert V.VisionConfig.from_hf(hf_vision_config(CFG)) == CFG
     assert V.VisionConfig.from_hf(clipmodel_config(CFG)) == CFG
-    with pytest.raises(V.CheckpointError, match="hidden_act 'gelu'"):
+    with pytest.raises(data.CheckpointError, match="hidden_act 'gelu'"):
         V.VisionConfig.from_hf({**hf_vision_config(CFG), "hidden_act": "gelu"})
 
 
@@ -302,7 +304,7 @@ def test_error_missing_shard(tmp_path):
         json.dump({"weight_map": weight_map}, f)
     with pytest.raises(KeyError, match=r"index.json: 1 tensors listed in weight_map are not in their shard: "
                                        r"vision_model.ghost.weight \(in model-00001-of-00002.safetensors\)"):
-        V.open_hf_tensors(folder)
+        data.open_hf_tensors(folder)
 
 
 def test_error_wrong_shape(tmp_path):
@@ -334,38 +336,38 @@ def test_load_mapped_checks_everything_before_copying():
     before = {k: v.clone() for k, v in lin.state_dict().items()}
     mapping = {"w": "weight", "b": "bias"}
     with pytest.raises(ValueError, match=r"b: expected \(2,\), found \(3,\)"):
-        V.load_mapped(lin, {"w": torch.ones(2, 3), "b": torch.ones(3)}, mapping, source="x.safetensors")
+        data.load_mapped(lin, {"w": torch.ones(2, 3), "b": torch.ones(3)}, mapping, source="x.safetensors")
     assert all(torch.equal(before[k], v) for k, v in lin.state_dict().items())  # nothing half-loaded
-    V.load_mapped(lin, {"w": torch.ones(2, 3, dtype=torch.float16), "b": torch.full((2,), 2.0)}, mapping)
+    data.load_mapped(lin, {"w": torch.ones(2, 3, dtype=torch.float16), "b": torch.full((2,), 2.0)}, mapping)
     assert lin.weight.dtype == torch.float32 and lin.weight.sum() == 6 and lin.bias.sum() == 4
 
 
 def test_load_mapped_unmapped_params():
     lin = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"Linear entries not loaded by any checkpoint key \(1\): bias"):
-        V.load_mapped(lin, {"w": torch.ones(2, 3)}, {"w": "weight"}, source="f")
-    V.load_mapped(lin, {"w": torch.ones(2, 3), "junk": torch.ones(1)}, {"w": "weight"}, skip=(r"^junk$",),
+        data.load_mapped(lin, {"w": torch.ones(2, 3)}, {"w": "weight"}, source="f")
+    data.load_mapped(lin, {"w": torch.ones(2, 3), "junk": torch.ones(1)}, {"w": "weight"}, skip=(r"^junk$",),
                   allow_unmapped=(r"^bias$",))
     assert lin.weight.sum() == 6
     with pytest.raises(ValueError, match="does not have: nope"):
-        V.load_mapped(lin, {"w": torch.ones(2, 3)}, {"w": "nope"})
+        data.load_mapped(lin, {"w": torch.ones(2, 3)}, {"w": "nope"})
 
 
 def test_require_and_read_json(tmp_path):
-    assert V.require({"a": 1}, "a", "cfg.json") == 1
+    assert data.require({"a": 1}, "a", "cfg.json") == 1
     with pytest.raises(KeyError, match="^cfg.json: required field 'b' is missing$"):
-        V.require({"a": 1}, "b", "cfg.json")
+        data.require({"a": 1}, "b", "cfg.json")
     with pytest.raises(FileNotFoundError, match="missing.json: file not found"):
-        V.read_json(tmp_path / "missing.json")
+        data.read_json(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text('{"a": 1,\n "b": }')
     with pytest.raises(ValueError, match="bad.json: malformed JSON at line 2 column 7"):
-        V.read_json(tmp_path / "bad.json")
+        data.read_json(tmp_path / "bad.json")
 
 
 # -----------------------------------------------------------------------------
 # images
 
-MEAN, STD = np.array(V.CLIP_MEAN), np.array(V.CLIP_STD)
+MEAN, STD = np.array(data.CLIP_MEAN), np.array(data.CLIP_STD)
 
 
 def norm(rgb):
@@ -374,7 +376,7 @@ def norm(rgb):
 
 def test_preprocess_normalisation_by_hand():
     arr = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    x = V.preprocess(Image.fromarray(arr), 48)  # square and already at size: no pad, resize is the identity
+    x = data.preprocess(Image.fromarray(arr), 48)  # square and already at size: no pad, resize is the identity
     assert x.shape == (3, 48, 48) and x.dtype == torch.float32
     np.testing.assert_allclose(x.numpy(), norm(arr).transpose(2, 0, 1), atol=1e-6)
 
@@ -383,10 +385,10 @@ def test_preprocess_normalisation_by_hand():
 def test_preprocess_pads_with_mean_colour(wide):
     colour = (200, 30, 90)
     img = Image.new("RGB", (60, 30) if wide else (30, 60), colour)  # pads to 60x60, scaled to 48 (x0.8)
-    x = V.preprocess(img, 48).numpy().transpose(1, 2, 0)  # S,S,C
+    x = data.preprocess(img, 48).numpy().transpose(1, 2, 0)  # S,S,C
     if not wide:
         x = x.transpose(1, 0, 2)  # padding is then left/right: look at it as rows
-    pad = norm([int(255 * m) for m in V.CLIP_MEAN])  # LLaVA: tuple(int(x*255) for x in image_mean)
+    pad = norm([int(255 * m) for m in data.CLIP_MEAN])  # LLaVA: tuple(int(x*255) for x in image_mean)
     np.testing.assert_allclose(x[:9], np.broadcast_to(pad, x[:9].shape), atol=1e-6)  # band 0..12 minus filter
     np.testing.assert_allclose(x[-9:], np.broadcast_to(pad, x[-9:].shape), atol=1e-6)
     np.testing.assert_allclose(x[15:33], np.broadcast_to(norm(colour), x[15:33].shape), atol=1e-6)
@@ -394,30 +396,30 @@ def test_preprocess_pads_with_mean_colour(wide):
 
 def test_preprocess_converts_modes_and_paths(tmp_path):
     grey = Image.new("L", (20, 20), 77)
-    np.testing.assert_allclose(V.preprocess(grey, 8).numpy().transpose(1, 2, 0),
+    np.testing.assert_allclose(data.preprocess(grey, 8).numpy().transpose(1, 2, 0),
                                np.broadcast_to(norm([77, 77, 77]), (8, 8, 3)), atol=1e-6)
     rgba = Image.new("RGBA", (20, 20), (10, 20, 30, 0))
-    assert V.preprocess(rgba, 8).shape == (3, 8, 8)
+    assert data.preprocess(rgba, 8).shape == (3, 8, 8)
     path = tmp_path / "a.png"
     Image.new("RGB", (40, 24), (1, 2, 3)).save(path)
-    assert torch.equal(V.preprocess(str(path), 16), V.preprocess(Image.open(path), 16))
+    assert torch.equal(data.preprocess(str(path), 16), data.preprocess(Image.open(path), 16))
 
 
 def test_load_image_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png: image file not found"):
-        V.load_image(tmp_path / "nope.png")
+        data.load_image(tmp_path / "nope.png")
     (tmp_path / "notes.png").write_text("hello, not an image")
     with pytest.raises(ValueError, match="notes.png: not a readable image"):
-        V.load_image(tmp_path / "notes.png")
+        data.load_image(tmp_path / "notes.png")
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "full.png")
-    data = (tmp_path / "full.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    png = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
     with pytest.raises(ValueError, match="cut.png: not a readable image"):
-        V.load_image(tmp_path / "cut.png")
+        data.load_image(tmp_path / "cut.png")
     with pytest.raises(ValueError, match="cut.png: not a readable image"):
-        V.preprocess(str(tmp_path / "cut.png"), 16)
-    assert V.load_image(tmp_path / "full.png").size == (64, 64)
+        data.preprocess(str(tmp_path / "cut.png"), 16)
+    assert data.load_image(tmp_path / "full.png").size == (64, 64)
 
 
 # -----------------------------------------------------------------------------
