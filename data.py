@@ -1365,7 +1365,7 @@ def unseen_list(cfg, trained):
     if cfg.unseen in (None, "auto"):
         names = list(UNSEEN_TASKS) if cfg.benchmark == "minicoin" else []
     else:
-        names = [n for n in cfg.unseen.split(",") if n and n != "none"]
+        names = [n.strip() for n in cfg.unseen.split(",") if n.strip() and n.strip().lower() != "none"]
     known = TASK_METRIC if cfg.benchmark == "minicoin" else dict(COIN_TASKS)
     for n in names:
         if n not in known or n in trained or n in BASE_SETS:
@@ -1420,17 +1420,34 @@ def contact_sheet(path, per_task=4, seed=0, zoom=4):
             q = ex.turns[0][0].replace("<image>\n", "")
             lines = [f"[{task}]"] + textwrap.wrap(q, 34) + textwrap.wrap("-> " + ex.answer, 34)
             d.multiline_text((x, y + IMAGE_SIZE * zoom + 4), "\n".join(lines[:8]), fill=(0, 0, 0), font=font)
-    sheet.save(path)
+    with atomic_path(path) as tmp:  # (its folder is made if missing)
+        sheet.save(tmp, format=image_format(path))
 
 
-if __name__ == "__main__":
+def image_format(path):
+    """Pillow's format name for the file name's extension (.png -> PNG, .jpg -> JPEG), or a clear error."""
+    fmt = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower())
+    if fmt is None:
+        raise ValueError(f"{path}: not an image file name (use .png or .jpg)")
+    return fmt
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--show", action="store_true", help="write a contact sheet of MiniCoIN samples")
     ap.add_argument("--out", default="minicoin.png")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    if args.show:
-        contact_sheet(args.out, seed=args.seed)
-        print(f"wrote {args.out}")
-    else:
+    args = ap.parse_args(argv)
+    if not args.show:
         ap.print_help()
+        return
+    try:
+        image_format(args.out)  # before the minutes of rendering
+        contact_sheet(args.out, seed=args.seed)
+    except (OSError, ValueError) as e:
+        ap.error(f"--out {args.out}: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

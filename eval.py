@@ -419,7 +419,7 @@ def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
                 held_out[k] = reject_features(model, data.load_examples(cfg, bench.names[k], "train"), tok, template, cfg)
             locator.calibrate(held_out[k], quantile, task=k)
         record(metrics, bench.evaluate(model, locator, t), t)
-        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={_f(a)}" for n, a in zip(bench.names, metrics["acc"][-1])))
+        log(f"re-evaluated task_{t}: " + " ".join(f"{n}={fmt(a)}" for n, a in zip(bench.names, metrics["acc"][-1])))
     metrics.update(continual_metrics(metrics["acc"], joint=cfg.method == "joint"))
     save_json(metrics, os.path.join(run_dir, "metrics.json"))
     return metrics
@@ -558,7 +558,8 @@ def draw_heatmap(path, vals, rows, cols, title, xlabel, ylabel, fmt="{:.1f}", sh
 # -----------------------------------------------------------------------------
 # report
 
-def _f(x, nd=1):
+def fmt(x, nd=1):
+    """A number for a log line or a report cell: nd decimals, "—" for None (not evaluated, not applicable)."""
     return "—" if x is None else f"{x:.{nd}f}"
 
 def _human(n):
@@ -582,8 +583,9 @@ def summarize(m):
     s["locator_acc"] = locator_accuracy(loc.get("confusion"), loc.get("rejected"))
     return s
 
-def write_report(run_dir, metrics):
-    """report.md + figures/*.png for one run; metrics.json is refreshed with the recomputed summary."""
+def write_report(run_dir, metrics, out_dir=None):
+    """report.md + figures/*.png for one run, in out_dir (default: the run folder); the run's metrics.json is
+    refreshed with the recomputed summary."""
     m = dict(metrics)
     s = summarize(m)
     m.update(last=s["last"], avg=s["avg"], bwt=s["bwt"], fwt=s["fwt"], plasticity=s["plasticity"])
@@ -595,23 +597,24 @@ def write_report(run_dir, metrics):
     rows = ["joint"] if joint else [f"after {tasks[j]}" for j in range(len(acc))]
     if m.get("zero_shot"):  # row 0: the frozen base before any task
         acc, rows = [m["zero_shot"], *acc], ["base (zero-shot)", *rows]
-    figs, name = os.path.join(run_dir, "figures"), os.path.basename(os.path.normpath(run_dir))
+    out_dir = out_dir or run_dir
+    figs, name = os.path.join(out_dir, "figures"), os.path.basename(os.path.normpath(run_dir))
     draw_heatmap(os.path.join(figs, "acc_matrix.png"), acc, rows, tasks, f"{name}: accuracy (%)",
                  "evaluated task i", "after training task j")
     md = [f"# {name}\n",
           f"benchmark `{m.get('benchmark')}`, method `{m.get('method')}`, "
           f"finished tasks {m['finished_tasks']}/{len(tasks)}\n",
           "## Summary\n", _table(["Last", "Avg", "BWT", "FWT", "Locator acc"],
-                                 [[_f(s["last"]), _f(s["avg"]), _f(s["bwt"]), _f(s["fwt"]), _f(s["locator_acc"])]]),
+                                 [[fmt(s["last"]), fmt(s["avg"]), fmt(s["bwt"]), fmt(s["fwt"]), fmt(s["locator_acc"])]]),
           "`Last = mean_i a[T][i]`, `Avg = mean_j mean_{i<=j} a[j][i]`, `BWT = mean_{i<T}(a[T][i] - a[i][i])`, "
           "`FWT = mean_i a[i-1][i]` (zero-shot on the next task, before training it).\n",
           "## Accuracy matrix (%)\n", "Row j: after training task j; column i: evaluated task i.\n",
-          _table(["", *tasks], [[r, *[_f(v) for v in row]] for r, row in zip(rows, acc)]
-                 + ([["plasticity a_ii", *[_f(v) for v in s["plasticity"]]]] if s["plasticity"] else [])),
+          _table(["", *tasks], [[r, *[fmt(v) for v in row]] for r, row in zip(rows, acc)]
+                 + ([["plasticity a_ii", *[fmt(v) for v in s["plasticity"]]]] if s["plasticity"] else [])),
           "Plasticity: the accuracy on a task right after training it.\n" if s["plasticity"] else "",
           "![accuracy matrix](figures/acc_matrix.png)\n"]
     md += _report_locator(m, s, figs) + _report_growth(m, figs) + _report_time(m.get("time") or {})
-    write_text(os.path.join(run_dir, "report.md"), "\n".join(md))
+    write_text(os.path.join(out_dir, "report.md"), "\n".join(md))
     return m
 
 def _report_locator(m, s, figs):
@@ -623,15 +626,15 @@ def _report_locator(m, s, figs):
         tot = [max(sum(r), 1) for r in full]
         cols = tasks[: len(conf)] + (["rejected"] if rej and any(rej) else [])
         draw_heatmap(os.path.join(figs, "locator_confusion.png"), full, tasks[: len(conf)], cols,
-                     f"Task locator: {_f(s['locator_acc'])}% correct", "chosen task", "true task", fmt="{:d}",
+                     f"Task locator: {fmt(s['locator_acc'])}% correct", "chosen task", "true task", fmt="{:d}",
                      shade=[[c / tot[t] for c in r] for t, r in enumerate(full)])
-        md += ["## Task locator\n", f"Accuracy {_f(s['locator_acc'])}% (true task row, chosen task column).\n",
+        md += ["## Task locator\n", f"Accuracy {fmt(s['locator_acc'])}% (true task row, chosen task column).\n",
                _table(["true \\ chosen", *cols], [[t, *r] for t, r in zip(tasks, full)]),
                "![locator confusion](figures/locator_confusion.png)\n"]
     if unseen.get("tasks") and unseen.get("acc"):
         md += ["## Unseen tasks (scored every stage, never trained)\n",
                _table(["task", "base zero-shot", "after the last task", "retention"],
-                      [[n, _f(z), _f(a), _f(k, 2)] for n, z, a, k in zip(unseen["tasks"], unseen["zero_shot"],
+                      [[n, fmt(z), fmt(a), fmt(k, 2)] for n, z, a, k in zip(unseen["tasks"], unseen["zero_shot"],
                                                                          unseen["acc"][-1], unseen["retention"])])]
     return md
 
@@ -653,7 +656,7 @@ def _report_growth(m, figs):
     if m.get("pgke"):
         md += ["## PGKE decisions\n", "freq = share of top-k slots the probe expert won; * = layer expanded.\n",
                _table(["task", "threshold", "expanded layers", "freq per layer"],
-                      [[p.get("task"), _f(p.get("threshold"), 3),
+                      [[p.get("task"), fmt(p.get("threshold"), 3),
                         ", ".join(str(l) for l, e in enumerate(p.get("expand", [])) if e) or "none",
                         " ".join(f"{f:.2f}{'*' if e else ''}" for f, e in zip(p.get("freq", []), p.get("expand", [])))]
                        for p in m["pgke"]])]
@@ -663,11 +666,11 @@ def _report_time(tm):
     if not tm:
         return []
     stages = ("probe", "train", "locator", "eval")
-    trs = [["base", *["—"] * 4, _f(tm.get("base"))]] if tm.get("base") is not None else []
-    trs += [[t.get("task"), *[_f(t.get(k)) for k in stages], _f(sum(t.get(k) or 0 for k in stages))]
+    trs = [["base", *["—"] * 4, fmt(tm.get("base"))]] if tm.get("base") is not None else []
+    trs += [[t.get("task"), *[fmt(t.get(k)) for k in stages], fmt(sum(t.get(k) or 0 for k in stages))]
             for t in tm.get("tasks", [])]
     return ["## Time per stage (s)\n", _table(["stage", *stages, "total"], trs),
-            f"Total wall time: {_f(tm.get('total'))} s\n"]
+            f"Total wall time: {fmt(tm.get('total'))} s\n"]
 
 def compare(run_dirs, out_dir):
     """One row per run (label = run folder name); writes out_dir/compare.md and compare.png, returns the rows."""
@@ -680,8 +683,8 @@ def compare(run_dirs, out_dir):
                          added=sum(p.get("added") or 0 for p in m["params"]) if m.get("params") else None,
                          time=(m.get("time") or {}).get("total")))
     md = _table(["run", "method", "Last", "Avg", "BWT", "locator acc", "added params", "time (s)"],
-                [[r["run"], r["method"], _f(r["last"]), _f(r["avg"]), _f(r["bwt"]), _f(r["locator"]),
-                  _human(r["added"]), _f(r["time"])] for r in rows])
+                [[r["run"], r["method"], fmt(r["last"]), fmt(r["avg"]), fmt(r["bwt"]), fmt(r["locator"]),
+                  _human(r["added"]), fmt(r["time"])] for r in rows])
     print(md, end="")
     write_text(os.path.join(out_dir, "compare.md"), md)
     draw_heatmap(os.path.join(out_dir, "compare.png"), [[r["last"], r["avg"], r["locator"]] for r in rows],
@@ -694,7 +697,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Re-evaluate / report a cmoe run, or compare several runs.")
     p.add_argument("runs", nargs="+", help="run folder(s), e.g. out/minicoin-cmoe")
     p.add_argument("--compare", action="store_true", help="compare several runs in one table + figure")
-    p.add_argument("--out", default=None, help="output folder for --compare (default: <runs parent>/compare)")
+    p.add_argument("--out", default=None, help="output folder: of report.md and its figures (default: the run folder); "
+                   "with --compare, of compare.md and compare.png (default: <runs parent>/compare)")
     p.add_argument("--from-predictions", action="store_true", help="skip the model; rescore saved predictions")
     p.add_argument("--reject", action="store_true", help="re-evaluate with the locator's reject option (the bounds "
                    "are calibrated during training whether or not the run used it)")
@@ -721,10 +725,10 @@ def main(argv=None):
                            quantile=args.reject_quantile)
             except NotImplementedError as e:
                 print(f"note: {e}; rescoring the saved predictions instead", file=sys.stderr)
-        m = write_report(rd, recompute(rd))
+        m = write_report(rd, recompute(rd), args.out)
         s = summarize(m)
-        print(f"{rd}: Last {_f(s['last'])}  Avg {_f(s['avg'])}  BWT {_f(s['bwt'])}  FWT {_f(s['fwt'])}  "
-              f"locator {_f(s['locator_acc'])} -> {os.path.join(rd, 'report.md')}")
+        print(f"{rd}: Last {fmt(s['last'])}  Avg {fmt(s['avg'])}  BWT {fmt(s['bwt'])}  FWT {fmt(s['fwt'])}  "
+              f"locator {fmt(s['locator_acc'])} -> {os.path.join(args.out or rd, 'report.md')}")
         return 0
     except (OSError, ValueError, ImportError) as e:
         p.error(str(e))  # argparse-style one-line message, exit status 2

@@ -206,6 +206,11 @@ def parse_args(argv=None) -> TrainConfig:
         cfg.out = os.path.join("out", f"{cfg.benchmark}{'-quick' if cfg.quick else ''}-{tag}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         p.error(f"--out {cfg.out}: is a file, not a run folder")
+    above = os.path.dirname(os.path.abspath(cfg.out))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        p.error(f"--out {cfg.out}: {above} is a file, so the run folder cannot be made under it")
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {cfg.device}: this torch sees no CUDA device (torch.cuda.is_available() is False)")
     return cfg
@@ -731,6 +736,7 @@ class RunState:
         self.cfg, self.t_start = cfg, time.time()
         self.rank = init_distributed(cfg)
         self.names, metric = data.task_list(cfg)
+        data.unseen_list(cfg, self.names)  # a misspelt --unseen stops here, not after stage 0
         unknown = sorted(set(cfg.steps_by_task()) - set(self.names))
         if unknown:  # before the run folder exists
             raise SystemExit(f"--task-steps names {', '.join(unknown)}: not a task of this run ({', '.join(self.names)})")
@@ -783,7 +789,7 @@ class RunState:
         if "zero_shot" not in self.metrics:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
             self.metrics["unseen"] = {"tasks": bench.unseen, "acc": []}
             ev.record(self.metrics, bench.evaluate(model, None, -1), -1)
-            self.log("base zero-shot: " + " ".join(f"{n}={ev._f(a)}" for n, a in zip(
+            self.log("base zero-shot: " + " ".join(f"{n}={ev.fmt(a)}" for n, a in zip(
                 self.names + bench.unseen, self.metrics["zero_shot"] + self.metrics["unseen"]["zero_shot"])))
         return model, bench, locator
 
@@ -825,8 +831,8 @@ class RunState:
         metrics["time"]["tasks"].append(clock.seconds)
         metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
         scores = zip(self.names + metrics["unseen"]["tasks"], result["acc"] + result["unseen"])
-        self.log(f"after task {t + 1} ({clock.name}): " + " ".join(f"{n}={ev._f(a)}" for n, a in scores)
-                 + (f" | locator {ev._f(metrics['locator']['acc'])}%" if located else ""))
+        self.log(f"after task {t + 1} ({clock.name}): " + " ".join(f"{n}={ev.fmt(a)}" for n, a in scores)
+                 + (f" | locator {ev.fmt(metrics['locator']['acc'])}%" if located else ""))
         tdir = os.path.join(cfg.out, f"task_{t}")
         if self.rank:
             return
@@ -840,15 +846,17 @@ class RunState:
                 os.remove(os.path.join(tdir, "partial" + ext))
 
     def finish(self):
-        """Totals and summary metrics into state.json and metrics.json; the accuracy matrix into the log."""
-        metrics, log = self.metrics, self.log
+        """Totals and summary metrics into state.json and metrics.json, report.md and its figures (eval.write_report;
+        `python eval.py RUN` regenerates them); the accuracy matrix into the log."""
+        metrics, log, out = self.metrics, self.log, self.cfg.out
         metrics["time"]["total"] = metrics["time"].get("total", 0.0) + time.time() - self.t_start
         metrics.update(ev.continual_metrics(metrics["acc"], joint=metrics["method"] == "joint"))
         if self.rank == 0:
             save_json(metrics, self.state_path)
-            save_json(metrics, os.path.join(self.cfg.out, "metrics.json"))
+            save_json(metrics, os.path.join(out, "metrics.json"))
+            ev.write_report(out, metrics)
         cell = lambda a: f"{a:8.1f}" if a is not None else f"{'':>8}"  # noqa: E731
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        two = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         log("accuracy matrix (row: after training task j; column: task i)")
         log("            " + " ".join(f"{n[:8]:>8}" for n in self.names))
         labels = ["base"] + (self.names if metrics["method"] != "joint" else ["joint"])
@@ -858,10 +866,11 @@ class RunState:
             log(f"{'plasticity':>10}  " + " ".join(map(cell, metrics["plasticity"])))
         unseen = metrics["unseen"]
         for n, z, a, k in zip(unseen["tasks"], unseen["zero_shot"], unseen["acc"][-1], unseen.get("retention") or []):
-            log(f"unseen task {n}: base zero-shot {ev._f(z)}, after the last task {ev._f(a)}, retention {fmt(k)}")
-        log(f"Last {fmt(metrics['last'])} | Avg {fmt(metrics['avg'])} | BWT {fmt(metrics['bwt'])} | "
-            f"FWT {fmt(metrics.get('fwt'))} | locator {fmt(metrics['locator'].get('acc'))} | "
+            log(f"unseen task {n}: base zero-shot {ev.fmt(z)}, after the last task {ev.fmt(a)}, retention {two(k)}")
+        log(f"Last {two(metrics['last'])} | Avg {two(metrics['avg'])} | BWT {two(metrics['bwt'])} | "
+            f"FWT {two(metrics.get('fwt'))} | locator {two(metrics['locator'].get('acc'))} | "
             f"total {metrics['time']['total']:.0f}s")
+        log(f"report: {os.path.join(out, 'report.md')}, figures in {os.path.join(out, 'figures')}")
         return metrics
 
 

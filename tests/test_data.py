@@ -638,3 +638,14 @@ def test_lenient_scorer_is_minicoin_only():
     assert data.score("exact", "Red.", "red") == 1.0 and data.score("coin-vqav2", "Red.", "red") == 0.0
     with pytest.raises(ValueError, match="unknown CoIN metric"):
         data.coin_score("coin-bleu", "a", "a")
+
+
+def test_show_writes_the_contact_sheet_into_a_new_folder_and_refuses_a_non_image_name(tmp_path, capsys):
+    out = tmp_path / "new" / "folder" / "sheet.png"
+    data.main(["--show", "--out", str(out)])
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 100
+    assert f"wrote {out}" in capsys.readouterr().out and not list(out.parent.glob("*.tmp*"))
+    with pytest.raises(SystemExit):
+        data.main(["--show", "--out", str(tmp_path / "sheet.txt")])
+    assert "sheet.txt: not an image file name" in capsys.readouterr().err

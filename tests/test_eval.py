@@ -97,6 +97,10 @@ def make_run(root, name, acc, method="cmoe", finished=None):
 
 def test_write_report(tmp_path):
     rd, m = make_run(str(tmp_path), "minicoin-cmoe", ACC)
+    elsewhere = tmp_path / "elsewhere"  # eval.py RUN --out DIR: the report and its figures go to DIR
+    ev.write_report(rd, m, str(elsewhere))
+    assert (elsewhere / "report.md").is_file() and (elsewhere / "figures" / "acc_matrix.png").is_file()
+    assert not os.path.exists(os.path.join(rd, "report.md"))
     ev.write_report(rd, m)
     report = open(os.path.join(rd, "report.md")).read()
     assert "Accuracy matrix" in report and "PGKE" in report and "Total added" in report

@@ -54,6 +54,10 @@ def test_quick_run_writes_the_run_folder(oracle_run):
         assert (src in (0, 1)) if grow else src is None
     assert sum(m["experts_per_layer"][1]) == sum(m["experts_per_layer"][0]) + grown
     assert not list(out.glob("task_*/partial*")), "partial checkpoints are removed when a task finishes"
+    # the run ends with its report (no eval.py needed), and its last log line says where it is
+    report = (out / "report.md").read_text()
+    assert "Accuracy matrix" in report and "after cls" in report and len(list(out.glob("figures/*.png"))) >= 2
+    assert (out / "log.txt").read_text().splitlines()[-1] == f"report: {out / 'report.md'}, figures in {out / 'figures'}"
 
 
 def test_stage_0b_keeps_the_tower_of_stage_0a(oracle_run, base_dir):
@@ -378,7 +382,7 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
     assert (e.attn_experts, e.instruct_mc, e.out) == (False, False, "out/minicoin-cmoe-expandall-ffn-nomc")
     names = d.tasks and d.tasks.split(",") or list(train.data.MINICOIN_TASKS)  # --unseen: auto, none, a list
     for argv, want in (([], ["textcolor"]), (["--unseen", "none"], []), (["--set", "unseen=none"], []),
-                       (["--unseen", "textcolor"], ["textcolor"])):
+                       (["--unseen", "NONE"], []), (["--unseen", "textcolor"], ["textcolor"])):
         assert list(train.data.unseen_list(train.parse_args(argv), names)) == want, argv
     for bad, says in ((["--set", "rank=x"], "rank=x"), (["--set", "nope=1"], "NAME one of"),
                       (["--set", "method=bad"], "method must be one of"), (["--bad-images", "x"], "invalid choice"),
@@ -392,6 +396,9 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert says in capsys.readouterr().err, bad
+    with pytest.raises(SystemExit):  # a run folder under a file: refused before anything is made
+        train.parse_args(["--out", os.path.join(__file__, "run")])
+    assert "is a file, so the run folder cannot be made under it" in capsys.readouterr().err
     coin = train.parse_args(["--quick", "--benchmark", "coin"])  # QUICK's MiniCoIN task list stays out of CoIN
     assert coin.tasks is None and coin.steps == train.QUICK["steps"]
     with pytest.raises(SystemExit, match="sqa listed twice"):
@@ -417,6 +424,9 @@ def test_max_len_that_fits_no_example_is_refused_by_name(tmp_path, base_dir):
     with pytest.raises(SystemExit, match="task caption: none of its 64 examples fits --max-len 4"):
         run(tmp_path / "run", base_dir, "--max-len", "4")
     assert stages() == before  # no stage-0 folder begun
+    with pytest.raises(SystemExit, match="--unseen: 'textcolour' is not a task"):  # a misspelt --unseen, likewise
+        run(tmp_path / "run2", base_dir, "--unseen", "textcolour")
+    assert stages() == before and not (tmp_path / "run2" / "log.txt").exists()
 
 
 def test_resume_with_changed_settings_is_refused_before_anything_is_written(tmp_path):
