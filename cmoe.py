@@ -531,7 +531,7 @@ def set_precision(model: LLaVA, precision: str, cast=True):
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     for name, p in model.named_parameters() if cast else ():
         if ".ffn.experts." not in name and ".ffn.routers." not in name:
-            p.data = p.data.to(PRECISIONS[precision])  # .data: the Parameter (and a tied head with it) stays the same object
+            p.data = p.data.to(PRECISIONS[precision])  # .data: the same Parameter (a tied head stays tied)
     model.precision = precision
 
 

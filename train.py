@@ -164,7 +164,8 @@ RESUME_MAY_CHANGE = ("resume", "device", "threads")  # everything else must matc
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
          "out": "run folder", "quick": "small slice of everything", "resume": "continue an interrupted run",
-         "device": "cpu, cuda, cuda:1, ...", "precision": "bf16 | fp32 (None: bf16 on CUDA and for --plan, else fp32)", "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
+         "device": "cpu, cuda, cuda:1, ...", "precision": "bf16 | fp32 (None: bf16 on CUDA and for --plan, else fp32)",
+         "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
          "projector": "LLaVA mm_projector .safetensors", "tokenizer": "Llama-3 tokenizer.model",
          "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
          "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama",

@@ -18,7 +18,8 @@ LOSS_TOL = 0.03
 
 
 def losses(out):
-    return [float(x) for x in re.findall(r"(?:probe|task)\S* step +\d+/\d+ \| loss ([0-9.]+)", (out / "log.txt").read_text())]
+    log = (out / "log.txt").read_text()
+    return [float(x) for x in re.findall(r"(?:probe|task)\S* step +\d+/\d+ \| loss ([0-9.]+)", log)]
 
 
 @pytest.fixture(scope="module")
