@@ -17,6 +17,7 @@ LoRA matrices are lower-case (a_EDR, b_ERO): the capital B is the batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -169,10 +170,11 @@ def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     # pick each sample's router with a one-hot matmul, not an index: its backward is then a GEMM (the
     # compiled CPU scatter-add backward of an index corrupted memory at B=1 in torch 2.13)
     N, E, D = router_NED.shape
-    onehot_BN = F.one_hot(task_ids_B, N).to(torch.float32)
-    w_BED = (onehot_BN @ router_NED.float().flatten(1)).view(-1, E, D)  # router math in fp32
-    logits_BTE = torch.einsum("btd,bed->bte", x_BTD.float(), w_BED)
-    valid_BE = (onehot_BN @ valid_NE.float()) > 0
+    with torch.autocast(x_BTD.device.type, enabled=False):  # router math in fp32, under bf16 autocast too: its
+        onehot_BN = F.one_hot(task_ids_B, N).to(torch.float32)  # matmuls would otherwise run in bf16 and near-ties
+        w_BED = (onehot_BN @ router_NED.float().flatten(1)).view(-1, E, D)  # of the top-k flip
+        logits_BTE = torch.einsum("btd,bed->bte", x_BTD.float(), w_BED)
+        valid_BE = (onehot_BN @ valid_NE.float()) > 0
     logits_BTE = logits_BTE.masked_fill(~valid_BE[:, None, :], float("-inf"))
     probs_BTE = logits_BTE.softmax(-1)
     top_BTK, idx_BTK = probs_BTE.topk(min(k, probs_BTE.shape[-1]), dim=-1)
@@ -541,19 +543,52 @@ def load_llama(folder, ecfg: ExpertConfig | None = None) -> Llama:
 
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def set_precision(model: LLaVA, precision: str, cast=True):
+    """The model's compute precision. bf16: its forward passes run under bf16 autocast (on whatever device holds the
+    model: CUDA, or the CPU, whose autocast supports bf16 too) and, with `cast`, every frozen base parameter (vision
+    tower, projector, LLM: not the experts and routers) is stored in bf16 in place, so autocast finds the weights
+    in its dtype and keeps no copy of them; experts and routers stay fp32 (the master weights AdamW updates; autocast
+    casts them per op). cast=False: bf16 autocast over fp32 weights (mixed precision for a base that still trains).
+    fp32: no autocast, and (with `cast`) the base in fp32. Buffers keep their dtype (RoPE's inverse frequencies)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    for name, p in model.named_parameters() if cast else ():
+        if ".experts." not in name:  # (Experts: each layer's LoRA banks and routers)
+            p.data = p.data.to(PRECISIONS[precision])  # .data: the same Parameter (a tied head stays tied)
+    model.precision = precision
+
+
 
 # ----------------------------------------------------------------------------------------------------------
 # LLaVA: vision tower -> projector -> image features spliced into the Llama prompt
+
+def in_precision(method):
+    """A LLaVA entry point that runs under the model's autocast (LLaVA.autocast), whoever calls it."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.autocast():
+            return method(self, *args, **kwargs)
+    return run
+
 
 class LLaVA(nn.Module):
     def __init__(self, vision, projector, llm: Llama, pad_id: int = 0):
         super().__init__()
         self.vision, self.projector, self.llm = vision, projector, llm
         self.pad_id = pad_id
+        self.precision = "fp32"  # set_precision
 
+    def autocast(self):
+        """Every entry point below runs under this: bf16 autocast on the weights' device type under precision bf16
+        (set_precision), else nothing (fp32)."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.llm.embed_tokens.weight.device.type, dtype=torch.bfloat16)
+
+    @in_precision
     def image_features(self, pixel_values):
         return self.projector(self.vision(pixel_values))
 
@@ -590,6 +625,7 @@ class LLaVA(nn.Module):
             lab_BS = labels_BT.gather(1, src_BS).masked_fill(is_img_BS, IGNORE_INDEX)
         return x_BSD, valid_BS, lab_BS
 
+    @in_precision
     def forward(self, input_ids, images, labels=None, task_ids=None, use_experts=True):
         """Training forward on right-padded batches. Returns (logits, loss or None, balance loss)."""
         x, valid, lab = self.splice(input_ids, images, labels)
@@ -609,6 +645,7 @@ class LLaVA(nn.Module):
         return ids.to(device)
 
     @torch.no_grad()
+    @in_precision
     def features(self, prompts, images, kind="last"):
         """PTL feature of the frozen base model (no experts): "last", the paper's final hidden state at the last
         prompt token [B,D]; or "mean", the mean hidden state over the image slots beside the mean over the valid text
@@ -639,6 +676,7 @@ class LLaVA(nn.Module):
         return ((k <= q)[None] & keys_B1K) | (k == q)[None]
 
     @torch.no_grad()
+    @in_precision
     def generate(self, prompts, images, task_ids=None, max_new_tokens=16, stop_ids=(), use_experts=True):
         """Greedy decoding of a batch of prompts (lists of ids, one IMAGE_TOKEN_ID each, or none in a text-only
         prompt) -> new ids per row. use_experts=False: the frozen base alone."""

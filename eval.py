@@ -242,8 +242,7 @@ def image_features(model: LLaVA, examples, cfg):
     for i in range(0, len(examples), cfg.eval_batch):
         px = torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S)
                           for ex in examples[i:i + cfg.eval_batch]]).to(cfg.device)
-        with cmoe.autocast(cfg.device):
-            out.append(model.image_features(px).cpu())
+        out.append(model.image_features(px).cpu())  # in the model's precision (cmoe.set_precision)
     return torch.cat(out)
 
 def task_features(model: LLaVA, examples, tok, template, cfg, images=None):
@@ -295,9 +294,8 @@ def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_ta
         for experts in (True, False):  # samples with routers, then those the base answers alone
             idx = [j for j in range(len(exs)) if bool(tids[j] != BASE_ONLY) == experts]
             if idx:
-                with cmoe.autocast(cfg.device):
-                    gen = model.generate([prompts[j] for j in idx], img[idx], tids[idx].clamp(min=0).to(cfg.device),
-                                         cfg.max_new_tokens, stops, use_experts=experts)
+                gen = model.generate([prompts[j] for j in idx], img[idx], tids[idx].clamp(min=0).to(cfg.device),
+                                     cfg.max_new_tokens, stops, use_experts=experts)
                 for j, o in zip(idx, gen):
                     outs[j] = o
         for j, (ex, o) in enumerate(zip(exs, outs)):
@@ -400,7 +398,9 @@ def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
     if "base" not in metrics:
         raise ValueError(f"{run_dir}: metrics name no base model (a run folder from before the 'base' field: rerun it)")
     tok, template = data.tokenizer(cfg)
-    model = load_model(metrics["base"], data.pad_id(tok)).to(cfg.device).requires_grad_(False)
+    model = load_model(metrics["base"], data.pad_id(tok)).requires_grad_(False)
+    cmoe.set_precision(model, getattr(cfg, "precision", None) or "fp32")  # as training held it (config.json; fp32
+    model = model.to(cfg.device)  # where it names no precision)
     bench = Benchmark(cfg, model, tok, template, log)
     metrics.update(acc=[], locator_acc=[], unseen={"tasks": bench.unseen, "acc": []}, reject=cfg.reject,
                    reject_quantile=cfg.reject_quantile)

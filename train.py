@@ -58,6 +58,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compile: str = "auto"  # torch.compile the training step: auto (on CUDA) | on | off
+    precision: str | None = None  # bf16 | fp32; None: bf16 on CUDA (and for --plan), fp32 elsewhere. bf16: the frozen
+    # base (vision tower, projector, LLM) stored in bf16, forward passes under bf16 autocast, experts, routers and
+    # VAEs fp32 (the master weights). The tiny base's stage 0 trains fp32 weights (bf16 autocast on CUDA under bf16)
     threads: int = 0  # CPU threads (0: torch's default)
     # model: real checkpoints, or the tiny MiniCoIN base (stage 0: captions, then MiniCoIN-Instruct; cached)
     llm: str | None = None  # HF Llama-3.x folder
@@ -113,7 +116,6 @@ class TrainConfig:
     plan: bool = False
     preset: str | None = None  # implies --plan: a published Llama config + CLIP ViT-L/14-336 (PRESETS)
     gpu_mem: float = 80.0  # GiB of GPU memory
-    plan_dtype: str = "bf16"  # bf16 | fp32: dtype of weights, gradients, activations
 
     def steps_by_task(self) -> dict:
         """--task-steps "ground=900,gqa=600" -> {"ground": 900, "gqa": 600}; the other tasks train --steps."""
@@ -130,6 +132,8 @@ class TrainConfig:
         return self.steps_by_task().get(task, self.steps)
 
     def __post_init__(self):
+        if self.precision is None:  # --plan describes a GPU run
+            self.precision = "bf16" if self.plan or self.preset or str(self.device).startswith("cuda") else "fp32"
         for name, options in CHOICES.items():
             if getattr(self, name) not in options:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, options))}, not {getattr(self, name)!r}")
@@ -154,14 +158,15 @@ QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train
 CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint"),
                expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
-               plan_dtype=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
+               precision=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
 AT_LEAST_ONE = ("patch_merge", "rank", "top_k", "n_init", "n_new", "batch_size", "grad_accum", "eval_batch",
                 "save_every", "max_new_tokens", "locator_n", "train_n", "test_n")
 RESUME_MAY_CHANGE = ("resume", "device", "threads")  # everything else must match the interrupted run's config.json
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
          "out": "run folder", "quick": "small slice of everything", "resume": "continue an interrupted run",
-         "device": "cpu, cuda, cuda:1, ...", "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
+         "device": "cpu, cuda, cuda:1, ...", "precision": "bf16 | fp32 (None: bf16 on CUDA and for --plan, else fp32)",
+         "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
          "projector": "LLaVA mm_projector .safetensors", "tokenizer": "Llama-3 tokenizer.model",
          "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
          "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama",
@@ -295,9 +300,12 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
         if cfg.instruct_mc:
             raise SystemExit("--instruct-mc is for the tiny MiniCoIN base's stage 0b: a real LLaVA brings its own")
         base = {"llm": cfg.llm, "vision": cfg.vision, "projector": cfg.projector}
-        model = ev.load_model(base, data.pad_id(tok)).to(cfg.device)
+        model = ev.load_model(base, data.pad_id(tok))
+        cmoe.set_precision(model, cfg.precision)  # before the move: the device never holds fp32 copies under bf16
+        model = model.to(cfg.device)
         if not cfg.projector:
-            if cfg.align_json:
+            if cfg.align_json:  # the projector trains in fp32 (master weights) under the frozen bf16 tower and LLM
+                model.projector.float()
                 exs = data.load_coin_train(cfg.align_json, cfg.image_root, bad_images=cfg.bad_images)
                 model.requires_grad_(False).projector.requires_grad_(True)
                 train_stage(model, encode(model, exs, tok, template, cfg, 0, feats=False), cfg, cfg.base_steps,
@@ -316,13 +324,15 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
                  "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
     shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (defaults: cached bases keep
     shaped_by += [f"text steps {cfg.text_steps}"] if cfg.text_steps else []  # their keys)
-    model = None
+    model = None  # stage 0 trains fp32 weights, as the cache keeps them (bf16 autocast over them on CUDA under bf16)
+    mixed = "bf16" if cfg.precision == "bf16" and cfg.device.startswith("cuda") else "fp32"
     for k, (tag, task, n, steps) in enumerate(stages):
         key = hashlib.sha1(json.dumps(shaped_by + stages[: k + 1]).encode()).hexdigest()[:10]
         folder = os.path.join(cfg.base_dir, f"minicoin-{tag}-{key}")
         if os.path.isfile(os.path.join(folder, "meta.json")):
             log(f"base: stage 0 '{tag}' reused from {folder}")
             model = ev.load_base(folder).to(cfg.device)
+            cmoe.set_precision(model, mixed, cast=False)
             continue
         if model is None:
             torch.manual_seed(cfg.seed)
@@ -333,6 +343,7 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
             model = LLaVA(CLIPVision(vcfg), Projector(vcfg.hidden_size, lcfg.dim, cfg.patch_merge),
                           Llama(lcfg), data.pad_id(tok))
             model = model.to(cfg.device)
+            cmoe.set_precision(model, mixed, cast=False)
             pretrain_text(model.llm, cfg, log)
         log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
         ds = encode(model, data.minicoin(task, "train", n, seed=cfg.seed), tok, template, cfg, 0, feats=False)
@@ -397,8 +408,7 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
             b, share = rank_shard(batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id))
             b = {k: v.to(cfg.device) for k, v in b.items()}
             tids = b["task_ids"] if task_ids_fixed is None else torch.full_like(b["task_ids"], task_ids_fixed)
-            with cmoe.autocast(cfg.device):
-                _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
+            _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
             total = (loss * share if world > 1 else loss) + cfg.lambda_aux * aux
             if not all_finite(total):
                 raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step {step + 1}: "
@@ -634,8 +644,7 @@ def probe_gradnorms(model: LLaVA, ds, cfg):
     n = ds["input_ids"].shape[0]
     for i in range(0, n, cfg.eval_batch):
         b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in ds.items() if isinstance(v, torch.Tensor)}
-        with cmoe.autocast(cfg.device):
-            _, loss, _ = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
+        _, loss, _ = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
         (loss * b["input_ids"].shape[0] / n).backward()
     norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for e in pool.lora.values() for p in (e.train_A, e.train_B)
                            if p.grad is not None)) for pool in model.llm.expert_pools()]
@@ -688,6 +697,18 @@ def expert_config(cfg):
 def freeze_base(model):
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def prepare(model: LLaVA, cfg) -> LLaVA:
+    """The model as the continual stages train it, from its base; run() and --plan (on the meta device) both build it
+    here, so the plan counts the tensors a run holds. The base frozen and in cfg.precision (bf16: vision tower,
+    projector and LLM stored in bf16, no fp32 copy; forward passes under bf16 autocast), empty expert pools of the
+    run's ExpertConfig (experts and routers are made fp32 as they grow), gradient checkpointing as set."""
+    freeze_base(model)
+    cmoe.set_precision(model, cfg.precision)
+    set_experts(model.llm, expert_config(cfg))
+    model.llm.grad_ckpt = cfg.grad_ckpt
+    return model
 
 
 def trainable_cl(model):
@@ -767,11 +788,9 @@ class RunState:
         mid-task save; row 0 (the base's zero-shot accuracy)."""
         cfg, t0 = self.cfg, time.time()
         model, base = build_base(cfg, self.tok, self.template, self.log)
-        freeze_base(model)
+        model = prepare(model, cfg)
         t_base = time.time() - t0
-        set_experts(model.llm, expert_config(cfg))
         share_batch_statistics(model.llm)
-        model.llm.grad_ckpt = cfg.grad_ckpt
         bench, locator = ev.Benchmark(cfg, model, self.tok, self.template, self.log), cmoe.Locator(cfg.locator_feature)
         if cfg.resume and os.path.exists(self.state_path):
             self.metrics = read_json(self.state_path)
@@ -955,29 +974,36 @@ def activation_bytes(lc: LlamaConfig, ecfg: ExpertConfig, E, S, B, dt, ckpt=Fals
     return layers + once, t
 
 
+def tensor_bytes(model, trainable=False):
+    """Bytes of a model's tensors as stored (parameters and buffers, each once: a tied head is the embedding);
+    trainable: the parameters that train only (the bytes of their gradients)."""
+    tensors = [p for p in model.parameters() if p.requires_grad or not trainable]
+    tensors += [] if trainable else list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def plan(args):
     """--plan: parameters, memory and the largest micro-batch of the run the flags describe, at the worst case of
     --tasks (cmoe: every layer grows by --n-new experts every task). The model is built on the meta device: nothing is
     downloaded, allocated or read but config.json. Prints; returns the numbers (bytes, counts)."""
     lc, vc, what = plan_configs(args)
     n_tasks = int(args.tasks) if (args.tasks or "").isdigit() else len(data.task_list(args)[0])
-    ecfg, dt = expert_config(args), {"bf16": 2, "fp32": 4}[args.plan_dtype]
-    with torch.device("meta"):
-        model = LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), Llama(lc))
-        freeze_base(model)
-        set_experts(model.llm, ecfg)
+    ecfg, dt = expert_config(args), torch.finfo(cmoe.PRECISIONS[args.precision]).bits // 8  # activations' bytes
+    with torch.device("meta"):  # the model run() trains (prepare), without its weights
+        model = prepare(LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), Llama(lc)), args)
         base = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("vision", "projector", "llm")}
     cmoe.init_experts(model.llm, {"cmoe": args.n_init, "lora": 1}.get(args.method, args.moelora_experts))
-    first = ev.count_params(model)[0]
+    first, grads = ev.count_params(model)[0], tensor_bytes(model, trainable=True)
     for _ in range(n_tasks - 1 if args.method == "cmoe" else 0):  # new tensors follow the weights onto meta
         for pool in model.llm.expert_pools():
             pool.freeze()
             pool.add_experts(args.n_new)
             pool.add_router()
-    last, added = ev.count_params(model)
+    (last, added), grads = ev.count_params(model), max(grads, tensor_bytes(model, trainable=True))
     E, S, frozen = model.llm.layers[0].experts.n_experts, args.max_len - 1 + vc.num_patches, sum(base.values())
     clip_layer = sum(p.numel() for p in model.vision.encoder.layers[0].parameters())
-    mem = {"weights": (frozen + added) * dt, "gradients": max(first, last) * dt, "AdamW": max(first, last) * 8}
+    # AdamW keeps m and v in the dtype of each parameter it updates (fp32: experts and routers are the master weights)
+    mem = {"weights": tensor_bytes(model), "gradients": grads, "AdamW": 2 * grads}
     loss_peak = S * lc.vocab_size * (dt + 8)  # per sample: the logits train_stage holds, 2 fp32 grads of the log-probs
     budget = args.gpu_mem * 2**30 * (1 - PLAN_MARGIN) - sum(mem.values())
     act, fit, gib = {}, {}, lambda b: f"{b / 2**30:.2f} GiB"
@@ -997,8 +1023,9 @@ def plan(args):
           f"{base['vision'] + (vc.num_hidden_layers - vc.run_layers) * clip_layer + 2 * vc.hidden_size:,})")
     print(f"  trainable        task 1: {first:,}; task {n_tasks}: {last:,} (that task's experts and router)\n"
           f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers, {E} experts per layer)")
-    print(f"memory ({args.plan_dtype} weights, gradients, activations; AdamW: fp32 m and v = 8 B per trainable "
-          f"parameter, no fp32 master copy)\n  " + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
+    print(f"memory (--precision {args.precision}: the frozen base in {args.precision}, experts and routers in fp32 with "
+          f"fp32 gradients and AdamW m and v; activations in {args.precision})\n  "
+          + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
     terms = {k: v / 64 for k, v in activation_bytes(lc, ecfg, E, S, 64, dt)[1].items()}  # per sample, not per step
     dispatch = "sparse" if cmoe.sparse_wins(E, ecfg.top_k, True, ecfg.rank, lc.dim) else "dense"
     print(f"  activations kept for backward, per sample and decoder layer ({dispatch} expert dispatch, E = {E}):\n    "
@@ -1012,9 +1039,6 @@ def plan(args):
     else:
         print(f"fits {args.gpu_mem:g} GiB, {PLAN_MARGIN:.0%} left free: micro-batch {fit[False]} without --grad-ckpt, "
               f"{fit[True]} with")
-    if dt == 2:
-        print(f"note: train.py keeps fp32 weights under CUDA bf16 autocast: +{gib(2 * (frozen + added))} of weights, "
-              f"and autocast's bf16 copies of the frozen LLM weights (~{gib(2 * base['llm'])}) are kept for backward")
     return dict(base=base, first=first, last=last, added=added, experts=E, S=S, mem=mem, act=act, fit=fit)
 
 

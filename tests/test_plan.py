@@ -147,18 +147,15 @@ def test_activation_estimate_matches_saved_bytes(tmp_path, capsys, monkeypatch, 
     # auto rule would always pick the dense one
     monkeypatch.setattr(cmoe, "sparse_wins", lambda E, top_k, grad, *dims: E > 2 * top_k)
     args = train.parse_args(["--plan", "--llm", folder(tmp_path, "llm", TINY_LLAMA), "--vision",
-                             folder(tmp_path, "clip", TINY_CLIP), "--plan-dtype", dtype, "--tasks", "1",
+                             folder(tmp_path, "clip", TINY_CLIP), "--precision", dtype, "--tasks", "1",
                              "--max-len", "32", "--n-init", str(n_init), "--top-k", str(top_k)]
                             + [["--no-attn-experts"], ["--attn-experts"]][attn])
     got = train.plan(args)
     lc, vc, _ = train.plan_configs(args)
-    torch.manual_seed(0)
-    model = cmoe.LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), cmoe.Llama(lc))
-    train.freeze_base(model)
-    train.set_experts(model.llm, train.expert_config(args))
+    torch.manual_seed(0)  # the model as train.py trains it: bf16, a bf16 base and fp32 experts under bf16 autocast
+    model = train.prepare(cmoe.LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), cmoe.Llama(lc)), args)
     cmoe.init_experts(model.llm, n_init, generator=torch.Generator().manual_seed(0))
     train.trainable_cl(model)
-    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     ffn = model.llm.layers[0].experts
     assert ffn.n_experts == got["experts"] and (ffn.n_experts > 2 * top_k) == (top_k == 1)  # the dispatch tested
     plain, per_layer = training_step_saved(model, args)
@@ -204,3 +201,44 @@ def test_plan_says_when_nothing_fits(tmp_path, capsys):
 def test_plan_needs_a_model():
     with pytest.raises(SystemExit, match="--preset, or --llm and --vision"):
         train.main(["--plan"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weights: the plan's bytes are those of the model train.py trains
+
+def test_plan_weight_bytes_are_the_built_models(tmp_path, capsys):
+    """--precision bf16: the plan's weights are the frozen base at 2 B, experts and routers at 4 B (fp32 master
+    weights), RoPE's fp32 inverse frequencies; by hand from the parameter counts, and summed over a real model built
+    on the CPU as train.py builds it (train.prepare, task 1's experts, then the plan's worst-case growth)."""
+    args = train.parse_args(["--plan", "--llm", folder(tmp_path, "llm", TINY_LLAMA), "--vision",
+                             folder(tmp_path, "clip", TINY_CLIP), "--tasks", "3", "--max-len", "32"])
+    assert args.precision == "bf16"  # --plan describes a GPU run
+    got = train.plan(args)
+    assert "note:" not in capsys.readouterr().out
+    head_dim = TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"]
+    frozen = sum(got["base"].values())
+    assert got["mem"]["weights"] == 2 * frozen + 4 * got["added"] + 4 * head_dim // 2
+    assert got["mem"]["gradients"] == 4 * max(got["first"], got["last"]) and got["mem"]["AdamW"] == 8 * max(
+        got["first"], got["last"])
+    lc, vc, _ = train.plan_configs(args)
+    model = train.prepare(cmoe.LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), cmoe.Llama(lc)), args)
+    cmoe.init_experts(model.llm, args.n_init)
+    for _ in range(2):
+        for f in model.llm.expert_pools():
+            f.freeze()
+            f.add_experts(args.n_new)
+            f.add_router()
+    storages = {}  # every tensor the model holds, once per storage (the tied head shares the embedding's)
+    buffers = dict(model.named_buffers())  # RoPE's inverse frequencies, PGKE's (empty) usage counts: fp32
+    for name, t in [*model.named_parameters(remove_duplicate=False), *buffers.items()]:
+        storages[t.untyped_storage().data_ptr() or name] = t.untyped_storage().nbytes()
+        fp32 = ".experts." in name or name in buffers
+        assert t.dtype == (torch.float32 if fp32 else torch.bfloat16), name
+    assert got["mem"]["weights"] == sum(storages.values())
+
+
+def test_8b_plan_fits_24_gib_as_trained(capsys):
+    got = plan("--preset", "llama-3.1-8b", "--gpu-mem", "24")
+    out = capsys.readouterr().out
+    assert got["fit"][True] >= 1 and "micro-batch" in out and "note:" not in out and "fp32 weights" not in out
+    assert got["mem"]["weights"] < 17 * 2**30  # 8.34B frozen parameters in bf16: 15.5 GiB, experts ~0.6 GiB
