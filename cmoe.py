@@ -895,7 +895,7 @@ class Locator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fast path: sparse block dispatch (ExpertFFN.dispatch 'auto' picks it by sparse_wins: a large pool in training,
+# Fast path: sparse block dispatch (Experts.dispatch 'auto' picks it by sparse_wins: a large pool in training,
 # E > 6 * top-k forward only): lora_dense's result, computed on each token's top-k experts only. Each (token, top-k slot)
 # assignment gets one row in a buffer grouped by expert, each group padded to a multiple of BLOCK rows so that every
 # block of rows belongs to one expert; then two batched GEMMs over blocks. All shapes are static

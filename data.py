@@ -1015,7 +1015,7 @@ def coin_accuracy(metric, rows):
 # -----------------------------------------------------------------------------
 # MiniCoIN: procedurally generated scenes on a 3x3 grid of 16 px cells (2x2 ViT patches each)
 # v4 (MINICOIN_VERSION): no task asks to find an object by its colour or shape among others. v3's did, and the
-# tiny 4-layer base never learned to search an image within the run's budget (README, "How MiniCoIN was tuned"):
+# tiny 4-layer base never learned to search an image within the run's budget (docs/minicoin.md):
 # sqa and cls ask about the one object, gqa about the larger of two, count counts every object, ground boxes the
 # only one. Each task keeps its CoIN kind, prompt form, suffix and answer form.
 
@@ -1267,7 +1267,7 @@ INSTRUCT_WEIGHTS = np.array([3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1]) / 26  # mostly
 # in (3 draws in 29), "What color is the text?" (a property the base reads) with 2-4 options; as LLaVA-665K's A-OKVQA
 # multiple choice teaches LLaVA to answer by letter before it meets ScienceQA. Its suffix is not sqa's, its question
 # not a task's; only the option lines ("A. red") have sqa's layout. Measured on v3: lora on a one-object sqa 39->73 %;
-# cmoe Last 45.0 -> 49.2 with FFN experts, 53.8 with attention experts too (README).
+# cmoe Last 45.0 -> 49.2 with FFN experts, 53.8 with attention experts too (docs/minicoin.md).
 MC_SUFFIX = "Reply with the letter of the right option."
 
 
@@ -1325,7 +1325,7 @@ def induction_batch(gen, n, vocab, length=34):
     strings in which a random span (4-14 tokens) comes back after a gap of 0-4; only the repeat is labelled, and
     predicting it needs an induction head (find the current token earlier, copy what followed it). A real LLM brings
     that circuit to LLaVA; the tiny decoder does not form it from captions and instructions, and without it cannot
-    match an answer against listed options (tests/probe_search.py). Tokens are drawn from all `vocab` ids: over the
+    match an answer against listed options (docs/minicoin.md). Tokens are drawn from all `vocab` ids: over the
     MiniCoIN decoder's 768 the heads formed by step ~2,500, over 40 of them not by 4,000. Returns ids, labels [n, length]."""
     ids = torch.randint(0, vocab, (n, length), generator=gen)
     labels = torch.full((n, length), IGNORE_INDEX)

@@ -13,7 +13,7 @@ import train
 from test_train import TINY as TRAIN_TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test_train.py's run (so its stage 0, and the session's cached base, are the same) with this file's task settings
+# test_train.py's run (so its stage 0, and the pytest run's cached base, are the same) with this file's task settings
 TINY = [*TRAIN_TINY, "--steps", "10", "--locator-n", "24", "--calib-n", "8", "--save-every", "5", "--set", "eval_batch=16"]
 
 

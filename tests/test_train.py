@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import cmoe
 import train
 
-# smaller than --quick: two tasks, a few steps each; the base is pretrained once per session and cached (conftest's
+# smaller than --quick: two tasks, a few steps each; the base is pretrained once per pytest run and cached (conftest's
 # base_dir; test_distributed.py's runs share it)
 TINY = ["--tasks", "sqa,cls", "--base-steps", "30", "--instruct-steps", "10", "--steps", "12",
         "--probe-steps", "4", "--train-n", "48", "--test-n", "8", "--caption-n", "64", "--instruct-n", "64",
@@ -351,17 +351,19 @@ def test_patch_merge_and_text_steps_base_is_cached_reloaded_and_refused_where_it
 
 
 def test_every_train_flag_in_the_readme_is_a_setting():
+    import glob
     import re
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", readme))
+    root = os.path.join(os.path.dirname(__file__), "..")
+    pages = [os.path.join(root, "README.md"), *sorted(glob.glob(os.path.join(root, "docs", "*.md")))]
+    assert len(pages) > 1, pages  # README and docs/
+    text = "".join(open(p).read() for p in pages)
+    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", text))
     others = {"show",  # data.py
-              "compare", "from-predictions",  # eval.py
-              "dispatch", "reps", "forward", "dims", "batch", "list", "only", "full", "worktree",  # bench/bench_moe.py, tests/mutate.py
-              "no-",  # the README's "--no-<field>" (every bool's off form)
-              "result-file", "annotation-file", "output-dir",  # CoIN's own eval scripts
+              "compare",  # eval.py
+              "dispatch", "reps", "forward", "dims", "batch",  # bench/bench_moe.py
+              "no-",  # "--no-<field>" (every bool's off form)
               "standalone", "nproc", "whole",  # torchrun's own; bench/bench_eval.py
-              "tokens", "kind", "layers", "dim", "heads",  # the deleted tests/probe_search.py (README to be rewritten)
-              "search-kinds", "no-image-experts", "task-routers"}  # the deleted tests/probe_tasks.py
+              "dry-run", "train", "train-limit", "peak-tflops"}  # bench/gpu_check.py
     fields = train.dataclasses.fields(train.TrainConfig)
     names = {f.name.replace("_", "-") for f in fields} | {"set", "help"}
     names |= {"no-" + f.name.replace("_", "-") for f in fields if f.type.startswith("bool")}  # --no-attn-experts
