@@ -165,7 +165,7 @@ def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     # pick each sample's router with a one-hot matmul, not an index: its backward is then a GEMM (the
     # compiled CPU scatter-add backward of an index corrupted memory at B=1 in torch 2.13)
     N, E, D = router_NED.shape
-    onehot_BN = F.one_hot(task_ids_B, N).to(torch.float32)
+    onehot_BN = F.one_hot(task_ids_B, N).float()
     w_BED = (onehot_BN @ router_NED.float().flatten(1)).view(-1, E, D)  # router math in fp32
     logits_BTE = torch.einsum("btd,bed->bte", x_BTD.float(), w_BED)
     valid_BE = (onehot_BN @ valid_NE.float()) > 0
