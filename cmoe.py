@@ -171,8 +171,8 @@ def route(x_BTD, router_NED, valid_NE, task_ids_B, k):
     # compiled CPU scatter-add backward of an index corrupted memory at B=1 in torch 2.13)
     N, E, D = router_NED.shape
     with torch.autocast(x_BTD.device.type, enabled=False):  # router math in fp32, under bf16 autocast too: its
-        onehot_BN = F.one_hot(task_ids_B, N).to(torch.float32)  # matmuls would otherwise run in bf16 and near-ties
-        w_BED = (onehot_BN @ router_NED.float().flatten(1)).view(-1, E, D)  # of the top-k flip
+        onehot_BN = F.one_hot(task_ids_B, N).float()  # matmuls would otherwise run in bf16 and near-ties of the
+        w_BED = (onehot_BN @ router_NED.float().flatten(1)).view(-1, E, D)  # top-k flip
         logits_BTE = torch.einsum("btd,bed->bte", x_BTD.float(), w_BED)
         valid_BE = (onehot_BN @ valid_NE.float()) > 0
     logits_BTE = logits_BTE.masked_fill(~valid_BE[:, None, :], float("-inf"))

@@ -57,6 +57,39 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path, one, base_dir):
         assert [r["index"] for r in rows if r["stage"] == 1] == list(range(8))
 
 
+@pytest.mark.distributed
+def test_in_float64_two_gloo_ranks_equal_one_process_to_rounding(tmp_path, one, base_dir):
+    """The ranks compute what one process computes: in float64 (tests/float64run.py), where rounding is ~1e-16, on a
+    run whose float32 tensors drift apart: tasks past the warm-up at twice the learning rate (in float32 the two runs'
+    second-task experts differ by up to 4.3e-5, their decisions equal: Adam's first step of each stage amplifies the
+    rounding, as it does between two one-process runs at --threads 1 and 2), and ocr's answers of 2-4 tokens, so the
+    ranks' shares of a batch's labelled tokens differ (rank_shard's weights matter). `one` has cached the float32
+    stage 0 (the wrapper refuses to train it)."""
+    extra = ["--tasks", "ocr,cls", "--steps", "25", "--lr", "1e-2"]
+    ref, two = tmp_path / "one", tmp_path / "two"
+    cmd = [sys.executable, os.path.join(ROOT, "tests/float64run.py"), *TINY, "--out", str(ref), "--base-dir", base_dir,
+           *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(two, base_dir, extra, script=("tests/float64run.py",))
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, two))
+    for key in ("acc", "zero_shot", "unseen", "locator", "params", "experts_per_layer"):
+        assert a[key] == b[key], key
+    assert [(d["expand"], d["copied_from"]) for d in a["pgke"]] == [(d["expand"], d["copied_from"]) for d in b["pgke"]]
+    for d, e in zip(a["pgke"], b["pgke"]):
+        assert d["freq"] == pytest.approx(e["freq"], abs=1e-12)
+    for t in (0, 1):
+        x, y = (load_file(str(d / f"task_{t}/model.safetensors")) for d in (ref, two))
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype == torch.float64, k  # the run really was float64
+            torch.testing.assert_close(y[k], x[k], atol=1e-10, rtol=0, msg=lambda m, k=k: f"task_{t} {k}: {m}")
+    for d in (ref, two):
+        assert "reused from" in (d / "log.txt").read_text()  # float32 stage 0, cast
+
+
 def test_more_ranks_than_the_batch_is_refused(tmp_path, base_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun --nproc_per_node=3 gives each rank
     with pytest.raises(SystemExit, match="torchrun started 3 ranks but --batch-size is 2"):
