@@ -5,8 +5,18 @@
     python train.py --method lora        # baselines: lora | moelora | joint; ablations: --expand all, --locator oracle
     python train.py --benchmark coin --coin-root DIR --image-root DIR --llm L --vision V --projector P --tokenizer T
     python train.py --steps 100 --set lr=1e-3    # any TrainConfig field: --field-name VALUE or --set field=VALUE
+    python train.py --plan --preset llama-3.1-8b --gpu-mem 24    # the memory of a real run, from configs alone
 
-One run writes one folder (--out): per-task checkpoints (safetensors + JSON), metrics.json, log.txt, predictions/.
+Where the method lives (the model-side pieces are in cmoe.py, whose docstring has the same map):
+    the loop       run: for each task, grow -> train_stage -> freeze -> fit_task_vae -> evaluate -> save
+    PGKE           pgke: 1 probe (cmoe.probe_start, train_stage) -> 2 count (count_usage) -> 3 decide
+                   (cmoe.pgke_decide) -> 4 expand (cmoe.copy_sources, probe_end, expand); ablation decide_by_gradnorm
+    PTL            fit_task_vae (cmoe.Locator per task); at test time eval.choose_routers
+    torchrun       one marked section ("the rank plumbing"): every torch.distributed call of training
+    precision      prepare: the frozen base in --precision (bf16 on CUDA), experts fp32
+
+One run writes one folder (--out): per-task checkpoints (safetensors + JSON), metrics.json, log.txt, predictions/,
+and at the end report.md with figures/.
 Shape legend: B batch, T tokens, P patches, D width, N examples.
 """
 from __future__ import annotations
@@ -464,6 +474,12 @@ def init_distributed(cfg):
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return ev.rank_world()[0]
+
+
+def leave_distributed():
+    """The end of a run, however it ends: leave the process group (torchrun)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share_batch_statistics(llm: Llama):
@@ -1055,8 +1071,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed()
 
 
 if __name__ == "__main__":
