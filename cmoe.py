@@ -542,7 +542,6 @@ def load_llama(folder, ecfg: ExpertConfig | None = None) -> Llama:
     return model
 
 
-
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -559,7 +558,6 @@ def set_precision(model: LLaVA, precision: str, cast=True):
         if ".experts." not in name:  # (Experts: each layer's LoRA banks and routers)
             p.data = p.data.to(PRECISIONS[precision])  # .data: the same Parameter (a tied head stays tied)
     model.precision = precision
-
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,9 +34,11 @@ def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
-def continual_metrics(acc, joint=None):
+def continual_metrics(acc, joint=None, isolated=False):
     """acc[j][i] -> dict(last, avg, bwt, fwt) over the rows trained so far (all-None trailing rows = not trained yet).
-    joint (default: a single row) = multitask upper bound: Last = Avg = mean of the row, BWT = FWT = None."""
+    joint (default: a single row) = multitask upper bound: Last = Avg = mean of the row, BWT = FWT = None.
+    isolated: row j is task j's own model (trained alone from the base): Last = Avg = the mean of the diagonal, each
+    task by its own model, BWT = FWT = None (no sequence)."""
     if not isinstance(acc, (list, tuple)) or not acc:
         raise ValueError(f"accuracy matrix must be a non-empty list of rows, got {acc!r}")
     T = len(acc[0])
@@ -48,6 +50,10 @@ def continual_metrics(acc, joint=None):
         a.pop()  # rows of tasks not trained yet (a crashed or partial run)
     if len(a) > T:
         raise ValueError(f"accuracy matrix has {len(a)} rows but only {T} tasks")
+    if isolated:
+        diagonal = [a[i][i] for i in range(len(a))]
+        m = _mean(diagonal)
+        return dict(last=m, avg=m, bwt=None, fwt=None, plasticity=diagonal)
     if joint is None:
         joint = len(a) == 1
     if joint:
@@ -420,7 +426,7 @@ def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
             locator.calibrate(held_out[k], quantile, task=k)
         record(metrics, bench.evaluate(model, locator, t), t)
         log(f"re-evaluated task_{t}: " + " ".join(f"{n}={fmt(a)}" for n, a in zip(bench.names, metrics["acc"][-1])))
-    metrics.update(continual_metrics(metrics["acc"], joint=cfg.method == "joint"))
+    metrics.update(continual_metrics(metrics["acc"], joint=cfg.method == "joint", isolated=cfg.method == "isolated"))
     save_json(metrics, os.path.join(run_dir, "metrics.json"))
     return metrics
 
@@ -578,7 +584,7 @@ def summarize(m):
     """Summary numbers of a metrics dict: last/avg/bwt/fwt over the finished tasks + locator accuracy."""
     joint = m.get("method") == "joint"
     acc = m["acc"] if joint else m["acc"][: m.get("finished_tasks") or len(m["acc"])]
-    s = continual_metrics(acc, joint=joint)
+    s = continual_metrics(acc, joint=joint, isolated=m.get("method") == "isolated")
     loc = m.get("locator") or {}
     s["locator_acc"] = locator_accuracy(loc.get("confusion"), loc.get("rejected"))
     return s

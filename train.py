@@ -53,7 +53,8 @@ from vision import CLIPVision, Projector, VisionConfig
 class TrainConfig:
     # run
     benchmark: str = "minicoin"  # minicoin | coin
-    method: str = "cmoe"  # cmoe | lora | moelora | joint (baselines: one shared pool; joint: all tasks at once)
+    method: str = "cmoe"  # cmoe | lora | moelora | joint | isolated (baselines: one shared pool; joint: all tasks at
+    # once; isolated: each task alone from the base with a LoRA of its own, the bound for tasks kept apart)
     expand: str = "probe"  # PGKE: grow where probes say (probe), every layer (all), or by probe gradient norm (gradnorm)
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
     locator_feature: str = "last"  # PTL's input: last (the paper's last prompt token) | mean (image + instruction means)
@@ -165,7 +166,7 @@ class TrainConfig:
 
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
              instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
-CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint"),
+CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint", "isolated"),
                expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                precision=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
@@ -535,7 +536,8 @@ def broadcast_from_rank0(tensors):
 def run(cfg: TrainConfig):
     """The paper's algorithm. For each task: grow (task 1: fresh experts; later: PGKE probe -> decide -> expand),
     train the task's experts and router, freeze them, fit the task's VAE (PTL), evaluate every task, save.
-    The baselines take the same loop with one shared pool; joint takes it once, over every task's data."""
+    The baselines take the same loop with one shared pool; joint takes it once, over every task's data; isolated
+    starts every task from a fresh pool (each task's row is its own model's)."""
     r = RunState(cfg)
     model, bench, locator = r.start()
     for t in range(r.first, r.n_stages):
@@ -550,7 +552,7 @@ def run(cfg: TrainConfig):
         joint = cfg.method == "joint"
         with clock("train"):
             steps = sum(map(cfg.steps_of, r.names)) if joint else cfg.steps_of(r.names[t])  # joint: every task's
-            train_stage(model, ds, cfg, steps, cfg.lr, t,
+            train_stage(model, ds, cfg, steps, cfg.lr, 0 if cfg.method == "isolated" else t,  # (its batch order)
                         "joint" if joint else f"task{t}:{r.names[t]}", r.log,
                         task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
                         start=start)
@@ -583,12 +585,16 @@ def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
 
 def grow(model: LLaVA, ds, cfg, t, log):
     """Experts before stage t: cmoe's first task gets n_init fresh experts per layer, each later task PGKE; the
-    baselines' one shared pool is made at the first stage (lora: one expert; moelora, joint: a dense pool)."""
+    baselines' one shared pool is made at the first stage (lora: one expert; moelora, joint: a dense pool);
+    isolated: every task a fresh pool of one expert (the previous task's is in its checkpoint)."""
     if cfg.method == "cmoe" and t > 0:
         return pgke(model, ds, cfg, t, log)
-    if t == 0:
-        n = {"cmoe": cfg.n_init, "lora": 1}.get(cfg.method, cfg.moelora_experts)
-        cmoe.init_experts(model.llm, n, generator=stage_rng(cfg, t, "init"))
+    if cfg.method == "isolated":
+        for pool in model.llm.expert_pools():
+            pool.reset(model.llm.ecfg)
+    if t == 0 or cfg.method == "isolated":  # isolated: each task as if it were the first (= --method lora --tasks T)
+        n = {"cmoe": cfg.n_init, "lora": 1, "isolated": 1}.get(cfg.method, cfg.moelora_experts)
+        cmoe.init_experts(model.llm, n, generator=stage_rng(cfg, 0, "init"))
     return None
 
 
@@ -703,7 +709,7 @@ def set_experts(llm: Llama, ecfg: ExpertConfig):
 
 def expert_config(cfg):
     ecfg = ExpertConfig(rank=cfg.rank, alpha=cfg.lora_alpha, top_k=cfg.top_k, attn=cfg.attn_experts)
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "isolated"):
         ecfg.top_k = 1
     if cfg.method in ("moelora", "joint"):
         ecfg.top_k = cfg.moelora_experts  # CoIN's MoELoRA: a dense softmax over all experts
@@ -831,7 +837,8 @@ class RunState:
     def begin(self, t, model):
         name = "joint" if self.cfg.method == "joint" else self.names[t]
         self.log(f"=== task {t + 1}/{self.n_stages}: {name} ===")
-        self.t, self.clock = t, Clock(name, n_before=ev.count_params(model)[1])
+        before = 0 if self.cfg.method == "isolated" else ev.count_params(model)[1]  # isolated: a pool of its own
+        self.t, self.clock = t, Clock(name, n_before=before)
         return self.clock
 
     def restore_partial(self, model):
@@ -885,7 +892,8 @@ class RunState:
         `python eval.py RUN` regenerates them); the accuracy matrix into the log."""
         metrics, log, out = self.metrics, self.log, self.cfg.out
         metrics["time"]["total"] = metrics["time"].get("total", 0.0) + time.time() - self.t_start
-        metrics.update(ev.continual_metrics(metrics["acc"], joint=metrics["method"] == "joint"))
+        metrics.update(ev.continual_metrics(metrics["acc"], joint=metrics["method"] == "joint",
+                                            isolated=metrics["method"] == "isolated"))
         if self.rank == 0:
             save_json(metrics, self.state_path)
             save_json(metrics, os.path.join(out, "metrics.json"))

@@ -39,6 +39,13 @@ def test_joint_single_row():
     assert m["bwt"] is None and m["fwt"] is None and m["plasticity"] is None
 
 
+def test_isolated_is_each_task_by_its_own_model():
+    m = ev.continual_metrics(ACC, isolated=True)  # row j: task j's model alone; only the diagonal is its own task
+    assert m["last"] == m["avg"] == pytest.approx((80 + 90 + 100) / 3)
+    assert m["plasticity"] == [80, 90, 100] and m["bwt"] is None and m["fwt"] is None
+    assert ev.continual_metrics([[70.0, 5.0, 1.0]], isolated=True)["last"] == 70.0  # one task trained so far
+
+
 def test_none_cells_and_partial_run():
     # no zero-shot evaluation and a[1][0] missing; last row all None = task 2 not trained yet
     acc = [[80.0, None, None],
