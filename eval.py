@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import sys
 import types
 from collections import defaultdict
@@ -679,7 +680,8 @@ def _report_time(tm):
             f"Total wall time: {fmt(tm.get('total'))} s\n"]
 
 def compare(run_dirs, out_dir):
-    """One row per run (label = run folder name); writes out_dir/compare.md and compare.png, returns the rows."""
+    """One row per run (label = run folder name), and per method run more than once (seeds: `--seed S --out DIR`)
+    a row of mean ± sd (sample sd) over its runs; writes out_dir/compare.md and compare.png, returns the rows."""
     rows = []
     for rd in run_dirs:
         m = load_run(rd)
@@ -688,9 +690,18 @@ def compare(run_dirs, out_dir):
                          avg=s["avg"], bwt=s["bwt"], locator=s["locator_acc"],
                          added=sum(p.get("added") or 0 for p in m["params"]) if m.get("params") else None,
                          time=(m.get("time") or {}).get("total")))
+    keys = ("last", "avg", "bwt", "locator")
+    spread = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method]
+        if len(runs) > 1:
+            stats = {k: [r[k] for r in runs if r[k] is not None] for k in keys}
+            spread.append([f"mean ± sd of {len(runs)}", method, *[
+                "—" if len(v) < 2 else f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" for v in stats.values()],
+                "", ""])
     md = _table(["run", "method", "Last", "Avg", "BWT", "locator acc", "added params", "time (s)"],
                 [[r["run"], r["method"], fmt(r["last"]), fmt(r["avg"]), fmt(r["bwt"]), fmt(r["locator"]),
-                  _human(r["added"]), fmt(r["time"])] for r in rows])
+                  _human(r["added"]), fmt(r["time"])] for r in rows] + spread)
     print(md, end="")
     write_text(os.path.join(out_dir, "compare.md"), md)
     draw_heatmap(os.path.join(out_dir, "compare.png"), [[r["last"], r["avg"], r["locator"]] for r in rows],

@@ -170,6 +170,16 @@ def test_compare(tmp_path, capsys):
     assert [r["added"] for r in rows] == [500 + 1000 + 1500] * 2
     with Image.open(os.path.join(out, "compare.png")) as im:
         assert im.width >= 200
+    assert "mean ± sd" not in table  # one run per method: nothing to spread
+    # seeds: two more cmoe runs -> a mean ± sd row over the three (sample sd), the lora run alone
+    c, _ = make_run(str(tmp_path), "minicoin-cmoe-seed1", [[80.0, 0, 0], [60.0, 90.0, 0], [40.0, 70.0, 100.0]])
+    d, _ = make_run(str(tmp_path), "minicoin-cmoe-seed2", [[80.0, 0, 0], [60.0, 90.0, 0], [60.0, 70.0, 100.0]])
+    ev.compare([a, b, c, d], out)
+    lasts = [last_a, (40 + 70 + 100) / 3, (60 + 70 + 100) / 3]
+    mean = sum(lasts) / 3
+    sd = (sum((x - mean) ** 2 for x in lasts) / 2) ** 0.5
+    lines = [l for l in open(os.path.join(out, "compare.md")).read().splitlines() if "mean ± sd" in l]
+    assert lines == [f"| mean ± sd of 3 | cmoe | {mean:.1f} ± {sd:.1f} | " + lines[0].split(" | ", 3)[3]]
 
 
 def test_cli_errors(tmp_path, capsys):
