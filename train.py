@@ -54,7 +54,8 @@ class TrainConfig:
     # run
     benchmark: str = "minicoin"  # minicoin | coin
     method: str = "cmoe"  # cmoe | lora | moelora | joint | isolated (baselines: one shared pool; joint: all tasks at
-    # once; isolated: each task alone from the base with a LoRA of its own, the bound for tasks kept apart)
+    # once; isolated: each task alone from the base with fresh experts as cmoe's first task gets, the oracle's routers:
+    # the bound for tasks kept apart)
     expand: str = "probe"  # PGKE: grow where probes say (probe), every layer (all), or by probe gradient norm (gradnorm)
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
     locator_feature: str = "last"  # PTL's input: last (the paper's last prompt token) | mean (image + instruction means)
@@ -556,9 +557,10 @@ def run(cfg: TrainConfig):
                         "joint" if joint else f"task{t}:{r.names[t]}", r.log,
                         task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
                         start=start)
-        if cfg.method == "cmoe":
+        if cfg.method in ("cmoe", "isolated"):  # the task's experts and router are final
             for pool in model.llm.expert_pools():
                 pool.freeze()
+        if cfg.method == "cmoe":
             with clock("locator"):  # PTL: this task's VAE on frozen-base features of its training data
                 fit_task_vae(model, locator, exs, r, cfg, t)
         with clock("eval"):
@@ -586,14 +588,14 @@ def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
 def grow(model: LLaVA, ds, cfg, t, log):
     """Experts before stage t: cmoe's first task gets n_init fresh experts per layer, each later task PGKE; the
     baselines' one shared pool is made at the first stage (lora: one expert; moelora, joint: a dense pool);
-    isolated: every task a fresh pool of one expert (the previous task's is in its checkpoint)."""
+    isolated: every task a fresh pool as cmoe's first task (the previous task's is in its checkpoint)."""
     if cfg.method == "cmoe" and t > 0:
         return pgke(model, ds, cfg, t, log)
     if cfg.method == "isolated":
         for pool in model.llm.expert_pools():
             pool.reset(model.llm.ecfg)
-    if t == 0 or cfg.method == "isolated":  # isolated: each task as if it were the first (= --method lora --tasks T)
-        n = {"cmoe": cfg.n_init, "lora": 1, "isolated": 1}.get(cfg.method, cfg.moelora_experts)
+    if t == 0 or cfg.method == "isolated":  # isolated: each task as if it were cmoe's first (= --tasks T)
+        n = {"cmoe": cfg.n_init, "lora": 1, "isolated": cfg.n_init}.get(cfg.method, cfg.moelora_experts)
         cmoe.init_experts(model.llm, n, generator=stage_rng(cfg, 0, "init"))
     return None
 
@@ -709,7 +711,7 @@ def set_experts(llm: Llama, ecfg: ExpertConfig):
 
 def expert_config(cfg):
     ecfg = ExpertConfig(rank=cfg.rank, alpha=cfg.lora_alpha, top_k=cfg.top_k, attn=cfg.attn_experts)
-    if cfg.method in ("lora", "isolated"):
+    if cfg.method == "lora":
         ecfg.top_k = 1
     if cfg.method in ("moelora", "joint"):
         ecfg.top_k = cfg.moelora_experts  # CoIN's MoELoRA: a dense softmax over all experts
