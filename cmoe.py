@@ -6,7 +6,7 @@ the method's model-side pieces. Where the paper's concepts live:
     dispatch           Experts.route -> Routing; lora_dense (masked-dense) or dispatch_plan + lora_sparse (blocks)
     PGKE               probe_start, set_counting / read_usage, probe_frequencies, pgke_decide, copy_sources,
                        probe_end, expand  (run in that order by train.pgke)
-    bounded growth     merge_experts, merge_rows, expert_numel (train.fit_budget: --max-expert-params)
+    bounded growth     merge_pair, merge_experts, merge_rows, expert_numel (train.fit_budget: --max-expert-params)
     PTL                TaskVAE, fit_vae, Locator.locate (fitted per task by train.fit_task_vae)
     HF checkpoints     LlamaConfig.from_hf, llama_key_map, load_llama
 
@@ -804,9 +804,10 @@ def expert_numel(pool: Experts) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Bounded growth (--max-expert-params): train.fit_budget makes room for a task's growth by merging the two least-used
-# frozen experts of a layer into one. The defaults are the measured choices (bench/merge_rules.py): the rank-R SVD
-# fit of the usage-weighted mean delta, and each router keeps the row of the expert its task used more.
+# Bounded growth (--max-expert-params): train.fit_budget makes room for a task's growth by skipping growth or by
+# merging two frozen experts of a layer into one. The merge's defaults are the measured choices (bench/merge_rules.py):
+# the two least-used experts, the rank-R SVD fit of their usage-weighted mean delta, each router keeping the row of
+# the expert its task used more.
 
 def merge_lora(a_i, b_i, a_j, b_j, w_i, w_j, fit="svd"):
     """One LoRA pair (a_DR, b_RO) standing for w_i * a_i b_i + w_j * a_j b_j (w_i + w_j = 1). svd: the truncated SVD of
@@ -841,6 +842,25 @@ def expert_use(pool: Experts) -> torch.Tensor:
     for u in pool.task_use:
         use_E[: len(u)] += u.double().cpu()
     return use_E
+
+
+@torch.no_grad()
+def merge_pair(pool: Experts, rule="least") -> tuple[int, int]:
+    """The two frozen experts (i < j) to merge. least: the two least-used (summed usage, expert_use; ties: the lower
+    index); ward: the pair whose merge moves the used deltas least, Ward's cost u_i u_j / (u_i + u_j) * sum over
+    projections |A_i B_i - A_j B_j|^2 (the usage-weighted squared change of both experts when they become their
+    weighted mean). Measured on MiniCoIN (bench/merge_rules.py), least keeps old tasks better."""
+    use_E = expert_use(pool)[: pool.n_frozen]
+    if rule == "least":
+        return tuple(sorted(sorted(range(len(use_E)), key=lambda e: (float(use_E[e]), e))[:2]))
+    if rule != "ward":
+        raise ValueError(f"merge pair rule must be ward or least, not {rule!r}")
+    deltas = [torch.einsum("edr,ero->edo", e.frozen_A.double(), e.frozen_B.double()).flatten(1) for e in pool.lora.values()]
+    dist_EE = sum(torch.cdist(d, d).pow(2) for d in deltas)
+    u = use_E.clamp(min=1e-12)
+    cost_EE = u[:, None] * u[None, :] / (u[:, None] + u[None, :]) * dist_EE
+    pairs = [(i, j) for i in range(len(u)) for j in range(i + 1, len(u))]
+    return min(pairs, key=lambda p: (float(cost_EE[p]), p))
 
 
 @torch.no_grad()

@@ -88,8 +88,8 @@ class TrainConfig:
     moelora_experts: int = 4
     max_expert_params: int | None = None  # bound on expert + router parameters after any task (None: unbounded);
     # PGKE's growth past it makes room by budget_rule (fit_budget)
-    budget_rule: str = "merge"  # merge: merge a layer's two least-used frozen experts | skip: drop growth where the
-    # probe won least (either falls back on the other when it has nothing left to do)
+    budget_rule: str = "skip"  # skip: drop growth where the probe won least | merge: merge a layer's two least-used
+    # frozen experts (either falls back on the other when it has nothing left to do; skip measured better: README)
     attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
     # optimisation
     steps: int = 300  # training steps per task
@@ -631,11 +631,15 @@ def projected_params(llm: Llama, expand, n_new):
 
 def fit_budget(llm: Llama, expand, sources, probe_routers, freq, cfg, t, log):
     """--max-expert-params: before PGKE expands, make room until the parameters after the task (its new experts and
-    router included) fit the budget. Rule merge (the default, measured: bench/merge_rules.py and README): merge the
-    two least-used frozen experts of a layer (usage summed over the tasks' records, record_task_use) with
-    cmoe.merge_experts, in the layer that would hold most experts after growing (ties: a growing one); rule skip: drop the growth of the
-    growing layer whose probe won least. Each falls back on the other when it has nothing left. Updates expand,
-    sources and probe_routers in place (indices after the merges); returns the record kept in metrics.json."""
+    router included) fit the budget. Rule skip (the default): drop the growth of the growing layer whose probe won
+    least, so growth stays where the probes say it buys most; old tasks keep their experts and routers untouched.
+    Rule merge: merge the two least-used frozen experts (cmoe.merge_pair, usage summed over the tasks' records,
+    record_task_use) of the layer that would hold most experts after growing (ties: a growing one), with
+    cmoe.merge_experts. Each falls back on the other when it has nothing left (skip merges once no layer grows and the
+    new router alone passes the budget). Measured on MiniCoIN (bench/merge_rules.py): merging costs old tasks dearly,
+    because the balance loss spreads every task's tokens over all of a layer's experts, so a merge moves experts every
+    later task relies on. Updates expand, sources and probe_routers in place (indices after any merge); returns the
+    record kept in metrics.json."""
     pools, merged, skipped = llm.expert_pools(), [], []
     while projected_params(llm, expand, cfg.n_new) > cfg.max_expert_params:
         can_merge = [l for l, pool in enumerate(pools) if pool.n_frozen >= 2]
@@ -649,8 +653,8 @@ def fit_budget(llm: Llama, expand, sources, probe_routers, freq, cfg, t, log):
                              f"with every layer merged to one expert ({projected_params(llm, expand, cfg.n_new)} "
                              f"parameters, its router included); raise the budget")
         l = max(can_merge, key=lambda l: (pools[l].n_experts + expand[l] * cfg.n_new, expand[l], -l))
-        use_E = cmoe.expert_use(pools[l])[: pools[l].n_frozen]
-        i, j = sorted(sorted(range(len(use_E)), key=lambda e: (float(use_E[e]), e))[:2])
+        use_E = cmoe.expert_use(pools[l])
+        i, j = cmoe.merge_pair(pools[l])
         cmoe.merge_experts(pools[l], i, j)
         probe_routers[l] = cmoe.merge_rows(probe_routers[l], i, j, float(use_E[i]), float(use_E[j]))
         if sources[l] is not None:  # the copy source follows its expert (j is now i; later ones moved down one)

@@ -26,13 +26,13 @@ import train  # noqa: E402
 from data import read_json  # noqa: E402
 
 
-def merge_all(model, merges, fit, row):
+def merge_all(model, merges, fit, row, pair):
     """--merges merges per layer, each of its two least-used frozen experts; returns the relative fit errors."""
     errs = []
     for pool in model.llm.expert_pools():
         for _ in range(merges):
             use_E = cmoe.expert_use(pool)[: pool.n_frozen]
-            i, j = sorted(sorted(range(len(use_E)), key=lambda e: (float(use_E[e]), e))[:2])
+            i, j = cmoe.merge_pair(pool, pair)
             w_i, w_j = float(use_E[i]) / float(use_E[i] + use_E[j]), float(use_E[j]) / float(use_E[i] + use_E[j])
             targets = {n: w_i * e.frozen_A[i] @ e.frozen_B[i] + w_j * e.frozen_A[j] @ e.frozen_B[j]
                        for n, e in pool.lora.items()}
@@ -66,6 +66,7 @@ def main():
     p.add_argument("run")
     p.add_argument("--merges", type=int, default=1, help="merges per layer")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pair", default="ward", help="which two experts: ward | least (cmoe.merge_pair)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = os.path.abspath(args.run)
@@ -85,14 +86,14 @@ def main():
         tests = {n: data.load_examples(cfg, n, "test") for n in names}
         images = {n: ev.image_features(model, tests[n], cfg) for n in names}
         rules = [("none", None), ("svd", "keep"), ("svd", "mean"), ("mean", "keep"), ("mean", "mean"), ("drop", "keep")]
-        print(f"{run}: {args.merges} merge(s) per layer; experts per layer {[p.n_experts for p in model.llm.expert_pools()]}")
+        print(f"{run}: {args.merges} merge(s) per layer of the pair chosen by {args.pair}; experts per layer {[p.n_experts for p in model.llm.expert_pools()]}")
         print("| merged LoRA | router row | " + " | ".join(names) + " | mean | delta fit error |")
         print("|---|---|" + "---|" * (len(names) + 2))
         for fit, row in rules:
             ev.load_task(model, tdir)
             for pool, u in zip(model.llm.expert_pools(), uses):
                 pool.task_use = [x.clone() for x in u]
-            errs = [] if fit == "none" else merge_all(model, args.merges, fit, row)
+            errs = [] if fit == "none" else merge_all(model, args.merges, fit, row, args.pair)
             accs = []
             for t, n in enumerate(names):
                 rows, _ = ev.predict(model, None, tests[n], images[n], tok, template, cfg, t, len(names), True)

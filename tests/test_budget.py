@@ -139,7 +139,7 @@ def test_fit_budget_merges_least_used_in_the_largest_layer_and_remaps_probe_rout
     expand, sources = [True, True], [3, 2]
     now = train.projected_params(llm, expand, 1)
     # one merge saves an expert, a row of task 2's router and a row of the new router: one parameter short
-    cfg = train.TrainConfig(max_expert_params=now - n_expert - 2 * D - 1)
+    cfg = train.TrainConfig(max_expert_params=now - n_expert - 2 * D - 1, budget_rule="merge")
     logs = []
     rec = train.fit_budget(llm, expand, sources, probe, [0.5, 0.4], cfg, 1, logs.append)
     assert rec == {"merged": [[0, 0, 3], [1, 0, 1]], "skipped": []}
@@ -157,9 +157,11 @@ def test_fit_budget_merges_least_used_in_the_largest_layer_and_remaps_probe_rout
 
 
 def test_budget_run_stays_within_its_budget_and_reloads(tmp_path, base_dir):
-    """Task 1 holds 156,672 expert + router parameters in the TINY model; a budget of 160,000 forces task 2 to merge."""
+    """Task 1 holds 156,672 expert + router parameters in the TINY model; under the merge rule a budget of 160,000
+    makes task 2 merge experts (any growth is 19,456 per expert), which the checkpoint's shapes must follow."""
     out = tmp_path / "budget"
-    M = train.main(TINY + ["--out", str(out), "--base-dir", base_dir, "--max-expert-params", "160000"])
+    M = train.main(TINY + ["--out", str(out), "--base-dir", base_dir, "--max-expert-params", "160000",
+                           "--budget-rule", "merge"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["max_expert_params"] == 160000 and m["pgke"][0]["merged"]
     for t, p in enumerate(m["params"]):  # the record, and what the checkpoint actually holds
@@ -173,3 +175,11 @@ def test_budget_run_stays_within_its_budget_and_reloads(tmp_path, base_dir):
     assert M["last"] is not None
     with pytest.raises(SystemExit, match="first task alone holds 156672"):
         train.main(TINY + ["--out", str(tmp_path / "small"), "--base-dir", base_dir, "--max-expert-params", "1000"])
+
+
+def test_skip_falls_back_on_a_merge_when_the_new_router_alone_passes_the_budget():
+    llm = tiny_llm()
+    expand, probe = [True, True], [torch.randn(5, D) for _ in llm.expert_pools()]
+    cfg = train.TrainConfig(max_expert_params=train.projected_params(llm, [False, False], 1) - 1)
+    rec = train.fit_budget(llm, expand, [0, 0], probe, [0.5, 0.4], cfg, 1, lambda msg: None)
+    assert rec == {"merged": [[0, 0, 3]], "skipped": [1, 0]} and expand == [False, False]
