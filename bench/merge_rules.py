@@ -1,10 +1,10 @@
 """Which merge keeps old tasks working: the measurement behind cmoe.merge_experts' defaults (a script, not a test).
 
-    python bench/merge_rules.py out/minicoin-cmoe [--merges 1] [--threads 1]
+    python bench/merge_rules.py out/minicoin-cmoe [--merges 1] [--pair least|ward] [--threads 1]
 
 Rebuilds the run's last stage (base + every task's experts and routers), records each task's usage of each expert
 with its own router on its first locator_n training rows (train.record_task_use, as --max-expert-params does), then
-for each rule merges, in every layer, its two least-used frozen experts (--merges times) and scores every task with
+for each rule merges, in every layer, two frozen experts (--pair: the least-used, or by Ward's cost; --merges times) and scores every task with
 its own routers (the oracle: the merge's cost, without the locator's). Rules: the merged LoRA is the rank-R SVD fit of
 the usage-weighted mean delta (svd) or the weighted mean of the factors (mean); each router that saw both keeps the
 row of the expert its task used more (keep) or their usage-weighted mean (mean); `drop` removes the less-used expert
@@ -66,7 +66,7 @@ def main():
     p.add_argument("run")
     p.add_argument("--merges", type=int, default=1, help="merges per layer")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--pair", default="ward", help="which two experts: ward | least (cmoe.merge_pair)")
+    p.add_argument("--pair", default="least", help="which two experts: least | ward (cmoe.merge_pair)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = os.path.abspath(args.run)
