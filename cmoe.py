@@ -6,6 +6,7 @@ the method's model-side pieces. Where the paper's concepts live:
     dispatch           Experts.route -> Routing; lora_dense (masked-dense) or dispatch_plan + lora_sparse (blocks)
     PGKE               probe_start, set_counting / read_usage, probe_frequencies, pgke_decide, copy_sources,
                        probe_end, expand  (run in that order by train.pgke)
+    bounded growth     merge_pair, merge_experts, merge_rows, expert_numel (train.fit_budget: --max-expert-params)
     PTL                TaskVAE, fit_vae, Locator.locate (fitted per task by train.fit_task_vae)
     HF checkpoints     LlamaConfig.from_hf, llama_key_map, load_llama
 
@@ -305,6 +306,7 @@ class Experts(nn.Module):
             self.lora.update({"q": LoRAExperts(D, Q, R), "k": LoRAExperts(D, KV, R), "v": LoRAExperts(D, KV, R),
                               "o": LoRAExperts(Q, D, R)})
         self.routers = nn.ParameterList()
+        self.task_use = []  # bounded growth: per task, its share of (token, slot) assignments per expert [E_t]
         if dev is not None:
             self.to(dev)
 
@@ -792,6 +794,100 @@ def expand(llm: Llama, decision, sources, probe_routers, n_new: int = 1, generat
             pool.add_experts(n_new, copy_from=src, generator=generator)
         init = torch.cat([pr[:n_old], pr[n_old:n_old + 1].expand(pool.n_experts - n_old, -1)], 0)
         pool.add_router(init)
+
+
+def expert_numel(pool: Experts) -> int:
+    """Parameters of one expert of the pool: its LoRA pair on every projection."""
+    return sum(e.rank * (e.din + e.dout) for e in pool.lora.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bounded growth (--max-expert-params): train.fit_budget makes room for a task's growth by skipping growth or by
+# merging two frozen experts of a layer into one. The merge's defaults are the measured choices (bench/merge_rules.py):
+# the two least-used experts, the rank-R SVD fit of their usage-weighted mean delta, each router keeping the row of
+# the expert its task used more.
+
+def merge_lora(a_i, b_i, a_j, b_j, w_i, w_j, fit="svd"):
+    """One LoRA pair (a_DR, b_RO) standing for w_i * a_i b_i + w_j * a_j b_j (w_i + w_j = 1). svd: the truncated SVD of
+    that delta, its least-squares best rank-R fit (Eckart-Young); mean: the weighted mean of the factors (exact only
+    where the two experts share one factor)."""
+    if fit == "mean":
+        return w_i * a_i + w_j * a_j, w_i * b_i + w_j * b_j
+    if fit != "svd":
+        raise ValueError(f"merge fit must be svd or mean, not {fit!r}")
+    R = a_i.shape[1]
+    U, S, Vh = torch.linalg.svd(w_i * a_i.double() @ b_i.double() + w_j * a_j.double() @ b_j.double(),
+                                full_matrices=False)
+    s = S[:R].sqrt()  # singular values split evenly between the factors
+    return (U[:, :R] * s).to(a_i.dtype), (s[:, None] * Vh[:R]).to(b_i.dtype)
+
+
+def merge_rows(W_ED, i, j, u_i, u_j, row="keep"):
+    """A router after merging expert j into i (i < j < E): row i becomes the row of the expert this router's task used
+    more (keep; ties: i), or their usage-weighted mean (mean); row j goes, later rows move up one."""
+    if row == "keep":
+        merged = W_ED[j] if u_j > u_i else W_ED[i]
+    elif row == "mean":
+        merged = (u_i * W_ED[i] + u_j * W_ED[j]) / (u_i + u_j) if u_i + u_j > 0 else (W_ED[i] + W_ED[j]) / 2
+    else:
+        raise ValueError(f"merge row rule must be keep or mean, not {row!r}")
+    return torch.cat([W_ED[:i], merged[None], W_ED[i + 1:j], W_ED[j + 1:]])
+
+
+def expert_use(pool: Experts) -> torch.Tensor:
+    """Each expert's usage summed over the tasks' recorded shares (Experts.task_use) [E]."""
+    use_E = torch.zeros(pool.n_experts, dtype=torch.float64)
+    for u in pool.task_use:
+        use_E[: len(u)] += u.double().cpu()
+    return use_E
+
+
+@torch.no_grad()
+def merge_pair(pool: Experts, rule="least") -> tuple[int, int]:
+    """The two frozen experts (i < j) to merge. least: the two least-used (summed usage, expert_use; ties: the lower
+    index); ward: the pair whose merge moves the used deltas least, Ward's cost u_i u_j / (u_i + u_j) * sum over
+    projections |A_i B_i - A_j B_j|^2 (the usage-weighted squared change of both experts when they become their
+    weighted mean). Measured on MiniCoIN (bench/merge_rules.py), least keeps old tasks better."""
+    use_E = expert_use(pool)[: pool.n_frozen]
+    if rule == "least":
+        return tuple(sorted(sorted(range(len(use_E)), key=lambda e: (float(use_E[e]), e))[:2]))
+    if rule != "ward":
+        raise ValueError(f"merge pair rule must be ward or least, not {rule!r}")
+    deltas = [torch.einsum("edr,ero->edo", e.frozen_A.double(), e.frozen_B.double()).flatten(1) for e in pool.lora.values()]
+    dist_EE = sum(torch.cdist(d, d).pow(2) for d in deltas)
+    u = use_E.clamp(min=1e-12)
+    cost_EE = u[:, None] * u[None, :] / (u[:, None] + u[None, :]) * dist_EE
+    pairs = [(i, j) for i in range(len(u)) for j in range(i + 1, len(u))]
+    return min(pairs, key=lambda p: (float(cost_EE[p]), p))
+
+
+@torch.no_grad()
+def merge_experts(pool: Experts, i: int, j: int, fit="svd", row="keep"):
+    """Merge frozen expert j into frozen expert i (i < j): expert i becomes one LoRA standing for their deltas weighted
+    by their summed usage (merge_lora), expert j is removed and later experts move down one index. Every router that
+    saw both gets merge_rows with its own task's usage of the two (equal without a record); a router that saw i only
+    keeps its rows (its expert i is now the merged one); task usage records add j's share to i's."""
+    if pool.lora["gate"].train_A.shape[0]:
+        raise ValueError("merge_experts merges frozen experts: this pool holds trainable ones (merge before expand)")
+    if not 0 <= i < j < pool.n_frozen:
+        raise ValueError(f"merge_experts: need 0 <= i < j < {pool.n_frozen} (frozen experts), got i={i}, j={j}")
+    use_E = expert_use(pool)
+    u_i, u_j = (float(use_E[i]), float(use_E[j])) if use_E[i] + use_E[j] > 0 else (1.0, 1.0)
+    keep = [e for e in range(pool.n_frozen) if e != j]
+    for e in pool.lora.values():
+        A, B = e.frozen_A.detach().clone(), e.frozen_B.detach().clone()
+        A[i], B[i] = merge_lora(A[i], B[i], A[j], B[j], u_i / (u_i + u_j), u_j / (u_i + u_j), fit)
+        e._set("frozen", A[keep], B[keep])
+    for t, r in enumerate(pool.routers):
+        if r.shape[0] > j:
+            u = pool.task_use[t] if t < len(pool.task_use) else torch.ones(r.shape[0])
+            pool.routers[t] = nn.Parameter(merge_rows(r.detach(), i, j, float(u[i]), float(u[j]), row),
+                                           requires_grad=r.requires_grad)
+    for t, u in enumerate(pool.task_use):
+        if len(u) > j:
+            u = u.clone()
+            u[i] += u[j]
+            pool.task_use[t] = torch.cat([u[:j], u[j + 1:]])
 
 
 def init_experts(llm: Llama, n: int, generator=None):

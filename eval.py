@@ -157,6 +157,8 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
     sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k)}
     meta = {"experts": dataclasses.asdict(model.llm.ecfg),
             "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_pools()]}
+    if any(f.task_use for f in model.llm.expert_pools()):  # bounded growth's usage records (--max-expert-params)
+        meta["task_use"] = [[u.tolist() for u in f.task_use] for f in model.llm.expert_pools()]
     if locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
@@ -171,6 +173,7 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
     for i, pool in enumerate(model.llm.expert_pools()):
         pool.reset(model.llm.ecfg)
         pool.load(tensors, f"llm.layers.{i}.experts.", meta["router_trainable"][i], source)
+        pool.task_use = [torch.tensor(u) for u in meta["task_use"][i]] if "task_use" in meta else []
     loc = cmoe.Locator(meta.get("locator_feature", "last"))
     for t in range(meta.get("n_vae", 0)):
         pre = f"locator.vaes.{t}."
@@ -562,6 +565,39 @@ def draw_heatmap(path, vals, rows, cols, title, xlabel, ylabel, fmt="{:.1f}", sh
         img.save(tmp, format="PNG")
     return img
 
+def draw_curve(path, xs, ys, labels, title, xlabel, ylabel, vline=None):
+    """Points (xs[k], ys[k]) joined in order, each labelled; a dashed vertical line at vline (e.g. a budget)."""
+    f, f_title, W, H, m = _font(13), _font(17), 520, 340, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs_all = list(xs) + ([vline] if vline is not None else [])
+    x_lo, x_hi = 0.0, max(xs_all) * 1.08 or 1.0
+    y_lo, y_hi = min(0.0, min(ys)), max(100.0, max(ys))
+    px = lambda x: m + (x - x_lo) / (x_hi - x_lo) * (W - 1.5 * m)  # noqa: E731
+    py = lambda y: H - m - (y - y_lo) / (y_hi - y_lo) * (H - 1.8 * m)  # noqa: E731
+    d.text((W // 2, 18), title, font=f_title, fill=_INK, anchor="mm")
+    d.line((px(x_lo), py(y_lo), px(x_hi), py(y_lo)), fill=_INK)
+    d.line((px(x_lo), py(y_lo), px(x_lo), py(y_hi)), fill=_INK)
+    for k in range(5):  # ticks: 4 equal steps on each axis
+        x, y = x_lo + k * (x_hi - x_lo) / 4, y_lo + k * (y_hi - y_lo) / 4
+        d.text((px(x), py(y_lo) + 6), _human(x), font=f, fill=_INK, anchor="mt")
+        d.text((px(x_lo) - 6, py(y)), f"{y:g}", font=f, fill=_INK, anchor="rm")
+        d.line((px(x_lo), py(y), px(x_hi), py(y)), fill=_GRID)
+    if vline is not None:
+        for y in range(int(py(y_hi)), int(py(y_lo)), 8):
+            d.line((px(vline), y, px(vline), y + 4), fill=_RAMP[3])
+    pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+    d.line(pts, fill=_RAMP[2], width=2) if len(pts) > 1 else None
+    for (x, y), lab in zip(pts, labels):
+        d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=_RAMP[4])
+        d.text((x + 6, y - 6), lab, font=f, fill=_INK, anchor="ls")
+    d.text((W // 2, H - 14), xlabel, font=f, fill=_INK, anchor="mm")
+    v = _vtext(ylabel, f)
+    img.paste(v, (4, H // 2 - v.height // 2), v)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return img
+
 # -----------------------------------------------------------------------------
 # report
 
@@ -649,11 +685,22 @@ def _report_growth(m, figs):
     """Parameters per task, experts per layer (table + figure), PGKE decisions."""
     md, tasks, epl = [], m["tasks"], m.get("experts_per_layer")
     if m.get("params"):
+        budget = m.get("max_expert_params")
         md += ["## Parameters per task\n",
-               _table(["task", "trainable", "added", "experts"],
-                      [[p.get("task"), _human(p.get("trainable")), _human(p.get("added")), p.get("experts", "—")]
-                       for p in m["params"]]),
-               f"Total added: {_human(sum(p.get('added') or 0 for p in m['params']))}\n"]
+               _table(["task", "trainable", "added", "experts", "expert params"],
+                      [[p.get("task"), _human(p.get("trainable")), _human(p.get("added")), p.get("experts", "—"),
+                        _human(p.get("expert_params"))] for p in m["params"]]),
+               f"Total added: {_human(sum(p.get('added') or 0 for p in m['params']))}"
+               + (f"; budget (--max-expert-params): {_human(budget)}" if budget else "") + "\n"]
+        acc = m.get("acc") or []
+        pts = [(p["expert_params"], _mean(acc[t][: t + 1]), p.get("task")) for t, p in enumerate(m["params"])
+               if p.get("expert_params") is not None and t < len(acc) and _mean(acc[t][: t + 1]) is not None]
+        if pts and m.get("method") != "joint":
+            draw_curve(os.path.join(figs, "params_vs_acc.png"), *zip(*pts), "Parameters and accuracy after each task",
+                       "expert + router parameters", "mean accuracy on tasks so far (%)", vline=budget)
+            md += ["Mean accuracy over the tasks trained so far against the expert and router parameters, after "
+                   "each task (the last point's accuracy is Last" + ("; dashed: the budget" if budget else "")
+                   + ").\n", "![parameters and accuracy](figures/params_vs_acc.png)\n"]
     if epl:
         layers, after = [str(l) for l in range(len(epl[0]))], tasks[: len(epl)] if len(epl) > 1 else ["joint"]
         draw_heatmap(os.path.join(figs, "experts_per_layer.png"), epl, after, layers, "Experts per layer",

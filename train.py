@@ -98,6 +98,10 @@ class TrainConfig:
     probe_steps: int = 60
     lambda_aux: float = 0.01  # weight of the load-balance loss
     moelora_experts: int = 4
+    max_expert_params: int | None = None  # bound on expert + router parameters after any task (None: unbounded);
+    # PGKE's growth past it makes room by budget_rule (fit_budget)
+    budget_rule: str = "skip"  # skip: drop growth where the probe won least | merge: merge a layer's two least-used
+    # frozen experts (either falls back on the other when it has nothing left to do; skip measured better: README)
     attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
     # optimisation
     steps: int = 300  # training steps per task
@@ -155,6 +159,8 @@ class TrainConfig:
         if self.text_steps < 0:
             raise ValueError(f"text_steps must be 0 or more, not {self.text_steps!r}")
         self.steps_by_task()  # a malformed --task-steps fails here, before anything runs
+        if self.max_expert_params is not None and self.method != "cmoe":
+            raise ValueError(f"max_expert_params bounds cmoe's growth; method {self.method!r} does not grow")
         if not 0.0 <= self.reject_quantile <= 1.0:  # also refuses nan
             raise ValueError(f"reject_quantile must be in [0, 1], not {self.reject_quantile!r}")
         if not 0.0 < self.gpu_mem < float("inf"):
@@ -168,11 +174,12 @@ class TrainConfig:
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
              instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
 CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint", "isolated"),
-               expand=("probe", "all", "gradnorm"), locator=("ptl", "oracle"), locator_feature=("last", "mean"),
+               expand=("probe", "all", "gradnorm"), budget_rule=("merge", "skip"), locator=("ptl", "oracle"),
+               locator_feature=("last", "mean"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                precision=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
 AT_LEAST_ONE = ("patch_merge", "rank", "top_k", "n_init", "n_new", "batch_size", "grad_accum", "eval_batch",
-                "save_every", "max_new_tokens", "locator_n", "train_n", "test_n")
+                "save_every", "max_new_tokens", "locator_n", "train_n", "test_n", "max_expert_params")
 RESUME_MAY_CHANGE = ("resume", "device", "threads")  # everything else must match the interrupted run's config.json
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
@@ -183,6 +190,8 @@ FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, o
          "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
          "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama",
          "attn_experts": "experts on attention q/k/v/o too (--no-attn-experts: FFN only)",
+         "max_expert_params": "cmoe: expert + router parameters after any task at most this (None: unbounded)",
+         "budget_rule": "how growth past --max-expert-params makes room: merge frozen experts, or skip layers",
          "instruct_mc": "lettered multiple choice in the tiny base's stage 0b (None: on; --no-instruct-mc: off)"}
 
 
@@ -219,7 +228,8 @@ def parse_args(argv=None) -> TrainConfig:
         tag = cfg.method + ("" if cfg.expand == "probe" else f"-expand{cfg.expand}") + (
             "-oracle" if cfg.locator == "oracle" else "") + ("-mean" if cfg.locator_feature == "mean" else "") + (
             "-reject" if cfg.reject else "") + ("" if cfg.attn_experts else "-ffn") + (
-            "-nomc" if cfg.instruct_mc is False else "")
+            "-nomc" if cfg.instruct_mc is False else "") + (
+            "" if cfg.max_expert_params is None else f"-budget{cfg.max_expert_params}")
         cfg.out = os.path.join("out", f"{cfg.benchmark}{'-quick' if cfg.quick else ''}-{tag}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         p.error(f"--out {cfg.out}: is a file, not a run folder")
@@ -557,6 +567,8 @@ def run(cfg: TrainConfig):
                         "joint" if joint else f"task{t}:{r.names[t]}", r.log,
                         task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
                         start=start)
+        if cfg.method == "cmoe" and cfg.max_expert_params is not None:  # what fit_budget's later merges weigh
+            record_task_use(model, ds, cfg)  # (forward only)
         if cfg.method in ("cmoe", "isolated"):  # the task's experts and router are final
             for pool in model.llm.expert_pools():
                 pool.freeze()
@@ -597,6 +609,10 @@ def grow(model: LLaVA, ds, cfg, t, log):
     if t == 0 or cfg.method == "isolated":  # isolated: each task as if it were cmoe's first (= --tasks T)
         n = {"cmoe": cfg.n_init, "lora": 1, "isolated": cfg.n_init}.get(cfg.method, cfg.moelora_experts)
         cmoe.init_experts(model.llm, n, generator=stage_rng(cfg, 0, "init"))
+        if cfg.max_expert_params is not None and ev.count_params(model)[1] > cfg.max_expert_params:
+            raise SystemExit(f"--max-expert-params {cfg.max_expert_params}: the first task alone holds "
+                             f"{ev.count_params(model)[1]} expert and router parameters ({n} experts per layer); "
+                             f"raise the budget or lower --n-init / --rank")
     return None
 
 
@@ -606,7 +622,8 @@ def pgke(model: LLaVA, ds, cfg, t, log):
     2. count   on held-out probe data, how often each layer's tokens go to each expert (its probe included);
     3. decide  grow layer l iff its probe's share freq_l > mean(freq) - alpha * std(freq);
     4. expand  drop the probes, then give each growing layer n_new copies of its most-used old expert, and every
-               layer the task's router (initialised from the probe router).
+               layer the task's router (initialised from the probe router); under --max-expert-params, fit_budget
+               first makes room for that growth.
     Returns the decision record kept in metrics.json."""
     llm = model.llm
     probe_train, probe_hold = probe_split(ds, cfg, t)
@@ -622,12 +639,65 @@ def pgke(model: LLaVA, ds, cfg, t, log):
         expand = decide_by_gradnorm(model, probe_hold, cfg, sum(expand), t, log)
     sources = cmoe.copy_sources(usage)  # 4. expand
     probe_routers = cmoe.probe_end(llm)
+    budget = {} if cfg.max_expert_params is None else fit_budget(llm, expand, sources, probe_routers, freq, cfg, t, log)
     cmoe.expand(llm, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
     copied = [src if grow else None for grow, src in zip(expand, sources)]
     log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
         + "".join("1" if e else "0" for e in expand) + " | copied from "
         + " ".join("-" if c is None else str(c) for c in copied))
-    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied}
+    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied, **budget}
+
+
+def projected_params(llm: Llama, expand, n_new):
+    """Expert and router parameters after cmoe.expand(llm, expand, ...) on the pools as they are now."""
+    return sum(sum(p.numel() for p in pool.parameters()) + g * n_new * cmoe.expert_numel(pool)
+               + (pool.n_experts + g * n_new) * pool.cfg.dim for pool, g in zip(llm.expert_pools(), expand))
+
+
+def fit_budget(llm: Llama, expand, sources, probe_routers, freq, cfg, t, log):
+    """--max-expert-params: before PGKE expands, make room until the parameters after the task (its new experts and
+    router included) fit the budget. Rule skip (the default): drop the growth of the growing layer whose probe won
+    least, so growth stays where the probes say it buys most; old tasks keep their experts and routers untouched.
+    Rule merge: merge the two least-used frozen experts (cmoe.merge_pair, usage summed over the tasks' records,
+    record_task_use) of the layer that would hold most experts after growing (ties: a growing one), with
+    cmoe.merge_experts. Each falls back on the other when it has nothing left (skip merges once no layer grows and the
+    new router alone passes the budget). Measured on MiniCoIN (bench/merge_rules.py): merging costs old tasks dearly,
+    because the balance loss spreads every task's tokens over all of a layer's experts, so a merge moves experts every
+    later task relies on. Updates expand, sources and probe_routers in place (indices after any merge); returns the
+    record kept in metrics.json."""
+    pools, merged, skipped = llm.expert_pools(), [], []
+    while projected_params(llm, expand, cfg.n_new) > cfg.max_expert_params:
+        can_merge = [l for l, pool in enumerate(pools) if pool.n_frozen >= 2]
+        if any(expand) and (cfg.budget_rule == "skip" or not can_merge):
+            l = min((l for l, g in enumerate(expand) if g), key=lambda l: freq[l])
+            expand[l] = False
+            skipped.append(l)
+            continue
+        if not can_merge:
+            raise SystemExit(f"--max-expert-params {cfg.max_expert_params}: task {t} cannot fit even without growth and "
+                             f"with every layer merged to one expert ({projected_params(llm, expand, cfg.n_new)} "
+                             f"parameters, its router included); raise the budget")
+        l = max(can_merge, key=lambda l: (pools[l].n_experts + expand[l] * cfg.n_new, expand[l], -l))
+        use_E = cmoe.expert_use(pools[l])
+        i, j = cmoe.merge_pair(pools[l])
+        cmoe.merge_experts(pools[l], i, j)
+        probe_routers[l] = cmoe.merge_rows(probe_routers[l], i, j, float(use_E[i]), float(use_E[j]))
+        if sources[l] is not None:  # the copy source follows its expert (j is now i; later ones moved down one)
+            sources[l] = i if sources[l] == j else sources[l] - (sources[l] > j)
+        merged.append([l, i, j])
+    log(f"budget task {t}: {projected_params(llm, expand, cfg.n_new)} of {cfg.max_expert_params} expert parameters"
+        + "".join(f" | layer {l}: merged experts {i} and {j}" for l, i, j in merged)
+        + "".join(f" | layer {l}: growth skipped" for l in skipped))
+    return {"merged": merged, "skipped": skipped}
+
+
+@torch.no_grad()
+def record_task_use(model: LLaVA, ds, cfg):
+    """Bounded growth: each layer's share of the just-trained task's assignments per expert, counted with its own
+    router on its first locator_n training rows (forward only), appended to Experts.task_use."""
+    usage = count_usage(model, subset(ds, torch.arange(min(cfg.locator_n, ds["input_ids"].shape[0]))), cfg)
+    for pool, u in zip(model.llm.expert_pools(), usage):
+        pool.task_use.append((u / u.sum().clamp(min=1)).cpu())
 
 
 def probe_split(ds, cfg, t):
@@ -804,7 +874,8 @@ class RunState:
                  + (f", {world} ranks (torchrun: DDP, batches split, evaluation sharded)" if world > 1 else ""))
         self.metrics = {"benchmark": cfg.benchmark, "method": cfg.method, "expand": cfg.expand, "locator": cfg.locator,
                   "tasks": self.names, "metric": metric, "acc": [], "params": [], "experts_per_layer": [], "pgke": [],
-                  "locator_acc": [], "time": {"base": 0.0, "tasks": []}, "finished_tasks": 0}
+                  "locator_acc": [], "time": {"base": 0.0, "tasks": []}, "finished_tasks": 0,
+                  "max_expert_params": cfg.max_expert_params}
         self.first, self.partial = 0, None
 
     def start(self):
@@ -870,7 +941,8 @@ class RunState:
         ev.record(metrics, result, t)
         pools = model.llm.expert_pools()
         metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
-            f.n_experts for f in pools), "added": ev.count_params(model)[1] - clock.n_before})
+            f.n_experts for f in pools), "added": ev.count_params(model)[1] - clock.n_before,
+            "expert_params": ev.count_params(model)[1]})
         metrics["experts_per_layer"].append([f.n_experts for f in pools])
         metrics["time"]["tasks"].append(clock.seconds)
         metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
