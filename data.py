@@ -1022,8 +1022,11 @@ def coin_accuracy(metric, rows):
 MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
 INSTRUCT_MC = "instruct-mc"  # stage 0b's default mix: "instruct" with lettered multiple choice (_make_instruct)
 TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exact", "count": "exact", "ground": "iou",
-               "caption": "exact", "instruct": "exact", INSTRUCT_MC: "exact", "textcolor": "exact"}
-UNSEEN_TASKS = ("textcolor",)  # scored after every stage, never trained: how much zero-shot ability a method keeps
+               "caption": "exact", "instruct": "exact", INSTRUCT_MC: "exact", "textcolor": "exact", "position": "exact"}
+# scored after every stage, never trained: how much zero-shot ability a method keeps. textcolor: near the trained
+# tasks (ocr's text scenes, the suffix sqa and gqa's colour questions share); position: another family, the scenes of
+# 2-4 distinct objects no trained task shows, asked where one of them is
+UNSEEN_TASKS = ("textcolor", "position")
 IMAGE_SIZE = 48
 MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33
 MINICOIN_VERSION = 4  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
@@ -1196,6 +1199,11 @@ def _task_sample(task, rng):
     if task == "textcolor":  # unseen: a question kind the base learned in stage 0b, asked CoIN-style
         scene = _text_scene(rng)
         return scene, f"<image>\nWhat is the color of the text?\n{SUFFIX_SHORT}", scene["text"]["color"]
+    if task == "position":  # unseen: stage 0b's "where" on its multi-object scenes, asked CoIN-style
+        scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
+        o = scene["objs"][rng.integers(len(scene["objs"]))]
+        return (scene, f"<image>\nWhere in the image is the {o['color']} {o['shape']}?\n{SUFFIX_SHORT}",
+                POSITIONS[o["cell"]])
     if task == "caption":  # stage 0, part 1: every kind of scene the tasks use, described in full
         scene = _any_scene(rng)
         return scene, "<image>\nDescribe the image.", _caption(scene)

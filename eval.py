@@ -162,6 +162,7 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
     if locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
+        meta["n_gate"] = len(locator.gates)
         if len(locator.vaes):
             v = locator.vaes[0]
             meta["vae"] = {"hidden": v.enc[0].out_features, "latent": v.dec[0].in_features}
@@ -180,9 +181,15 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
         vae = cmoe.TaskVAE(tensors[pre + "feat_mean"].shape[0], **meta["vae"])
         missing, unexpected = vae.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)},
                                                   strict=False)
-        if [k for k in missing if k != "accept_z"] or unexpected:  # no accept_z: uncalibrated, --reject says so
+        unexpected = [k for k in unexpected if k != "accept_z"]  # the VAE bound of older checkpoints: the gates replace it
+        if missing or unexpected:
             raise KeyError(f"{source}: locator VAE {t}: missing {missing}, unexpected {unexpected}")
         loc.vaes.append(vae.eval())
+    for t in range(meta.get("n_gate", 0)):  # none in older checkpoints: reevaluate fits them for --reject
+        pre = f"locator.gates.{t}."
+        gate = cmoe.TaskGate(*tensors[pre + "basis"].shape)
+        gate.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        loc.gates.append(gate.eval())
     return loc
 
 def load_task(model: LLaVA, tdir) -> cmoe.Locator:
@@ -255,42 +262,50 @@ def image_features(model: LLaVA, examples, cfg):
         out.append(model.image_features(px).cpu())  # in the model's precision (cmoe.set_precision)
     return torch.cat(out)
 
-def task_features(model: LLaVA, examples, tok, template, cfg, images=None):
-    """PTL features (cfg.locator_feature of the frozen base) of examples (`images`: their image features, if known),
-    in eval batches."""
+def task_features(model: LLaVA, examples, tok, template, cfg, images=None, kind=None):
+    """PTL features (`kind`, default cfg.locator_feature, of the frozen base) of examples (`images`: their image
+    features, if known), in eval batches."""
     images = image_features(model, examples, cfg) if images is None else images
     return torch.cat([model.features([data.encode_prompt(tok, ex, template, cfg.max_len) for ex in
                                       examples[i:i + cfg.eval_batch]], images[i:i + cfg.eval_batch].to(cfg.device),
-                                     cfg.locator_feature).cpu() for i in range(0, len(examples), cfg.eval_batch)])
+                                     kind or cfg.locator_feature).cpu() for i in range(0, len(examples), cfg.eval_batch)])
 
-def reject_features(model: LLaVA, examples, tok, template, cfg):
+def reject_features(model: LLaVA, examples, tok, template, cfg, kind=None):
     """The features that calibrate a task's reject bound: its training examples after the locator_n its VAE was
     fitted on (the next calib_n: data the VAE never saw); without any, the fitted ones."""
     held_out = examples[cfg.locator_n: cfg.locator_n + cfg.calib_n] or examples[: cfg.locator_n]
-    return task_features(model, held_out, tok, template, cfg)
+    return task_features(model, held_out, tok, template, cfg, kind=kind)
+
+def add_reject_gate(locator, model: LLaVA, examples, tok, template, cfg):
+    """The next task's reject gate: a Gaussian over REJECT_FEATURE of the locator_n training
+    examples its VAE is fitted on, calibrated at cfg.reject_quantile on the held-out ones (reject_features)."""
+    kind = cmoe.REJECT_FEATURE
+    locator.add_gate(task_features(model, examples[: cfg.locator_n], tok, template, cfg, kind=kind),
+                     reject_features(model, examples, tok, template, cfg, kind=kind), cfg.reject_quantile)
 
 BASE_ONLY = -1  # a routing choice: no task's routers; the frozen base answers alone, without experts
 
 
-def choose_routers(locator, cfg, feats_BD, n, true_task, seen, routed):
+def choose_routers(locator, cfg, feats_BD, n, true_task, seen, routed, gate_BD=None):
     """Whose routers answer each of n samples: a task index, or BASE_ONLY.
       none    routed=False (the baselines' one shared pool; row 0's bare base): task 0's, the only ones
       PTL     --locator ptl, once 2 tasks are seen (or with --reject): the locator's choice per sample, BASE_ONLY
-              where no task's VAE accepts it (--reject)
+              where no task's gate accepts it (--reject; gate_BD: the samples' REJECT_FEATURE)
       oracle  otherwise: the true task's (the latest for a task not trained yet), BASE_ONLY for an unseen task
               (true_task None), which no router was trained for"""
     if not routed:
         return torch.zeros(n, dtype=torch.long)
     if cfg.locator == "ptl" and (seen > 1 or cfg.reject):
-        t_B = locator.locate(feats_BD, reject=cfg.reject)
+        t_B = locator.locate(feats_BD, reject=cfg.reject, g_BD=gate_BD)
         return torch.where(t_B == locator.REJECTED, BASE_ONLY, t_B)
     return torch.full((n,), BASE_ONLY if true_task is None else min(true_task, seen - 1), dtype=torch.long)
 
 
 @torch.no_grad()
-def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed, feats=None):
+def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed, feats=None,
+            gate_feats=None):
     """Greedy answers for `examples` (`images`: their projected features; `feats`: their PTL features, needed when the
-    locator chooses); returns rows for predictions/<task>.jsonl and the routers chosen per sample (choose_routers)."""
+    locator chooses; `gate_feats`: their REJECT_FEATURE, with --reject); returns rows for predictions/<task>.jsonl and the routers chosen per sample (choose_routers)."""
     model.eval()
     rows, chosen = [], []
     stops = data.stop_ids(tok, template)
@@ -298,8 +313,8 @@ def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_ta
         exs = examples[i:i + cfg.eval_batch]
         prompts = [data.encode_prompt(tok, ex, template, cfg.max_len) for ex in exs]
         img = images[i:i + cfg.eval_batch].to(cfg.device)
-        tids = choose_routers(locator, cfg, None if feats is None else feats[i:i + cfg.eval_batch], len(exs),
-                              true_task, seen, routed)
+        part = [None if f is None else f[i:i + cfg.eval_batch] for f in (feats, gate_feats)]
+        tids = choose_routers(locator, cfg, part[0], len(exs), true_task, seen, routed, part[1])
         outs = [None] * len(exs)
         for experts in (True, False):  # samples with routers, then those the base answers alone
             idx = [j for j in range(len(exs)) if bool(tids[j] != BASE_ONLY) == experts]
@@ -347,6 +362,7 @@ class Benchmark:
         self.images = {n: image_features(model, exs, cfg) for n, exs in self.tests.items()}
         self.scoring = scoring_rules(cfg, self.names + self.unseen, self.metric, self.tests, log)
         self.feats = {}  # PTL features of each test set: the base is frozen, so computed once, at their first use
+        self.gate_feats = {}  # their REJECT_FEATURE (--reject), likewise
 
     def evaluate(self, model: LLaVA, locator, t):
         """After training task t (t = -1: the frozen base before any expert exists, row 0): score every task (seen, not
@@ -361,12 +377,15 @@ class Benchmark:
             exs = [self.tests[n][k] for k in mine]
             if routed and cfg.locator == "ptl" and n not in self.feats:
                 self.feats[n] = task_features(model, exs, self.tok, self.template, cfg, self.images[n][mine])
+            if routed and cfg.locator == "ptl" and cfg.reject and n not in self.gate_feats:
+                self.gate_feats[n] = (self.feats[n] if cfg.locator_feature == cmoe.REJECT_FEATURE else task_features(
+                    model, exs, self.tok, self.template, cfg, self.images[n][mine], kind=cmoe.REJECT_FEATURE))
             rows, chosen = predict(model, locator, exs, self.images[n][mine], self.tok, self.template, cfg,
-                                   i if i < T else None, t + 1, routed, self.feats.get(n))
+                                   i if i < T else None, t + 1, routed, self.feats.get(n), self.gate_feats.get(n))
             rows, chosen = gather_in_order(mine, rows, chosen)
             out["acc" if i < T else "unseen"].append(None if cfg.predict_only else task_accuracy(rows, self.metric[n]))
             for c in chosen if routed and i <= t else ():
-                if c == BASE_ONLY:  # a seen task's sample: every VAE rejected it
+                if c == BASE_ONLY:  # a seen task's sample: every gate rejected it
                     out["rejected"][i] += 1
                 else:
                     out["confusion"][i][c] += 1
@@ -389,7 +408,8 @@ def gather_in_order(mine, rows, chosen):
 def reevaluate(run_dir, device=None, reject=None, quantile=None):
     """Rebuild a finished (or partly finished) run from its base and task checkpoints and regenerate every stage's
     predictions and accuracy rows. reject: override the run's reject option; quantile: recalibrate every task's
-    reject bound at this quantile, from the same held-out training examples training used. Returns the refreshed
+    reject gate at this quantile, from the same held-out training examples training used (a run folder from before
+    the gates gets them fitted from its training data the same way). Returns the refreshed
     metrics dict (also written to metrics.json). Works from any directory: the run's relative paths (cached base,
     --base-dir, data, checkpoints) are taken from the folder training ran in (metrics.json 'cwd')."""
     run_dir = os.path.abspath(run_dir)
@@ -415,7 +435,7 @@ def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
     metrics.update(acc=[], locator_acc=[], unseen={"tasks": bench.unseen, "acc": []}, reject=cfg.reject,
                    reject_quantile=cfg.reject_quantile)
     record(metrics, bench.evaluate(model, None, -1), -1)  # before any expert
-    held_out = {}
+    gates = {}
     for t in [0] if cfg.method == "joint" else range(metrics["finished_tasks"]):  # joint: one checkpoint, one row
         tdir = os.path.join(run_dir, f"task_{t}")
         meta = read_json(os.path.join(tdir, "meta.json"))
@@ -424,10 +444,16 @@ def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
                 raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} "
                                  f"but the run config says {want!r}")
         locator = load_task(model, tdir)
-        for k in range(len(locator.vaes)) if quantile is not None else ():
-            if k not in held_out:  # the base is frozen: a task's held-out features are the same at every stage
-                held_out[k] = reject_features(model, data.load_examples(cfg, bench.names[k], "train"), tok, template, cfg)
-            locator.calibrate(held_out[k], quantile, task=k)
+        refit = cfg.reject and cfg.locator == "ptl" and (quantile is not None or len(locator.gates) < len(locator.vaes))
+        for k in range(len(locator.vaes)) if refit else ():
+            if k not in gates:  # the base is frozen: a task's gate is the same at every stage
+                g = cmoe.Locator()
+                add_reject_gate(g, model, data.load_examples(cfg, bench.names[k], "train"), tok, template, cfg)
+                gates[k] = g.gates[0]
+            if k < len(locator.gates):
+                locator.gates[k] = gates[k]
+            else:
+                locator.gates.append(gates[k])
         record(metrics, bench.evaluate(model, locator, t), t)
         log(f"re-evaluated task_{t}: " + " ".join(f"{n}={fmt(a)}" for n, a in zip(bench.names, metrics["acc"][-1])))
     metrics.update(continual_metrics(metrics["acc"], joint=cfg.method == "joint", isolated=cfg.method == "isolated"))
@@ -764,10 +790,11 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output folder: of report.md and its figures (default: the run folder); "
                    "with --compare, of compare.md and compare.png (default: <runs parent>/compare)")
     p.add_argument("--from-predictions", action="store_true", help="skip the model; rescore saved predictions")
-    p.add_argument("--reject", action="store_true", help="re-evaluate with the locator's reject option (the bounds "
-                   "are calibrated during training whether or not the run used it)")
-    p.add_argument("--reject-quantile", type=float, help="implies --reject: recalibrate every task's bound at this "
-                   "quantile of its held-out training z-scores (recomputed from the run's training data)")
+    p.add_argument("--reject", action="store_true", help="re-evaluate with the locator's reject option (the gates "
+                   "are fitted during training whether or not the run used it; older run folders get them fitted "
+                   "from the run's training data)")
+    p.add_argument("--reject-quantile", type=float, help="implies --reject: recalibrate every task's gate at this "
+                   "quantile of its held-out training distances (recomputed from the run's training data)")
     args = p.parse_args(argv)
     if args.reject_quantile is not None and not 0.0 <= args.reject_quantile <= 1.0:
         p.error(f"--reject-quantile must be in [0, 1], not {args.reject_quantile}")

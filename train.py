@@ -59,8 +59,8 @@ class TrainConfig:
     expand: str = "probe"  # PGKE: grow where probes say (probe), every layer (all), or by probe gradient norm (gradnorm)
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
     locator_feature: str = "last"  # PTL's input: last (the paper's last prompt token) | mean (image + instruction means)
-    reject: bool = False  # a sample no task's VAE accepts is answered by the base model without experts
-    reject_quantile: float = 1.0  # each VAE accepts z-scores up to this quantile of its held-out training z-scores
+    reject: bool = False  # a sample no task's gate (cmoe.TaskGate) accepts is answered by the base model without experts
+    reject_quantile: float = 1.0  # a gate accepts distances up to REJECT_MARGIN x this quantile of its held-out ones
     calib_n: int = 200  # held-out training examples per task that calibrate its reject bound
     unseen: str = "auto"  # scored every stage, never trained: a,b,c | none | auto (MiniCoIN: textcolor; CoIN: none)
     tasks: str | None = None  # comma-separated task names (default: the benchmark's full sequence)
@@ -582,19 +582,21 @@ def run(cfg: TrainConfig):
 
 
 def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
-    """PTL for task t: a VAE on locator_n training examples' features, its reject bound from the next calib_n (data
-    the VAE never saw). Under torchrun rank 0 fits it and broadcasts it."""
+    """PTL for task t: a VAE on locator_n training examples' features; the reject option's gate on the same examples,
+    its bound from the next calib_n (data neither saw). Under torchrun rank 0 fits them and broadcasts them."""
     rank, world = ev.rank_world()
     if rank == 0:
         feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
         locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
-        locator.calibrate(ev.reject_features(model, exs, r.tok, r.template, cfg), cfg.reject_quantile)
+        ev.add_reject_gate(locator, model, exs, r.tok, r.template, cfg)
         if len(exs) <= cfg.locator_n:
             r.log(f"note: task {t} has no training example beyond the VAE's {cfg.locator_n}: its reject bound is "
                   f"calibrated on the features the VAE was fitted on (raise --train-n or lower --locator-n)")
     else:
         locator.vaes.append(cmoe.TaskVAE(model.llm.cfg.dim * (2 if cfg.locator_feature == "mean" else 1)).eval())
-    broadcast_from_rank0(locator.vaes[-1].state_dict().values())
+        dim = model.llm.cfg.dim * (2 if cmoe.REJECT_FEATURE == "mean" else 1)
+        locator.gates.append(cmoe.TaskGate(dim, cmoe.gate_rank(len(exs[: cfg.locator_n]), dim)).eval())
+    broadcast_from_rank0([*locator.vaes[-1].state_dict().values(), *locator.gates[-1].state_dict().values()])
 
 
 def grow(model: LLaVA, ds, cfg, t, log):

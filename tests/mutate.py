@@ -33,7 +33,9 @@ METHOD = ["tests/test_method.py"]
 EXPERTS = ["tests/test_experts.py"]
 TRAIN_FAST = ["tests/test_train.py::test_pgke_rule_on_hand_made_frequencies",
               "tests/test_train.py::test_ptl_locates_separated_tasks_per_sample",
-              "tests/test_train.py::test_reject_option_calibrates_per_task_and_rejects_what_no_task_accepts"]
+              "tests/test_train.py::test_reject_gate_distance_is_the_shrunk_mahalanobis_by_hand",
+              "tests/test_train.py::test_reject_gate_bound_is_the_margin_times_the_held_out_quantile",
+              "tests/test_train.py::test_reject_goes_to_the_best_accepting_task_and_the_base_where_no_gate_accepts"]
 LLAMA = ["tests/test_llama.py"]
 EVAL = ["tests/test_eval.py"]
 DESELECT = ["tests/test_experts.py::test_compiled_fused_matches_loop_without_recompiles"]
@@ -122,10 +124,14 @@ MUTATIONS = [
      "locator: z-score not divided by the error std", PTL),
     ("cmoe.py", "            return z_BN.argmin(-1)", "            return z_BN.argmax(-1)",
      "locator: argmax instead of argmin", PTL),
-    ("cmoe.py", "vae.accept_z.fill_(float(torch.quantile(z_N, quantile)))",
-     "vae.accept_z.fill_(float(torch.quantile(z_N, 1 - quantile)))", "reject bound at the complementary quantile", PTL),
-    ("cmoe.py", "z_BN = z_BN.masked_fill(z_BN > bound_N, float(\"inf\"))",
-     "z_BN = z_BN.masked_fill(z_BN < bound_N, float(\"inf\"))", "reject: refuses what a task accepts", PTL),
+    ("cmoe.py", "float(torch.quantile(self.distance(held_out_ND), quantile))",
+     "float(torch.quantile(self.distance(held_out_ND), 1 - quantile))", "reject bound at the complementary quantile", PTL),
+    ("cmoe.py", "REJECT_MARGIN * float(", "float(", "reject bound without its margin", PTL),
+    ("cmoe.py", "z_BN = z_BN.masked_fill(~ok_BN, float(\"inf\"))", "z_BN = z_BN.masked_fill(ok_BN, float(\"inf\"))",
+     "reject: refuses what a task accepts", PTL),
+    ("cmoe.py", "gate.var.copy_((1 - shrink) * lam + floor)", "gate.var.copy_(lam + floor)",
+     "gate: eigenvalues not shrunk", PTL),
+    ("cmoe.py", "+ rest_B / self.floor.double()", "", "gate: directions outside the kept basis ignored", PTL),
     ("cmoe.py", "mu, _ = self.enc(x).chunk(2, -1)", "_, mu = self.enc(x).chunk(2, -1)",
      "VAE recon error decodes the log-variance half", PTL),
     ("cmoe.py", "vae.err_std.copy_(err.std().clamp(min=1e-6))", "vae.err_std.copy_(err.var().clamp(min=1e-6))",

@@ -104,31 +104,66 @@ def test_pgke_rule_on_hand_made_frequencies():
     assert cmoe.pgke_decide(freq, 0.0)[0] == [False, True, True, False]
 
 
-def test_reject_option_calibrates_per_task_and_rejects_what_no_task_accepts():
+def _shrunk_mahalanobis(fit, x, shrink):
+    """Hand reference: (x - mu)^T C^-1 (x - mu), C = (1 - s) S + s tr(S)/D I, by a float64 linear solve."""
+    f = fit.double()
+    mu = f.mean(0)
+    S = (f - mu).T @ (f - mu) / (f.shape[0] - 1)
+    C = (1 - shrink) * S + shrink * S.trace() / S.shape[0] * torch.eye(S.shape[0], dtype=torch.float64)
+    d = x.double() - mu
+    return (d * torch.linalg.solve(C, d.T).T).sum(-1)
+
+
+@pytest.mark.parametrize("n,dim,shrink", [(60, 6, cmoe.GATE_SHRINK), (60, 6, 0.2), (5, 8, 0.05)])
+def test_reject_gate_distance_is_the_shrunk_mahalanobis_by_hand(n, dim, shrink):
+    """Full rank (n > dim) and the kept eigenbasis of a rank-deficient covariance (n <= dim: 4 of 8 directions, the
+    rest at the floor variance) both give the distance of the full shrunk covariance."""
+    g = torch.Generator().manual_seed(3)
+    fit = torch.randn(n, dim, generator=g) * torch.linspace(0.2, 3.0, dim) + 1.5
+    x = torch.cat([torch.randn(7, dim, generator=g) * 2 + 1.5, fit[:2]])
+    gate = cmoe.fit_gate(fit, shrink=shrink)
+    assert gate.basis.shape == (dim, min(dim, n - 1))
+    torch.testing.assert_close(gate.distance(x), _shrunk_mahalanobis(fit, x, shrink), rtol=2e-4, atol=1e-6)
+
+
+def test_reject_gate_bound_is_the_margin_times_the_held_out_quantile():
+    g = torch.Generator().manual_seed(4)
+    gate = cmoe.fit_gate(torch.randn(100, 5, generator=g))
+    held = torch.randn(200, 5, generator=g)
+    gate.calibrate(held, quantile=0.9)
+    d = sorted(gate.distance(held).tolist())
+    want = d[179] + 0.1 * (d[180] - d[179])  # linear interpolation at position 0.9 * (200 - 1) = 179.1
+    assert float(gate.bound) == pytest.approx(cmoe.REJECT_MARGIN * want, rel=1e-5)
+    gate.calibrate(held, quantile=1.0)
+    assert float(gate.bound) == pytest.approx(cmoe.REJECT_MARGIN * d[-1], rel=1e-5)
+
+
+def test_reject_goes_to_the_best_accepting_task_and_the_base_where_no_gate_accepts():
+    """The VAEs choose among the tasks whose gate (on its own feature g) accepts; none accepting: REJECTED."""
     g = torch.Generator().manual_seed(1)
     centers = [torch.zeros(16), torch.zeros(16)]
     centers[0][:8], centers[1][8:] = 4.0, 4.0
+    draw = lambda c, n: c + 0.3 * torch.randn(n, 16, generator=g)  # noqa: E731
     loc = cmoe.Locator()
-    with pytest.raises(ValueError, match="never calibrated"):
-        loc.add_task(centers[0] + 0.3 * torch.randn(200, 16, generator=g), steps=200)
-        loc.locate(centers[0][None], reject=True)
-    held = []
-    for t, c in enumerate(centers):
-        if t:
-            loc.add_task(c + 0.3 * torch.randn(200, 16, generator=g), steps=200)
-        held.append(c + 0.3 * torch.randn(200, 16, generator=g))
-        loc.calibrate(held[-1], quantile=0.9)
-    for t, v in enumerate(loc.vaes):  # the bound: the 0.9 quantile of the task's own held-out z-scores, by hand
-        z = sorted(((v.recon_error(held[t]) - v.err_mean) / v.err_std).tolist())
-        want = z[179] + 0.1 * (z[180] - z[179])  # linear interpolation at position 0.9 * (200 - 1) = 179.1
-        assert float(v.accept_z) == pytest.approx(want, rel=1e-5)
-        assert int(((v.recon_error(held[t]) - v.err_mean) / v.err_std <= v.accept_z).sum()) == 180  # z[0..179]
-    far = torch.full((3, 16), 40.0)  # explained by neither task
-    f = torch.cat([centers[0] + 0.3 * torch.randn(4, 16, generator=g), centers[1] + 0.3 * torch.randn(4, 16, generator=g), far])
-    assert -1 not in loc.locate(f).tolist()  # without the reject option every sample goes to some task
-    got = loc.locate(f, reject=True).tolist()
-    assert got[-3:] == [-1, -1, -1] and got[:8].count(-1) <= 1 and [x for x in got[:8] if x >= 0] == [
-        t for t, x in zip([0] * 4 + [1] * 4, got[:8]) if x >= 0]
+    for c in centers:
+        loc.add_task(draw(c, 200), steps=200)
+    f = torch.cat([draw(centers[0], 4), draw(centers[1], 4)])
+    with pytest.raises(ValueError, match="0 calibrated reject gates for 2 tasks"):
+        loc.locate(f, reject=True, g_BD=f)
+    for c in centers:  # the gates see another feature of the same samples: here the VAEs' feature negated
+        loc.add_gate(-draw(c, 200), -draw(c, 200), quantile=1.0)
+    with pytest.raises(ValueError, match="needs the samples' 'mean' features"):
+        loc.locate(f, reject=True)
+    far = torch.full((3, 16), 40.0)
+    assert loc.locate(f).tolist() == [0] * 4 + [1] * 4
+    assert loc.locate(f, reject=True, g_BD=-f).tolist() == [0] * 4 + [1] * 4
+    assert loc.locate(f, reject=True, g_BD=far[:1].expand(8, -1)).tolist() == [-1] * 8  # the gates decide
+    assert loc.locate(far, reject=True, g_BD=-f[:3]).tolist() == [0] * 3  # what the VAEs think of the far sample
+    # the VAEs prefer task 0 for f[:4]; with task 1's gate features, only task 1 accepts them
+    assert loc.locate(f[:4], reject=True, g_BD=-f[4:]).tolist() == [1] * 4
+    loc.gates[0].bound.fill_(float("nan"))
+    with pytest.raises(ValueError, match="calibrated reject gates"):
+        loc.locate(f, reject=True, g_BD=-f)
 
 
 def test_ptl_locates_separated_tasks_per_sample():
@@ -383,7 +418,7 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
     e = train.parse_args(["--no-attn-experts", "--no-instruct-mc", "--expand", "all"])  # a bool's --no- form
     assert (e.attn_experts, e.instruct_mc, e.out) == (False, False, "out/minicoin-cmoe-expandall-ffn-nomc")
     names = d.tasks and d.tasks.split(",") or list(train.data.MINICOIN_TASKS)  # --unseen: auto, none, a list
-    for argv, want in (([], ["textcolor"]), (["--unseen", "none"], []), (["--set", "unseen=none"], []),
+    for argv, want in (([], ["textcolor", "position"]), (["--unseen", "none"], []), (["--set", "unseen=none"], []),
                        (["--unseen", "NONE"], []), (["--unseen", "textcolor"], ["textcolor"])):
         assert list(train.data.unseen_list(train.parse_args(argv), names)) == want, argv
     for bad, says in ((["--set", "rank=x"], "rank=x"), (["--set", "nope=1"], "NAME one of"),
@@ -448,8 +483,8 @@ def test_resume_with_changed_settings_is_refused_before_anything_is_written(tmp_
 def test_unseen_task_bookkeeping_in_metrics(ptl_run):
     out, M = ptl_run
     u = json.loads((out / "metrics.json").read_text())["unseen"]
-    assert u["tasks"] == ["textcolor"] and len(u["zero_shot"]) == 1 and len(u["acc"]) == 2 == len(M["acc"])
-    assert u["retention"] == ([u["acc"][-1][0] / u["zero_shot"][0]] if u["zero_shot"][0] else [None])
+    assert u["tasks"] == ["textcolor", "position"] and len(u["zero_shot"]) == 2 and len(u["acc"]) == 2 == len(M["acc"])
+    assert u["retention"] == [u["acc"][-1][k] / z if z else None for k, z in enumerate(u["zero_shot"])]
     rows = [json.loads(line) for line in (out / "predictions/textcolor.jsonl").read_text().splitlines()]
     assert sorted({r["stage"] for r in rows}) == [-1, 0, 1] and all(r["true_task"] is None for r in rows)
     for stage, acc in zip((-1, 0, 1), [u["zero_shot"][0]] + [a[0] for a in u["acc"]]):
@@ -458,7 +493,7 @@ def test_unseen_task_bookkeeping_in_metrics(ptl_run):
 
 
 def test_rejected_samples_are_answered_by_the_base_alone(ptl_run, tmp_path):
-    """Every VAE's bound set below any z: with --reject every sample of every stage is rejected, so each stage's
+    """Every gate's bound set below any distance: with --reject every sample of every stage is rejected, so each stage's
     predictions are the bare base's (stage -1) exactly; the confusion gains the rejected counts."""
     import shutil
     import eval as ev
@@ -470,17 +505,19 @@ def test_rejected_samples_are_answered_by_the_base_alone(ptl_run, tmp_path):
     for t in (0, 1):
         path = out / f"task_{t}/model.safetensors"
         sd = load_file(str(path))
-        sd.update({k: torch.tensor(float("-inf")) for k in sd if k.endswith(".accept_z")})
+        bounds = [k for k in sd if k.startswith("locator.gates.") and k.endswith(".bound")]
+        assert len(bounds) == t + 1  # one gate per task seen, fitted whether or not the run used --reject
+        sd.update({k: torch.tensor(float("-inf")) for k in bounds})
         save_file(sd, str(path))
     M = ev.reevaluate(str(out))
-    for task in ("sqa", "cls", "textcolor"):
+    for task in ("sqa", "cls", "textcolor", "position"):
         rows = [json.loads(line) for line in (out / f"predictions/{task}.jsonl").read_text().splitlines()]
         base = [r["prediction"] for r in rows if r["stage"] == -1]
         for stage in (0, 1):
             assert [r["prediction"] for r in rows if r["stage"] == stage] == base, (task, stage)
             assert all(r["located"] == -1 for r in rows if r["stage"] == stage)
     assert M["acc"] == [M["zero_shot"]] * 2 and M["locator"]["rejected"] == [8, 8] and M["locator"]["acc"] == 0.0
-    assert M["unseen"]["retention"] == [1.0] or M["unseen"]["zero_shot"] == [0.0]
+    assert M["unseen"]["retention"] == [1.0 if z else None for z in M["unseen"]["zero_shot"]]
 
 
 def test_eval_refuses_a_locator_of_another_feature(ptl_run, tmp_path):
@@ -503,8 +540,33 @@ def test_reject_bounds_recalibrated_from_the_training_data_equal_the_trained_one
     a = ev.reevaluate(str(stored), reject=True)
     b = ev.reevaluate(str(recal), reject=True, quantile=json.loads((recal / "config.json").read_text())["reject_quantile"])
     assert a["acc"] == b["acc"] and a["locator"] == b["locator"] and a["unseen"] == b["unseen"]
-    for task in ("sqa", "cls", "textcolor"):
+    for task in ("sqa", "cls", "textcolor", "position"):
         assert (stored / f"predictions/{task}.jsonl").read_text() == (recal / f"predictions/{task}.jsonl").read_text()
+
+
+def test_reject_works_on_a_run_folder_from_before_the_gates(ptl_run, tmp_path):
+    """An older checkpoint: VAEs with their 'accept_z' bound, no gates. --reject fits the gates from the run's
+    training data, the way training fits them: the same predictions as the stored gates give."""
+    import shutil
+    import eval as ev
+    from safetensors.torch import save_file
+    stored, old = tmp_path / "stored", tmp_path / "old"
+    for d in (stored, old):
+        shutil.copytree(ptl_run[0], d)
+    for t in (0, 1):
+        sd = load_file(str(old / f"task_{t}/model.safetensors"))
+        sd = {k: v for k, v in sd.items() if not k.startswith("locator.gates.")}
+        sd.update({f"locator.vaes.{k}.accept_z": torch.tensor(3.0) for k in range(t + 1)})
+        save_file(sd, str(old / f"task_{t}/model.safetensors"))
+        meta = json.loads((old / f"task_{t}/meta.json").read_text())
+        del meta["n_gate"]
+        (old / f"task_{t}/meta.json").write_text(json.dumps(meta))
+    plain = ev.reevaluate(str(old))  # without --reject the old folder evaluates as before
+    assert plain["acc"] == json.loads((stored / "metrics.json").read_text())["acc"]
+    a, b = ev.reevaluate(str(stored), reject=True), ev.reevaluate(str(old), reject=True)
+    assert a["acc"] == b["acc"] and a["locator"] == b["locator"] and a["unseen"] == b["unseen"]
+    for task in ("sqa", "cls", "textcolor", "position"):
+        assert (stored / f"predictions/{task}.jsonl").read_text() == (old / f"predictions/{task}.jsonl").read_text()
 
 
 def test_compiled_stages_with_grown_pools_never_hit_the_recompile_limit(monkeypatch):
