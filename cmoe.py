@@ -7,7 +7,8 @@ the method's model-side pieces. Where the paper's concepts live:
     PGKE               probe_start, set_counting / read_usage, probe_frequencies, pgke_decide, copy_sources,
                        probe_end, expand  (run in that order by train.pgke)
     bounded growth     merge_pair, merge_experts, merge_rows, expert_numel (train.fit_budget: --max-expert-params)
-    PTL                TaskVAE, fit_vae, Locator.locate (fitted per task by train.fit_task_vae)
+    PTL                TaskVAE, fit_vae, Locator.locate (fitted per task by train.fit_task_vae); the reject option:
+                       TaskGate, fit_gate, Locator.add_gate
     HF checkpoints     LlamaConfig.from_hf, llama_key_map, load_llama
 
 No distributed code: under torchrun, train.py hands each pool a `batch_sum` for the balance loss.
@@ -452,11 +453,18 @@ class Block(nn.Module):
         h = self.attn_norm(x)
         routing = experts.route(h, task_ids, valid) if on and experts.ecfg.attn else None
         x = x + self.attn(h, cos, sin, mask, cache, t0, experts.deltas(routing, h) if routing else None)
-        h = self.ffn_norm(x)
-        if on and routing is None:
-            routing = experts.route(h, task_ids, valid)
-        y = self.ffn(h, experts.deltas(routing, h) if on else None)
-        return x + y, routing.aux if on else x.new_zeros(())
+        y, aux = routed_ffn(self.ffn, experts, self.ffn_norm(x), task_ids, valid, on, routing)
+        return x + y, aux
+
+
+def routed_ffn(ffn: FFN, experts: Experts, h_BTD, task_ids_B, valid_BT, on=True, routing=None):
+    """(the FFN's output with its experts' deltas, the balance loss). The experts route h_BTD here unless the layer
+    already routed its tokens (`routing`: attention experts); on=False: the frozen FFN alone."""
+    if not on:
+        return ffn(h_BTD), h_BTD.new_zeros(())
+    if routing is None:
+        routing = experts.route(h_BTD, task_ids_B, valid_BT)
+    return ffn(h_BTD, experts.deltas(routing, h_BTD)), routing.aux
 
 
 class Llama(nn.Module):
@@ -982,7 +990,7 @@ class TaskGate(nn.Module):
     def calibrate(self, held_out_ND, quantile=1.0):
         """bound = REJECT_MARGIN x the `quantile` of d2 over held-out examples of the task (ones the Gaussian was not
         fitted on). The margin: on MiniCoIN seed 0 (mean feature) trained tasks' test samples reach 1.5x the held-out
-        maximum (ocr's test strings are never in training), the unseen tasks start at 2.2x (textcolor on ocr's)."""
+        maximum (ocr's test strings are never in training), the unseen tasks start at 2.3x (textcolor on ocr's)."""
         self.bound.fill_(REJECT_MARGIN * float(torch.quantile(self.distance(held_out_ND), quantile)))
 
 

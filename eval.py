@@ -168,8 +168,14 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
             meta["vae"] = {"hidden": v.enc[0].out_features, "latent": v.dec[0].in_features}
     return sd, meta
 
+OLD_KEYS = ((".ffn.experts.", ".experts.lora."), (".ffn.routers.", ".experts.routers."))  # run folders from before
+# the expert pool was its own module (cmoe.Experts) kept experts and routers inside the FFN
+
+
 def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Locator:
     """Rebuild the expert pools and routers with their stored sizes, then the locator; returns the locator."""
+    for old, new in OLD_KEYS:
+        tensors = {k.replace(old, new): v for k, v in tensors.items()}
     model.llm.ecfg = ExpertConfig(**meta["experts"])
     for i, pool in enumerate(model.llm.expert_pools()):
         pool.reset(model.llm.ecfg)
@@ -721,7 +727,7 @@ def _report_growth(m, figs):
         acc = m.get("acc") or []
         pts = [(p["expert_params"], _mean(acc[t][: t + 1]), p.get("task")) for t, p in enumerate(m["params"])
                if p.get("expert_params") is not None and t < len(acc) and _mean(acc[t][: t + 1]) is not None]
-        if pts and m.get("method") != "joint":
+        if pts and m.get("method") not in ("joint", "isolated"):  # (isolated: a row is not the run so far)
             draw_curve(os.path.join(figs, "params_vs_acc.png"), *zip(*pts), "Parameters and accuracy after each task",
                        "expert + router parameters", "mean accuracy on tasks so far (%)", vline=budget)
             md += ["Mean accuracy over the tasks trained so far against the expert and router parameters, after "

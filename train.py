@@ -2,7 +2,7 @@
 
     python train.py                      # MiniCoIN, cmoe (PGKE + PTL), whatever device exists
     python train.py --quick              # the same pipeline on a small slice (about a minute on a CPU)
-    python train.py --method lora        # baselines: lora | moelora | joint; ablations: --expand all, --locator oracle
+    python train.py --method lora        # baselines: lora | moelora | joint | isolated; ablations: --expand all, ...
     python train.py --benchmark coin --coin-root DIR --image-root DIR --llm L --vision V --projector P --tokenizer T
     python train.py --steps 100 --set lr=1e-3    # any TrainConfig field: --field-name VALUE or --set field=VALUE
     python train.py --plan --preset llama-3.1-8b --gpu-mem 24    # the memory of a real run, from configs alone
@@ -11,7 +11,8 @@ Where the method lives (the model-side pieces are in cmoe.py, whose docstring ha
     the loop       run: for each task, grow -> train_stage -> freeze -> fit_task_vae -> evaluate -> save
     PGKE           pgke: 1 probe (cmoe.probe_start, train_stage) -> 2 count (count_usage) -> 3 decide
                    (cmoe.pgke_decide) -> 4 expand (cmoe.copy_sources, probe_end, expand); ablation decide_by_gradnorm
-    PTL            fit_task_vae (cmoe.Locator per task); at test time eval.choose_routers
+    PTL            fit_task_vae (cmoe.Locator: a VAE and a reject gate per task); at test time eval.choose_routers
+    bounded growth fit_budget (--max-expert-params), inside pgke before it expands
     torchrun       one marked section ("the rank plumbing"): every torch.distributed call of training
     precision      prepare: the frozen base in --precision (bf16 on CUDA), experts fp32
 
@@ -101,11 +102,12 @@ class TrainConfig:
     max_expert_params: int | None = None  # bound on expert + router parameters after any task (None: unbounded);
     # PGKE's growth past it makes room by budget_rule (fit_budget)
     budget_rule: str = "skip"  # skip: drop growth where the probe won least | merge: merge a layer's two least-used
-    # frozen experts (either falls back on the other when it has nothing left to do; skip measured better: README)
+    # frozen experts (either falls back on the other when it has nothing left to do; skip measured better:
+    # docs/minicoin.md, "Bounded growth")
     attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
     # optimisation
     steps: int = 300  # training steps per task
-    task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900 (its boxes learn slowest; README)
+    task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-3
@@ -484,7 +486,8 @@ def init_distributed(cfg):
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(cfg.device)
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        # on CUDA the VAEs and gates (CPU tensors) travel over gloo, the rest over NCCL
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device.startswith("cuda") else "gloo")
     return ev.rank_world()[0]
 
 
@@ -609,13 +612,18 @@ def grow(model: LLaVA, ds, cfg, t, log):
         for pool in model.llm.expert_pools():
             pool.reset(model.llm.ecfg)
     if t == 0 or cfg.method == "isolated":  # isolated: each task as if it were cmoe's first (= --tasks T)
-        n = {"cmoe": cfg.n_init, "lora": 1, "isolated": cfg.n_init}.get(cfg.method, cfg.moelora_experts)
+        n = first_pool_size(cfg)
         cmoe.init_experts(model.llm, n, generator=stage_rng(cfg, 0, "init"))
         if cfg.max_expert_params is not None and ev.count_params(model)[1] > cfg.max_expert_params:
             raise SystemExit(f"--max-expert-params {cfg.max_expert_params}: the first task alone holds "
                              f"{ev.count_params(model)[1]} expert and router parameters ({n} experts per layer); "
                              f"raise the budget or lower --n-init / --rank")
     return None
+
+
+def first_pool_size(cfg):
+    """Experts per layer of the first task's pool (isolated: of every task's)."""
+    return {"cmoe": cfg.n_init, "isolated": cfg.n_init, "lora": 1}.get(cfg.method, cfg.moelora_experts)
 
 
 def pgke(model: LLaVA, ds, cfg, t, log):
@@ -637,11 +645,12 @@ def pgke(model: LLaVA, ds, cfg, t, log):
     expand, thr = cmoe.pgke_decide(freq, cfg.alpha)  # 3. decide
     if cfg.expand == "all":  # ablation: grow every layer
         expand = [True] * len(expand)
+    score = freq  # what the decision valued per layer (--max-expert-params drops the lowest growth first)
     if cfg.expand == "gradnorm":  # ablation: as many layers, chosen by the probes' gradient norms (needs the probes)
-        expand = decide_by_gradnorm(model, probe_hold, cfg, sum(expand), t, log)
+        expand, score = decide_by_gradnorm(model, probe_hold, cfg, sum(expand), t, log)
     sources = cmoe.copy_sources(usage)  # 4. expand
     probe_routers = cmoe.probe_end(llm)
-    budget = {} if cfg.max_expert_params is None else fit_budget(llm, expand, sources, probe_routers, freq, cfg, t, log)
+    budget = {} if cfg.max_expert_params is None else fit_budget(llm, expand, sources, probe_routers, score, cfg, t, log)
     cmoe.expand(llm, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
     copied = [src if grow else None for grow, src in zip(expand, sources)]
     log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
@@ -656,10 +665,11 @@ def projected_params(llm: Llama, expand, n_new):
                + (pool.n_experts + g * n_new) * pool.cfg.dim for pool, g in zip(llm.expert_pools(), expand))
 
 
-def fit_budget(llm: Llama, expand, sources, probe_routers, freq, cfg, t, log):
+def fit_budget(llm: Llama, expand, sources, probe_routers, score, cfg, t, log):
     """--max-expert-params: before PGKE expands, make room until the parameters after the task (its new experts and
-    router included) fit the budget. Rule skip (the default): drop the growth of the growing layer whose probe won
-    least, so growth stays where the probes say it buys most; old tasks keep their experts and routers untouched.
+    router included) fit the budget. Rule skip (the default): drop the growth of the growing layer the decision valued
+    least (`score`: the probe's frequency, or with --expand gradnorm its gradient norm), so growth stays where the
+    probes say it buys most; old tasks keep their experts and routers untouched.
     Rule merge: merge the two least-used frozen experts (cmoe.merge_pair, usage summed over the tasks' records,
     record_task_use) of the layer that would hold most experts after growing (ties: a growing one), with
     cmoe.merge_experts. Each falls back on the other when it has nothing left (skip merges once no layer grows and the
@@ -671,7 +681,7 @@ def fit_budget(llm: Llama, expand, sources, probe_routers, freq, cfg, t, log):
     while projected_params(llm, expand, cfg.n_new) > cfg.max_expert_params:
         can_merge = [l for l, pool in enumerate(pools) if pool.n_frozen >= 2]
         if any(expand) and (cfg.budget_rule == "skip" or not can_merge):
-            l = min((l for l, g in enumerate(expand) if g), key=lambda l: freq[l])
+            l = min((l for l, g in enumerate(expand) if g), key=lambda l: score[l])
             expand[l] = False
             skipped.append(l)
             continue
@@ -726,11 +736,11 @@ def count_usage(model: LLaVA, ds, cfg):
 
 def decide_by_gradnorm(model: LLaVA, ds, cfg, n_layers, t, log):
     """--expand gradnorm (D-MoLE's allocation signal at the probe rule's budget): grow the n_layers layers whose probe
-    expert has the largest gradient norm of the task loss over `ds`."""
+    expert has the largest gradient norm of the task loss over `ds`. Returns (the decision, the norms)."""
     norms = probe_gradnorms(model, ds, cfg)
     log(f"PGKE task {t}: probe gradient norm per layer " + " ".join(f"{g:.3g}" for g in norms))
     top = sorted(range(len(norms)), key=lambda l: -norms[l])[:n_layers]
-    return [l in top for l in range(len(norms))]
+    return [l in top for l in range(len(norms))], norms
 
 
 def probe_gradnorms(model: LLaVA, ds, cfg):
@@ -1092,7 +1102,7 @@ def plan(args):
     with torch.device("meta"):  # the model run() trains (prepare), without its weights
         model = prepare(LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), Llama(lc)), args)
         base = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("vision", "projector", "llm")}
-    cmoe.init_experts(model.llm, {"cmoe": args.n_init, "lora": 1}.get(args.method, args.moelora_experts))
+    cmoe.init_experts(model.llm, first_pool_size(args))
     first, grads = ev.count_params(model)[0], tensor_bytes(model, trainable=True)
     for _ in range(n_tasks - 1 if args.method == "cmoe" else 0):  # new tensors follow the weights onto meta
         for pool in model.llm.expert_pools():

@@ -30,18 +30,15 @@ REAL_DENSE = cmoe.lora_dense
 
 
 class PoolFFN(cmoe.Experts):
-    """A layer's expert pool with its FFN, run as cmoe.Block runs FFN-only experts: route at the FFN's input, then the
-    FFN with the routed experts' deltas. Returns (output, balance loss)."""
+    """A layer's expert pool with its FFN, run by cmoe.routed_ffn as cmoe.Block runs FFN-only experts. Returns
+    (output, balance loss)."""
 
     def __init__(self, cfg, ecfg):
         super().__init__(cfg, ecfg)
         self.ffn = cmoe.FFN(cfg)
 
     def forward(self, x_BTD, task_ids_B=None, valid_BT=None, use_experts=True):
-        if not self.active(use_experts):
-            return self.ffn(x_BTD), x_BTD.new_zeros(())
-        routing = self.route(x_BTD, task_ids_B, valid_BT)
-        return self.ffn(x_BTD, self.deltas(routing, x_BTD)), routing.aux
+        return cmoe.routed_ffn(self.ffn, self, x_BTD, task_ids_B, valid_BT, self.active(use_experts))
 
 
 def make_ffn(E, k, n_tasks=1, seed=0):

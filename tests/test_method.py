@@ -648,3 +648,13 @@ def test_continual_state_round_trip_rebuilds_pools_routers_flags_and_locator(tmp
             assert torch.equal(ra, rb)
     x = torch.randn(4, D, generator=g)
     assert torch.equal(loc2.scores(x), loc.scores(x))
+    # a run folder written when experts and routers lived inside the FFN (keys llm.layers.i.ffn.experts.gate.frozen_A,
+    # llm.layers.i.ffn.routers.t) loads into the same pools
+    old = {k.replace(".experts.lora.", ".ffn.experts.").replace(".experts.routers.", ".ffn.routers."): v
+           for k, v in sd.items()}
+    assert any(".ffn.experts.gate.frozen_A" in k for k in old) and any(".ffn.routers.1" in k for k in old)
+    legacy = cmoe.LLaVA(nn.Identity(), nn.Identity(), tiny_llm(n_layers=2, k=2, seed=0), pad_id=0)
+    ev.load_cl_state(legacy, old, json.loads((tmp_path / "meta.json").read_text()), "old")
+    for a, b in zip(llm.expert_pools(), legacy.llm.expert_pools()):
+        assert all(torch.equal(bank(a, n, w), bank(b, n, w)) for n in BANKS for w in ("frozen", "train"))
+        assert all(torch.equal(ra, rb) for ra, rb in zip(a.routers, b.routers))
