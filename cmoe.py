@@ -1001,16 +1001,17 @@ def gate_rank(n, dim):
 
 @torch.no_grad()
 def fit_gate(features_ND, shrink=GATE_SHRINK) -> TaskGate:
+    """A task's TaskGate from its training features [N, D] (uncalibrated: TaskGate.calibrate sets the bound)."""
     f = features_ND.detach().double().cpu()
     N, D = f.shape
     if N < 2:
         raise ValueError(f"a reject gate needs at least 2 training features, got {N}")
     mu = f.mean(0)
-    S = torch.cov((f - mu).T)
-    lam, U = torch.linalg.eigh(S)  # ascending
+    X_ND = f - mu  # S = X^T X / (N-1): its eigenvectors are X's right singular vectors, found without forming S
+    _, sv, Vh = torch.linalg.svd(X_ND, full_matrices=False)  # (D x D would be 8192^2 for a 4096-wide LLM's feature)
     K = gate_rank(N, D)
-    lam, U = lam.flip(0)[:K].clamp(min=0), U.flip(1)[:, :K]
-    floor = max(shrink * float(S.diagonal().mean()), 1e-12)
+    lam, U = (sv[:K].pow(2) / (N - 1)), Vh[:K].T
+    floor = max(shrink * float(X_ND.pow(2).sum()) / (N - 1) / D, 1e-12)  # shrink * tr(S) / D
     gate = TaskGate(D, K)
     gate.mean.copy_(mu)
     gate.basis.copy_(U)
