@@ -1000,8 +1000,8 @@ def gate_rank(n, dim):
 
 
 @torch.no_grad()
-def fit_gate(features_ND, shrink=GATE_SHRINK) -> TaskGate:
-    """A task's TaskGate from its training features [N, D] (uncalibrated: TaskGate.calibrate sets the bound)."""
+def fit_gate(features_ND, held_out_ND=None, quantile=1.0, shrink=GATE_SHRINK) -> TaskGate:
+    """A task's TaskGate from its training features [N, D], calibrated on held_out_ND when given (TaskGate.calibrate)."""
     f = features_ND.detach().double().cpu()
     N, D = f.shape
     if N < 2:
@@ -1017,6 +1017,8 @@ def fit_gate(features_ND, shrink=GATE_SHRINK) -> TaskGate:
     gate.basis.copy_(U)
     gate.var.copy_((1 - shrink) * lam + floor)
     gate.floor.fill_(floor)
+    if held_out_ND is not None:
+        gate.calibrate(held_out_ND, quantile)
     return gate.eval()
 
 
@@ -1038,9 +1040,7 @@ class Locator(nn.Module):
     def add_gate(self, features_ND, held_out_ND, quantile=1.0):
         """The next task's gate, fitted on features_ND (REJECT_FEATURE of the examples its VAE was fitted on) and
         calibrated on held_out_ND."""
-        gate = fit_gate(features_ND)
-        gate.calibrate(held_out_ND, quantile)
-        self.gates.append(gate)
+        self.gates.append(fit_gate(features_ND, held_out_ND, quantile))
 
     @torch.no_grad()
     def scores(self, f_BD):

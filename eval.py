@@ -282,12 +282,12 @@ def reject_features(model: LLaVA, examples, tok, template, cfg, kind=None):
     held_out = examples[cfg.locator_n: cfg.locator_n + cfg.calib_n] or examples[: cfg.locator_n]
     return task_features(model, held_out, tok, template, cfg, kind=kind)
 
-def add_reject_gate(locator, model: LLaVA, examples, tok, template, cfg):
-    """The next task's reject gate: a Gaussian over REJECT_FEATURE of the locator_n training
-    examples its VAE is fitted on, calibrated at cfg.reject_quantile on the held-out ones (reject_features)."""
+def gate_features(model: LLaVA, examples, tok, template, cfg):
+    """What a task's reject gate is fitted and calibrated on (Locator.add_gate, cmoe.fit_gate): REJECT_FEATURE of the
+    locator_n training examples its VAE is fitted on, and of the held-out ones (reject_features)."""
     kind = cmoe.REJECT_FEATURE
-    locator.add_gate(task_features(model, examples[: cfg.locator_n], tok, template, cfg, kind=kind),
-                     reject_features(model, examples, tok, template, cfg, kind=kind), cfg.reject_quantile)
+    return (task_features(model, examples[: cfg.locator_n], tok, template, cfg, kind=kind),
+            reject_features(model, examples, tok, template, cfg, kind=kind))
 
 BASE_ONLY = -1  # a routing choice: no task's routers; the frozen base answers alone, without experts
 
@@ -453,9 +453,8 @@ def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
         refit = cfg.reject and cfg.locator == "ptl" and (quantile is not None or len(locator.gates) < len(locator.vaes))
         for k in range(len(locator.vaes)) if refit else ():
             if k not in gates:  # the base is frozen: a task's gate is the same at every stage
-                g = cmoe.Locator()
-                add_reject_gate(g, model, data.load_examples(cfg, bench.names[k], "train"), tok, template, cfg)
-                gates[k] = g.gates[0]
+                exs = data.load_examples(cfg, bench.names[k], "train")
+                gates[k] = cmoe.fit_gate(*gate_features(model, exs, tok, template, cfg), cfg.reject_quantile)
             if k < len(locator.gates):
                 locator.gates[k] = gates[k]
             else:
@@ -619,7 +618,8 @@ def draw_curve(path, xs, ys, labels, title, xlabel, ylabel, vline=None):
         for y in range(int(py(y_hi)), int(py(y_lo)), 8):
             d.line((px(vline), y, px(vline), y + 4), fill=_RAMP[3])
     pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
-    d.line(pts, fill=_RAMP[2], width=2) if len(pts) > 1 else None
+    if len(pts) > 1:
+        d.line(pts, fill=_RAMP[2], width=2)
     for (x, y), lab in zip(pts, labels):
         d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=_RAMP[4])
         d.text((x + 6, y - 6), lab, font=f, fill=_INK, anchor="ls")

@@ -591,7 +591,7 @@ def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
     if rank == 0:
         feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
         locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
-        ev.add_reject_gate(locator, model, exs, r.tok, r.template, cfg)
+        locator.add_gate(*ev.gate_features(model, exs, r.tok, r.template, cfg), cfg.reject_quantile)
         if len(exs) <= cfg.locator_n:
             r.log(f"note: task {t} has no training example beyond the VAE's {cfg.locator_n}: its reject bound is "
                   f"calibrated on the features the VAE was fitted on (raise --train-n or lower --locator-n)")
@@ -952,9 +952,9 @@ class RunState:
         metrics["pgke"] += [decision] if decision is not None else []
         ev.record(metrics, result, t)
         pools = model.llm.expert_pools()
+        expert_params = ev.count_params(model)[1]
         metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
-            f.n_experts for f in pools), "added": ev.count_params(model)[1] - clock.n_before,
-            "expert_params": ev.count_params(model)[1]})
+            f.n_experts for f in pools), "added": expert_params - clock.n_before, "expert_params": expert_params})
         metrics["experts_per_layer"].append([f.n_experts for f in pools])
         metrics["time"]["tasks"].append(clock.seconds)
         metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
