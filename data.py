@@ -1014,8 +1014,7 @@ def coin_accuracy(metric, rows):
 
 # -----------------------------------------------------------------------------
 # MiniCoIN: procedurally generated scenes on a 3x3 grid of 16 px cells (2x2 ViT patches each)
-# v5 (MINICOIN_VERSION): stage 0b teaches CoIN's short-answer suffix and the unseen tasks ask its own questions, so
-# every seed's base answers them alike. v4: no task asks to find an object by its colour or shape among others. v3's did, and the
+# v4 (MINICOIN_VERSION): no task asks to find an object by its colour or shape among others. v3's did, and the
 # tiny 4-layer base never learned to search an image within the run's budget (docs/minicoin.md):
 # sqa and cls ask about the one object, gqa about the larger of two, count counts every object, ground boxes the
 # only one. Each task keeps its CoIN kind, prompt form, suffix and answer form.
@@ -1030,7 +1029,7 @@ TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exac
 UNSEEN_TASKS = ("textcolor", "position")
 IMAGE_SIZE = 48
 MAX_LEN = 48  # COMPACT template: longest MiniCoIN sequence is 44 tokens (a 7-object caption); tasks need <= 33
-MINICOIN_VERSION = 5  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
+MINICOIN_VERSION = 4  # bump when scenes, prompts or answers change: cached tiny bases are keyed by it
 N_TRAIN, N_TEST = 1000, 100  # default sizes per task
 BASE_SETS = {"caption": 4000, "instruct": 8000, INSTRUCT_MC: 8000}  # the tiny base's stage-0 sets
 TEST_EVERY = 10  # a scene is test-only iff crc32(scene key) % TEST_EVERY == 0: splits can never share a scene
@@ -1197,13 +1196,14 @@ def _task_sample(task, rng):
         o = scene["objs"][0]
         box = [v / IMAGE_SIZE for v in (o["x"], o["y"], o["x"] + o["s"], o["y"] + o["s"])]
         return scene, f"<image>\n{GROUND_PROMPT}{o['color']} {o['shape']}.", box_text(box)
-    if task == "textcolor":  # unseen: stage 0b's question, in the CoIN form stage 0b also taught (_short_answer)
+    if task == "textcolor":  # unseen: a question kind the base learned in stage 0b, asked CoIN-style
         scene = _text_scene(rng)
-        return scene, f"<image>\nWhat color is the text?\n{SUFFIX_SHORT}", scene["text"]["color"]
-    if task == "position":  # unseen: stage 0b's "where" on its multi-object scenes, likewise
+        return scene, f"<image>\nWhat is the color of the text?\n{SUFFIX_SHORT}", scene["text"]["color"]
+    if task == "position":  # unseen: stage 0b's "where" on its multi-object scenes, asked CoIN-style
         scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
         o = scene["objs"][rng.integers(len(scene["objs"]))]
-        return scene, f"<image>\nWhere is the {o['color']} {o['shape']}?\n{SUFFIX_SHORT}", POSITIONS[o["cell"]]
+        return (scene, f"<image>\nWhere in the image is the {o['color']} {o['shape']}?\n{SUFFIX_SHORT}",
+                POSITIONS[o["cell"]])
     if task == "caption":  # stage 0, part 1: every kind of scene the tasks use, described in full
         scene = _any_scene(rng)
         return scene, "<image>\nDescribe the image.", _caption(scene)
@@ -1289,21 +1289,14 @@ def _make_instruct(rng, mc=False):
         return scene, [_instruct_turn(kind, rng, None)]
     if kind in ("text_color", "first_letter", "letters"):
         scene = _text_scene(rng)
-        return scene, [_short_answer(rng, _instruct_turn(kind, rng, scene))]
+        return scene, [_instruct_turn(kind, rng, scene)]
     if kind == "describe":
         scene = _any_scene(rng)
         return scene, [_instruct_turn(kind, rng, scene)]
     scene = _obj_scene(rng, int(rng.integers(2, 5)), unique=True)
     if kind == "multi":  # two turns about one image
         return scene, [_instruct_turn(k, rng, scene) for k in ("exists", "where")]
-    return scene, [_short_answer(rng, _instruct_turn(kind, rng, scene))]
-
-
-def _short_answer(rng, turn):
-    """Half of stage 0b's one-word questions about an image carry CoIN's short-answer suffix, as LLaVA-665K's VQA
-    sources do (it is where CoIN took the suffix from). A base that never saw it answers a suffixed question by
-    chance: the v4 bases answered "What color is the text?" 100 % on three seeds, and with the suffix 0 %."""
-    return (f"{turn[0]}\n{SUFFIX_SHORT}", turn[1]) if rng.random() < 0.5 else turn
+    return scene, [_instruct_turn(kind, rng, scene)]
 
 
 def minicoin_sample(task, split, index, seed=0, render=True):
