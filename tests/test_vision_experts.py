@@ -221,7 +221,9 @@ def hand_fill(img):
     """The fill of the one object, read off the pixels: solid (every row and column of lit pixels is one run),
     striped (lit rows, or columns, each one run, in separate bands), else checkered (lit 2 px checks touch
     diagonally: a lit pixel 2 px down and right of a lit one) or dotted (the next dot is 4 px away at least)."""
-    lit = np.asarray(img).sum(-1) > 0
+    lum = np.asarray(img).astype(int).sum(-1)
+    lit = lum == lum.max()  # the one object's full colour (a fill's off pixels are dimmer, the background black)
+    assert (lum[(lum > 0) & ~lit] < 0.75 * lum.max()).all()  # off pixels: FILL_OFF of the colour
     ys, xs = np.nonzero(lit)
     box = lit[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
