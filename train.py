@@ -1164,10 +1164,11 @@ def plan(args):
           f"{base['vision'] + (vc.num_hidden_layers - vc.run_layers) * clip_layer + 2 * vc.hidden_size:,})")
     print(f"  trainable        task 1: {first:,}; task {n_tasks}: {last:,} (that task's experts and router)\n"
           f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers, {E} experts per layer)")
-    if model.tower_pools("vision"):  # (the activation estimate below is the decoder's: the tower's is not in it)
+    if model.tower_pools("vision"):
         vis = sum(p.numel() for pool in model.tower_pools("vision") for p in pool.parameters())
         print(f"  vision experts   {vis:,} of them in the {len(model.tower_pools('vision'))} CLIP layers' pools "
-              f"(--experts-in {args.experts_in}: {model.tower_pools('vision')[0].n_experts} experts per layer)")
+              f"(--experts-in {args.experts_in}: {model.tower_pools('vision')[0].n_experts} experts per layer; the tower "
+              f"then trains under autograd, and its activations are not in the estimate below)")
     print(f"memory (--precision {args.precision}: the frozen base in {args.precision}, experts and routers in fp32 with "
           f"fp32 gradients and AdamW m and v; activations in {args.precision})\n  "
           + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
