@@ -2,7 +2,8 @@
 experts chosen per token by one router per task, the LLaVA wrapper that splices image features into the prompt, and
 the method's model-side pieces. Where the paper's concepts live:
 
-    expert, router     Experts (one layer's pool: LoRAExperts banks per projection, routers[t] per task), route
+    expert, router     Experts (one block's pool: LoRAExperts banks per projection, routers[t] per task; for_llama,
+                       for_clip: the decoder's layers, the CLIP tower's, LLaVA.expert_pools by experts_in), route
     dispatch           Experts.route -> Routing; lora_dense (masked-dense) or dispatch_plan + lora_sparse (blocks)
     PGKE               probe_start, set_counting / read_usage, probe_frequencies, pgke_decide, copy_sources,
                        probe_end, expand  (run in that order by train.pgke)

@@ -1020,9 +1020,13 @@ def coin_accuracy(metric, rows):
 # only one. Each task keeps its CoIN kind, prompt form, suffix and answer form.
 
 MINICOIN_TASKS = ("sqa", "ocr", "cls", "gqa", "count", "ground")
+# tasks outside the default sequence, for --tasks: pattern asks what the stage-0 tower never saw (FILLS), so a frozen
+# tower may not separate it and experts in the tower (train.py --experts-in vision|both) have something to learn
+EXTRA_TASKS = ("pattern",)
 INSTRUCT_MC = "instruct-mc"  # stage 0b's default mix: "instruct" with lettered multiple choice (_make_instruct)
 TASK_METRIC = {"sqa": "letter", "ocr": "exact", "cls": "substring", "gqa": "exact", "count": "exact", "ground": "iou",
-               "caption": "exact", "instruct": "exact", INSTRUCT_MC: "exact", "textcolor": "exact", "position": "exact"}
+               "caption": "exact", "instruct": "exact", INSTRUCT_MC: "exact", "textcolor": "exact", "position": "exact",
+               "pattern": "exact"}
 # scored after every stage, never trained: how much zero-shot ability a method keeps. textcolor: near the trained
 # tasks (ocr's text scenes, the suffix sqa and gqa's colour questions share); position: another family, the scenes of
 # 2-4 distinct objects no trained task shows, asked where one of them is
@@ -1040,6 +1044,13 @@ def is_test_scene(key):
 COLORS = {"red": (230, 45, 45), "green": (40, 190, 70), "blue": (50, 100, 255), "yellow": (240, 215, 40),
           "white": (235, 235, 235)}
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
+# the pattern task's fills of a filled shape (not the ring), 2 px structure at a 4 px period: striped (horizontal or
+# vertical bands), checkered (2 px checks), dotted (a 2 px dot per 4 px cell); all four at every size the task draws.
+# The fill's off pixels keep FILL_OFF of the colour: a low-contrast texture on a whole silhouette (with FILL_OFF = 0,
+# off pixels black, decoder experts on the frozen tower reached 97 % plasticity: nothing for the tower to learn).
+# Stage 0 draws solid shapes only and never names a fill (tests/test_vision_experts.py checks its texts)
+FILLS = ("solid", "striped", "checkered", "dotted")
+FILL_OFF = 0.5
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 GLYPHS = {  # 5x7 bitmap letters drawn at 2x (10x14 px): large and unambiguous for patch-8 ViTs, no font files needed
@@ -1114,7 +1125,35 @@ def _scene_key(scene):
     """What makes two images the same scene; OCR: the string alone, so a test string is never seen in training."""
     if scene["text"]:
         return "text:" + scene["text"]["text"]
-    return ";".join(f"{o['shape']},{o['color']},{o['x']},{o['y']},{o['s']}" for o in scene["objs"])
+    return ";".join(f"{o['shape']},{o['color']},{o['x']},{o['y']},{o['s']}" + (f",{o['fill']}" if "fill" in o else "")
+                    for o in scene["objs"])
+
+
+def _fill_scene(rng):
+    """The pattern task's scene: one large filled shape (as _single_scene, no ring) with a fill from FILLS."""
+    scene = _single_scene(rng)
+    o = scene["objs"][0]
+    o["shape"] = SHAPES[rng.integers(4)]  # (the ring is an outline: nothing to fill)
+    o["fill"] = FILLS[rng.integers(len(FILLS))]
+    if o["fill"] == "striped":
+        o["fill"] += "-" + "hv"[rng.integers(2)]  # the band direction: the answer is "striped" either way
+    return scene
+
+
+def fill_mask(fill, s):
+    """[s, s] bool: which pixels of an s px object's box keep its colour under `fill` (FILLS; striped-h / striped-v)."""
+    yy, xx = np.mgrid[0:s, 0:s]
+    if fill == "solid":
+        return np.ones((s, s), bool)
+    if fill == "striped-h":
+        return (yy // 2) % 2 == 0
+    if fill == "striped-v":
+        return (xx // 2) % 2 == 0
+    if fill == "checkered":
+        return ((yy // 2) + (xx // 2)) % 2 == 0
+    if fill == "dotted":
+        return ((yy % 4) < 2) & ((xx % 4) < 2) & ((yy // 4 + xx // 4) % 2 == 0)
+    raise ValueError(f"unknown fill {fill!r}; known: solid, striped-h, striped-v, checkered, dotted")
 
 
 def draw_scene(scene):
@@ -1135,6 +1174,13 @@ def draw_scene(scene):
             d.rectangle([x, y + t, x1, y1 - t], fill=c)
         else:  # ring
             d.ellipse([x, y, x1, y1], outline=c, width=max(2, s // 5))
+    for o in scene["objs"]:  # a fill keeps the shape's colour where its mask is on, FILL_OFF of it elsewhere
+        if o.get("fill", "solid") != "solid":
+            x, y, s = o["x"], o["y"], o["s"]
+            box = np.asarray(img)[y:y + s, x:x + s].copy()
+            off = ~fill_mask(o["fill"], s) & box.any(-1)  # (the shape's pixels only: the background stays)
+            box[off] = np.round(box[off] * FILL_OFF).astype(np.uint8)
+            img.paste(Image.fromarray(box), (x, y))
     if scene["text"]:
         t = scene["text"]
         for k, ch in enumerate(t["text"]):
@@ -1204,6 +1250,10 @@ def _task_sample(task, rng):
         o = scene["objs"][rng.integers(len(scene["objs"]))]
         return (scene, f"<image>\nWhere in the image is the {o['color']} {o['shape']}?\n{SUFFIX_SHORT}",
                 POSITIONS[o["cell"]])
+    if task == "pattern":  # the fill of the one object (FILLS), a concept stage 0 never shows
+        scene = _fill_scene(rng)
+        return (scene, f"<image>\nWhat is the fill pattern of the object?\n{SUFFIX_SHORT}",
+                scene["objs"][0]["fill"].split("-")[0])
     if task == "caption":  # stage 0, part 1: every kind of scene the tasks use, described in full
         scene = _any_scene(rng)
         return scene, "<image>\nDescribe the image.", _caption(scene)
@@ -1353,7 +1403,7 @@ def induction_batch(gen, n, vocab, length=34):
 def task_list(cfg):
     """(task names in training order, {task: metric}) of cfg.benchmark, from cfg.tasks or the full sequence."""
     if cfg.benchmark == "minicoin":
-        known = {n: TASK_METRIC[n] for n in MINICOIN_TASKS}
+        known = {n: TASK_METRIC[n] for n in MINICOIN_TASKS + EXTRA_TASKS}
         names = cfg.tasks.split(",") if cfg.tasks else list(MINICOIN_TASKS)
     else:
         known, alias = dict(COIN_TASKS), {coin_folder(n): n for n, _ in COIN_TASKS}  # CoIN's folder names work too
@@ -1416,7 +1466,7 @@ def contact_sheet(path, per_task=4, seed=0, zoom=4):
     from PIL import ImageFont
     import textwrap
     font = ImageFont.load_default()
-    tasks = MINICOIN_TASKS + tuple(BASE_SETS)
+    tasks = MINICOIN_TASKS + EXTRA_TASKS + tuple(BASE_SETS)
     cw, ch = IMAGE_SIZE * zoom + 16, IMAGE_SIZE * zoom + 110
     sheet = Image.new("RGB", (cw * per_task, ch * len(tasks)), (255, 255, 255))
     d = ImageDraw.Draw(sheet)

@@ -153,12 +153,20 @@ def load_model(base: dict, pad_id: int) -> LLaVA:
     return LLaVA(vision, proj, llm, pad_id=pad_id)
 
 def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, dict]:
-    """Everything continual learning adds (experts, routers, VAEs) and what rebuilding them needs."""
-    sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k)}
+    """Everything continual learning adds (experts, routers, VAEs) and what rebuilding them needs. The vision tower's
+    pools (vision.encoder.layers.i.experts.*) are kept when the run puts experts there (model.experts_in)."""
+    vision = bool(model.tower_pools("vision"))
+    sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k) and (vision or not k.startswith("vision."))}
     meta = {"experts": dataclasses.asdict(model.llm.ecfg),
             "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_pools()]}
+    if vision:
+        meta["experts_in"] = model.experts_in
+        meta["vision_router_trainable"] = [[bool(r.requires_grad) for r in f.routers]
+                                           for f in model.vision.expert_pools()]
     if any(f.task_use for f in model.llm.expert_pools()):  # bounded growth's usage records (--max-expert-params)
         meta["task_use"] = [[u.tolist() for u in f.task_use] for f in model.llm.expert_pools()]
+    if vision and any(f.task_use for f in model.vision.expert_pools()):
+        meta["vision_task_use"] = [[u.tolist() for u in f.task_use] for f in model.vision.expert_pools()]
     if locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
@@ -181,6 +189,11 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
         pool.reset(model.llm.ecfg)
         pool.load(tensors, f"llm.layers.{i}.experts.", meta["router_trainable"][i], source)
         pool.task_use = [torch.tensor(u) for u in meta["task_use"][i]] if "task_use" in meta else []
+    model.experts_in = meta.get("experts_in", "llm")  # (checkpoints without the field: the decoder's pools only)
+    for i, pool in enumerate(model.tower_pools("vision")):
+        pool.reset(model.llm.ecfg)
+        pool.load(tensors, f"vision.encoder.layers.{i}.experts.", meta["vision_router_trainable"][i], source)
+        pool.task_use = [torch.tensor(u) for u in meta["vision_task_use"][i]] if "vision_task_use" in meta else []
     loc = cmoe.Locator(meta.get("locator_feature", "last"))
     for t in range(meta.get("n_vae", 0)):
         pre = f"locator.vaes.{t}."
@@ -260,13 +273,19 @@ def load_run(run_dir):
 
 @torch.no_grad()
 def image_features(model: LLaVA, examples, cfg):
-    """Projected image features [N,P,D] of examples (zeros for a text-only one: splice masks its slots out)."""
-    S, out = model.vision.cfg.image_size, []
+    """Projected image features [N,P,D] of examples through the frozen tower (its experts off; zeros for a text-only
+    one: splice masks its slots out)."""
+    out = []
     for i in range(0, len(examples), cfg.eval_batch):
-        px = torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S)
-                          for ex in examples[i:i + cfg.eval_batch]]).to(cfg.device)
-        out.append(model.image_features(px).cpu())  # in the model's precision (cmoe.set_precision)
+        px = pixels(model, examples[i:i + cfg.eval_batch]).to(cfg.device)
+        out.append(model.image_features(px, use_experts=False).cpu())  # in the model's precision (cmoe.set_precision)
     return torch.cat(out)
+
+
+def pixels(model: LLaVA, examples):
+    """pixel_values [N,3,S,S] of examples (zeros for a text-only one), for a tower whose experts route them."""
+    S = model.vision.cfg.image_size
+    return torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S) for ex in examples])
 
 def task_features(model: LLaVA, examples, tok, template, cfg, images=None, kind=None):
     """PTL features (`kind`, default cfg.locator_feature, of the frozen base) of examples (`images`: their image
@@ -357,7 +376,9 @@ def scoring_rules(cfg, names, metric, tests, log=print):
 
 class Benchmark:
     """The test side of a run: every task's test set (the trained sequence, then the unseen tasks), its image features
-    (computed once per run: tower and projector are frozen), its scoring rule; evaluate() scores them after a stage."""
+    (computed once per run: tower and projector are frozen; with experts in the tower, --experts-in vision|both, its
+    pixels: the chosen routers route them at every evaluation), its scoring rule; evaluate() scores them after a
+    stage."""
 
     def __init__(self, cfg, model: LLaVA, tok, template, log=print):
         self.cfg, self.tok, self.template = cfg, tok, template
@@ -365,7 +386,9 @@ class Benchmark:
         unseen = data.unseen_list(cfg, self.names)
         self.unseen, self.metric = list(unseen), {**self.metric, **unseen}
         self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names + self.unseen}
-        self.images = {n: image_features(model, exs, cfg) for n, exs in self.tests.items()}
+        routed_tower = getattr(cfg, "experts_in", "llm") != "llm"  # (run folders from before the field: llm)
+        self.images = {n: pixels(model, exs) if routed_tower else image_features(model, exs, cfg)
+                       for n, exs in self.tests.items()}
         self.scoring = scoring_rules(cfg, self.names + self.unseen, self.metric, self.tests, log)
         self.feats = {}  # PTL features of each test set: the base is frozen, so computed once, at their first use
         self.gate_feats = {}  # their REJECT_FEATURE (--reject), likewise
@@ -733,17 +756,20 @@ def _report_growth(m, figs):
             md += ["Mean accuracy over the tasks trained so far against the expert and router parameters, after "
                    "each task (the last point's accuracy is Last" + ("; dashed: the budget" if budget else "")
                    + ").\n", "![parameters and accuracy](figures/params_vs_acc.png)\n"]
+    names = m.get("expert_layers")  # --experts-in vision|both: tower.layer; else the decoder's layer indices
     if epl:
-        layers, after = [str(l) for l in range(len(epl[0]))], tasks[: len(epl)] if len(epl) > 1 else ["joint"]
+        layers, after = names or [str(l) for l in range(len(epl[0]))], tasks[: len(epl)] if len(epl) > 1 else ["joint"]
         draw_heatmap(os.path.join(figs, "experts_per_layer.png"), epl, after, layers, "Experts per layer",
-                     "decoder layer", "after task", fmt="{:d}", vmax=max(map(max, epl)))
+                     "layer (tower.layer)" if names else "decoder layer", "after task", fmt="{:d}",
+                     vmax=max(1, max(map(max, epl))))
         md += ["## Experts per layer\n", _table(["after task", *layers], [[t, *r] for t, r in zip(after, epl)]),
                "![experts per layer](figures/experts_per_layer.png)\n"]
     if m.get("pgke"):
         md += ["## PGKE decisions\n", "freq = share of top-k slots the probe expert won; * = layer expanded.\n",
                _table(["task", "threshold", "expanded layers", "freq per layer"],
                       [[p.get("task"), fmt(p.get("threshold"), 3),
-                        ", ".join(str(l) for l, e in enumerate(p.get("expand", [])) if e) or "none",
+                        ", ".join(names[l] if names else str(l) for l, e in enumerate(p.get("expand", [])) if e)
+                        or "none",
                         " ".join(f"{f:.2f}{'*' if e else ''}" for f, e in zip(p.get("freq", []), p.get("expand", [])))]
                        for p in m["pgke"]])]
     return md

@@ -105,6 +105,8 @@ class TrainConfig:
     # frozen experts (either falls back on the other when it has nothing left to do; skip measured better:
     # docs/minicoin.md, "Bounded growth")
     attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
+    experts_in: str = "llm"  # the towers whose blocks carry expert pools: llm (the paper's) | vision (the CLIP tower's
+    # layers: q/k/v/out_proj, fc1/fc2) | both. Every method puts its pools there; PGKE probes and decides per tower
     # optimisation
     steps: int = 300  # training steps per task
     task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900
@@ -176,6 +178,7 @@ class TrainConfig:
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
              instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
 CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint", "isolated"),
+               experts_in=("llm", "vision", "both"),
                expand=("probe", "all", "gradnorm"), budget_rule=("merge", "skip"), locator=("ptl", "oracle"),
                locator_feature=("last", "mean"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
@@ -192,6 +195,7 @@ FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, o
          "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
          "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama",
          "attn_experts": "experts on attention q/k/v/o too (--no-attn-experts: FFN only)",
+         "experts_in": "the towers carrying expert pools: llm | vision (the CLIP layers) | both",
          "max_expert_params": "cmoe: expert + router parameters after any task at most this (None: unbounded)",
          "budget_rule": "how growth past --max-expert-params makes room: merge frozen experts, or skip layers",
          "instruct_mc": "lettered multiple choice in the tiny base's stage 0b (None: on; --no-instruct-mc: off)"}
@@ -231,7 +235,8 @@ def parse_args(argv=None) -> TrainConfig:
             "-oracle" if cfg.locator == "oracle" else "") + ("-mean" if cfg.locator_feature == "mean" else "") + (
             "-reject" if cfg.reject else "") + ("" if cfg.attn_experts else "-ffn") + (
             "-nomc" if cfg.instruct_mc is False else "") + (
-            "" if cfg.max_expert_params is None else f"-budget{cfg.max_expert_params}")
+            "" if cfg.max_expert_params is None else f"-budget{cfg.max_expert_params}") + (
+            "" if cfg.experts_in == "llm" else f"-{cfg.experts_in}")
         cfg.out = os.path.join("out", f"{cfg.benchmark}{'-quick' if cfg.quick else ''}-{tag}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         p.error(f"--out {cfg.out}: is a file, not a run folder")
@@ -497,10 +502,11 @@ def leave_distributed():
         dist.destroy_process_group()
 
 
-def share_batch_statistics(llm: Llama):
-    """The balance loss of each layer sees the whole batch's routing statistics, as one process has them."""
+def share_batch_statistics(model: LLaVA):
+    """The balance loss of each layer (both towers') sees the whole batch's routing statistics, as one process has
+    them."""
     if ev.rank_world()[1] > 1:
-        for pool in llm.expert_pools():
+        for pool in model.llm.expert_pools() + model.vision.expert_pools():
             pool.batch_sum = dist_nn.all_reduce
 
 
@@ -573,7 +579,7 @@ def run(cfg: TrainConfig):
         if cfg.method == "cmoe" and cfg.max_expert_params is not None:  # what fit_budget's later merges weigh
             record_task_use(model, ds, cfg)  # (forward only)
         if cfg.method in ("cmoe", "isolated"):  # the task's experts and router are final
-            for pool in model.llm.expert_pools():
+            for pool in model.expert_pools():
                 pool.freeze()
         if cfg.method == "cmoe":
             with clock("locator"):  # PTL: this task's VAE on frozen-base features of its training data
@@ -609,11 +615,11 @@ def grow(model: LLaVA, ds, cfg, t, log):
     if cfg.method == "cmoe" and t > 0:
         return pgke(model, ds, cfg, t, log)
     if cfg.method == "isolated":
-        for pool in model.llm.expert_pools():
+        for pool in model.expert_pools():
             pool.reset(model.llm.ecfg)
     if t == 0 or cfg.method == "isolated":  # isolated: each task as if it were cmoe's first (= --tasks T)
         n = first_pool_size(cfg)
-        cmoe.init_experts(model.llm, n, generator=stage_rng(cfg, 0, "init"))
+        cmoe.init_experts(model, n, generator=stage_rng(cfg, 0, "init"))
         if cfg.max_expert_params is not None and ev.count_params(model)[1] > cfg.max_expert_params:
             raise SystemExit(f"--max-expert-params {cfg.max_expert_params}: the first task alone holds "
                              f"{ev.count_params(model)[1]} expert and router parameters ({n} experts per layer); "
@@ -634,38 +640,57 @@ def pgke(model: LLaVA, ds, cfg, t, log):
     4. expand  drop the probes, then give each growing layer n_new copies of its most-used old expert, and every
                layer the task's router (initialised from the probe router); under --max-expert-params, fit_budget
                first makes room for that growth.
-    Returns the decision record kept in metrics.json."""
-    llm = model.llm
+    With experts in both towers every step runs on all pools (model.expert_pools(): the decoder's layers, then the
+    tower's), except the decision, taken per tower over its own layers' frequencies (their scales differ).
+    Returns the decision record kept in metrics.json (lists over model.expert_pools(); thresholds per tower)."""
     probe_train, probe_hold = probe_split(ds, cfg, t)
-    cmoe.probe_start(llm, generator=stage_rng(cfg, t, "probe"))  # 1. probe
+    cmoe.probe_start(model, generator=stage_rng(cfg, t, "probe"))  # 1. probe
     trainable_cl(model)
     train_stage(model, probe_train, cfg, cfg.probe_steps, cfg.lr, t, f"probe{t}", log)
     usage = count_usage(model, probe_hold, cfg)  # 2. count
     freq = cmoe.probe_frequencies(usage)
-    expand, thr = cmoe.pgke_decide(freq, cfg.alpha)  # 3. decide
+    towers = tower_slices(model)
+    expand, thrs = [], {}
+    for tower, sl in towers.items():  # 3. decide
+        e, thrs[tower] = cmoe.pgke_decide(freq[sl], cfg.alpha)
+        expand += e
+    thr = next(iter(thrs.values()))
     if cfg.expand == "all":  # ablation: grow every layer
         expand = [True] * len(expand)
     score = freq  # what the decision valued per layer (--max-expert-params drops the lowest growth first)
     if cfg.expand == "gradnorm":  # ablation: as many layers, chosen by the probes' gradient norms (needs the probes)
         expand, score = decide_by_gradnorm(model, probe_hold, cfg, sum(expand), t, log)
     sources = cmoe.copy_sources(usage)  # 4. expand
-    probe_routers = cmoe.probe_end(llm)
-    budget = {} if cfg.max_expert_params is None else fit_budget(llm, expand, sources, probe_routers, score, cfg, t, log)
-    cmoe.expand(llm, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
+    probe_routers = cmoe.probe_end(model)
+    budget = {} if cfg.max_expert_params is None else fit_budget(model, expand, sources, probe_routers, score, cfg, t,
+                                                                 log)
+    cmoe.expand(model, expand, sources, probe_routers, cfg.n_new, generator=stage_rng(cfg, t, "expand"))
     copied = [src if grow else None for grow, src in zip(expand, sources)]
-    log(f"PGKE task {t}: probe freq " + " ".join(f"{f:.2f}" for f in freq) + f" | threshold {thr:.3f} | expand "
-        + "".join("1" if e else "0" for e in expand) + " | copied from "
-        + " ".join("-" if c is None else str(c) for c in copied))
-    return {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied, **budget}
+    per = lambda xs, show, sep=" ": " / ".join(sep.join(map(show, xs[sl])) for sl in towers.values())  # noqa: E731
+    log(f"PGKE task {t}: " + ("" if list(towers) == ["llm"] else "(" + " / ".join(towers) + ") ") + "probe freq "
+        + per(freq, lambda f: f"{f:.2f}") + " | threshold " + " / ".join(f"{v:.3f}" for v in thrs.values())
+        + " | expand " + per(expand, lambda e: "1" if e else "0", "") + " | copied from "
+        + per(copied, lambda c: "-" if c is None else str(c)))
+    record = {"task": t, "freq": freq, "threshold": thr, "expand": expand, "copied_from": copied, **budget}
+    if list(towers) != ["llm"]:
+        record.update(towers={k: [sl.start, sl.stop] for k, sl in towers.items()}, thresholds=thrs)
+    return record
 
 
-def projected_params(llm: Llama, expand, n_new):
+def tower_slices(model: LLaVA) -> dict:
+    """{tower: its slice of model.expert_pools()} for the towers carrying experts (llm first)."""
+    n_llm, n_vis = len(model.tower_pools("llm")), len(model.tower_pools("vision"))
+    out = {"llm": slice(0, n_llm)} if n_llm else {}
+    return {**out, **({"vision": slice(n_llm, n_llm + n_vis)} if n_vis else {})}
+
+
+def projected_params(llm: Llama | LLaVA, expand, n_new):
     """Expert and router parameters after cmoe.expand(llm, expand, ...) on the pools as they are now."""
     return sum(sum(p.numel() for p in pool.parameters()) + g * n_new * cmoe.expert_numel(pool)
                + (pool.n_experts + g * n_new) * pool.dim for pool, g in zip(llm.expert_pools(), expand))
 
 
-def fit_budget(llm: Llama, expand, sources, probe_routers, score, cfg, t, log):
+def fit_budget(llm: Llama | LLaVA, expand, sources, probe_routers, score, cfg, t, log):
     """--max-expert-params: before PGKE expands, make room until the parameters after the task (its new experts and
     router included) fit the budget. Rule skip (the default): drop the growth of the growing layer the decision valued
     least (`score`: the probe's frequency, or with --expand gradnorm its gradient norm), so growth stays where the
@@ -708,7 +733,7 @@ def record_task_use(model: LLaVA, ds, cfg):
     """Bounded growth: each layer's share of the just-trained task's assignments per expert, counted with its own
     router on its first locator_n training rows (forward only), appended to Experts.task_use."""
     usage = count_usage(model, subset(ds, torch.arange(min(cfg.locator_n, ds["input_ids"].shape[0]))), cfg)
-    for pool, u in zip(model.llm.expert_pools(), usage):
+    for pool, u in zip(model.expert_pools(), usage):
         pool.task_use.append((u / u.sum().clamp(min=1)).cpu())
 
 
@@ -727,11 +752,11 @@ def count_usage(model: LLaVA, ds, cfg):
     rank counts its share and the counts are summed, so every rank takes the same decision)."""
     rank, world = ev.rank_world()
     mine = subset(ds, torch.arange(rank, ds["input_ids"].shape[0], world))
-    cmoe.set_counting(model.llm, True)
+    cmoe.set_counting(model, True)
     for i in range(0, mine["input_ids"].shape[0], cfg.eval_batch):
         b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in mine.items() if isinstance(v, torch.Tensor)}
         model(b["input_ids"], b["images"], None, b["task_ids"])
-    return [sum_over_ranks(u) for u in cmoe.read_usage(model.llm)]
+    return [sum_over_ranks(u) for u in cmoe.read_usage(model)]
 
 
 def decide_by_gradnorm(model: LLaVA, ds, cfg, n_layers, t, log):
@@ -753,18 +778,19 @@ def probe_gradnorms(model: LLaVA, ds, cfg):
         _, loss, _ = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
         (loss * b["input_ids"].shape[0] / n).backward()
     norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for e in pool.lora.values() for p in (e.train_A, e.train_B)
-                           if p.grad is not None)) for pool in model.llm.expert_pools()]
+                           if p.grad is not None)) for pool in model.expert_pools()]
     model.zero_grad(set_to_none=True)
     return norms
 
 
 def stage_data(cfg, model, r, t):
     """(the task's training examples, its encoded dataset); joint: every task's data in one dataset."""
+    feats = not model.tower_pools("vision")  # a frozen tower: its features once per dataset; else pixels, every step
     if cfg.method != "joint":
         exs = data.load_examples(cfg, r.names[t], "train")
-        ds = encode(model, exs, r.tok, r.template, cfg, t)
+        ds = encode(model, exs, r.tok, r.template, cfg, t, feats)
     else:
-        exs, ds = None, concat([encode(model, data.load_examples(cfg, n, "train"), r.tok, r.template, cfg, i)
+        exs, ds = None, concat([encode(model, data.load_examples(cfg, n, "train"), r.tok, r.template, cfg, i, feats)
                                 for i, n in enumerate(r.names)])
     return exs, trim_padding(ds, model.pad_id)
 
@@ -782,12 +808,13 @@ def stage_rng(cfg, t, stage):
     return torch.Generator().manual_seed(stage_seed(cfg, t, stage))
 
 
-def set_experts(llm: Llama, ecfg: ExpertConfig):
-    """Expert settings of a fresh (expert-free) model."""
-    if any(pool.n_experts for pool in llm.expert_pools()):
+def set_experts(llm: Llama, ecfg: ExpertConfig, vision: CLIPVision | None = None):
+    """Expert settings of a fresh (expert-free) model; `vision`: the tower's pools take them too."""
+    pools = llm.expert_pools() + ([] if vision is None else vision.expert_pools())
+    if any(pool.n_experts for pool in pools):
         raise ValueError("set_experts is for a model without experts (the banks would lose their experts)")
     llm.ecfg = ecfg
-    for pool in llm.expert_pools():
+    for pool in pools:
         pool.reset(ecfg)
 
 
@@ -812,7 +839,8 @@ def prepare(model: LLaVA, cfg) -> LLaVA:
     run's ExpertConfig (experts and routers are made fp32 as they grow), gradient checkpointing as set."""
     freeze_base(model)
     cmoe.set_precision(model, cfg.precision)
-    set_experts(model.llm, expert_config(cfg))
+    model.experts_in = cfg.experts_in  # (the tower's pools stay empty and frozen unless it carries experts)
+    set_experts(model.llm, expert_config(cfg), model.vision if model.tower_pools("vision") else None)
     model.llm.grad_ckpt = cfg.grad_ckpt
     return model
 
@@ -897,7 +925,7 @@ class RunState:
         model, base = build_base(cfg, self.tok, self.template, self.log)
         model = prepare(model, cfg)
         t_base = time.time() - t0
-        share_batch_statistics(model.llm)
+        share_batch_statistics(model)
         bench, locator = ev.Benchmark(cfg, model, self.tok, self.template, self.log), cmoe.Locator(cfg.locator_feature)
         if cfg.resume and os.path.exists(self.state_path):
             self.metrics = read_json(self.state_path)
@@ -911,6 +939,9 @@ class RunState:
             self.log(f"resume: {self.first} finished task(s){partial}")
         self.metrics["time"]["base"] += t_base
         self.metrics["base"], self.metrics["scoring"] = base, bench.scoring
+        if cfg.experts_in != "llm":  # what experts_per_layer's and PGKE's per-layer lists hold, in their order
+            self.metrics["expert_layers"] = [f"{tower}.{i}" for tower in ("llm", "vision")
+                                             for i in range(len(model.tower_pools(tower)))]
         self.metrics["cwd"] = os.getcwd()  # the run's relative paths are relative to it (eval.reevaluate)
         if "zero_shot" not in self.metrics:  # row 0 of the accuracy matrix: the frozen base, before any expert exists
             self.metrics["unseen"] = {"tasks": bench.unseen, "acc": []}
@@ -951,7 +982,7 @@ class RunState:
         cfg, metrics, clock, located = self.cfg, self.metrics, self.clock, self.cfg.method == "cmoe"
         metrics["pgke"] += [decision] if decision is not None else []
         ev.record(metrics, result, t)
-        pools = model.llm.expert_pools()
+        pools = model.expert_pools()
         expert_params = ev.count_params(model)[1]
         metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
             f.n_experts for f in pools), "added": expert_params - clock.n_before, "expert_params": expert_params})
@@ -1102,16 +1133,16 @@ def plan(args):
     with torch.device("meta"):  # the model run() trains (prepare), without its weights
         model = prepare(LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), Llama(lc)), args)
         base = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("vision", "projector", "llm")}
-    cmoe.init_experts(model.llm, first_pool_size(args))
+    cmoe.init_experts(model, first_pool_size(args))  # (--experts-in: the decoder's pools, the tower's, or both)
     first, grads = ev.count_params(model)[0], tensor_bytes(model, trainable=True)
     for _ in range(n_tasks - 1 if args.method == "cmoe" else 0):  # new tensors follow the weights onto meta
-        for pool in model.llm.expert_pools():
+        for pool in model.expert_pools():
             pool.freeze()
             pool.add_experts(args.n_new)
             pool.add_router()
     (last, added), grads = ev.count_params(model), max(grads, tensor_bytes(model, trainable=True))
     E, S, frozen = model.llm.layers[0].experts.n_experts, args.max_len - 1 + vc.num_patches, sum(base.values())
-    clip_layer = sum(p.numel() for p in model.vision.encoder.layers[0].parameters())
+    clip_layer = sum(p.numel() for n, p in model.vision.encoder.layers[0].named_parameters() if not ev.is_cl_key("." + n))
     # AdamW keeps m and v in the dtype of each parameter it updates (fp32: experts and routers are the master weights)
     mem = {"weights": tensor_bytes(model), "gradients": grads, "AdamW": 2 * grads}
     loss_peak = S * lc.vocab_size * (dt + 8)  # per sample: the logits train_stage holds, 2 fp32 grads of the log-probs
@@ -1133,6 +1164,11 @@ def plan(args):
           f"{base['vision'] + (vc.num_hidden_layers - vc.run_layers) * clip_layer + 2 * vc.hidden_size:,})")
     print(f"  trainable        task 1: {first:,}; task {n_tasks}: {last:,} (that task's experts and router)\n"
           f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers, {E} experts per layer)")
+    if model.tower_pools("vision"):
+        vis = sum(p.numel() for pool in model.tower_pools("vision") for p in pool.parameters())
+        print(f"  vision experts   {vis:,} of them in the {len(model.tower_pools('vision'))} CLIP layers' pools "
+              f"(--experts-in {args.experts_in}: {model.tower_pools('vision')[0].n_experts} experts per layer; the tower "
+              f"then trains under autograd, and its activations are not in the estimate below)")
     print(f"memory (--precision {args.precision}: the frozen base in {args.precision}, experts and routers in fp32 with "
           f"fp32 gradients and AdamW m and v; activations in {args.precision})\n  "
           + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))

@@ -112,3 +112,21 @@ def test_a_rank_killed_mid_task_stops_every_rank_and_resume_under_torchrun_finis
     x, y = (load_file(str(d / "task_1/model.safetensors")) for d in (ref, out))
     for k in x:
         torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_with_experts_in_both_towers_reproduce_one_process(tmp_path, base_dir):
+    """--experts-in both under torchrun: DDP over the tower's pools too (no unused parameters), the tower's balance
+    loss over the whole batch (its pools' batch_sum), PGKE's counts summed for both towers: one process's run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main([*TINY, "--out", str(one), "--base-dir", base_dir, "--experts-in", "both"])
+    p = torchrun(two, base_dir, ["--experts-in", "both"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for key in ("acc", "zero_shot", "params", "experts_per_layer", "expert_layers"):
+        assert a[key] == b[key], key
+    assert [d["expand"] for d in a["pgke"]] == [d["expand"] for d in b["pgke"]]
+    x, y = (load_file(str(d / "task_1/model.safetensors")) for d in (one, two))
+    assert x.keys() == y.keys() and any(k.startswith("vision.encoder.layers.1.experts.lora.fc2.") for k in x)
+    for k in (k for k in x if ".experts." in k):  # (the locator's gate bounds are ~1e4: float noise above 1e-5)
+        torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")

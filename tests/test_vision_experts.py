@@ -125,3 +125,140 @@ def test_clip_pool_shapes_follow_the_tower():
     pool.add_router()
     assert pool.routers[0].shape == (2, D)
     assert cmoe.expert_numel(pool) == sum(3 * (i + o) for i, o in want.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --experts-in vision|both through train.py: frozen old experts, checkpoints, --plan
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+import train  # noqa: E402
+from test_train import TINY  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def both_run(tmp_path_factory, base_dir):
+    out = tmp_path_factory.mktemp("both")
+    return out, train.main(TINY + ["--out", str(out), "--base-dir", base_dir, "--experts-in", "both"])
+
+
+def test_old_vision_experts_and_routers_bit_identical_after_a_later_task(both_run):
+    out, m = both_run
+    a, b = load_file(str(out / "task_0/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
+    vis = [k for k in a if k.startswith("vision.encoder.layers.")]
+    n_vis = len(model_layers := {k.split(".experts.")[0] for k in vis})
+    assert n_vis == 2  # the tiny tower runs 2 of its 3 layers (select_layer -2)
+    checked = 0
+    for k in vis:
+        if ".frozen_" in k:
+            assert a[k].shape[0] == 2 and torch.equal(b[k][: a[k].shape[0]], a[k]), k  # a prefix of the grown bank
+            checked += 1
+        if ".routers.0" in k:
+            assert torch.equal(b[k], a[k]), k
+            checked += 1
+    assert checked == n_vis * (6 * 2 + 1)  # q, k, v, o, fc1, fc2 (A and B) + task 1's router, per layer
+    meta = json.loads((out / "task_1/meta.json").read_text())
+    assert meta["experts_in"] == "both" and len(meta["vision_router_trainable"]) == 2
+    # PGKE decided per tower and recorded both: 4 decoder layers, then 2 tower layers
+    p = m["pgke"][0]
+    assert len(p["expand"]) == 6 and p["towers"] == {"llm": [0, 4], "vision": [4, 6]}
+    assert p["expand"][4:] == cmoe.pgke_decide(p["freq"][4:], 1.0)[0]
+    assert p["expand"][:4] == cmoe.pgke_decide(p["freq"][:4], 1.0)[0]
+    assert m["expert_layers"] == ["llm.0", "llm.1", "llm.2", "llm.3", "vision.0", "vision.1"]
+    for layer in model_layers:  # grown layers hold 3 experts after task 2, the others 2
+        assert b[f"{layer}.experts.lora.fc1.frozen_A"].shape[0] in (2, 3)
+
+
+def test_vision_pools_checkpoint_round_trip(both_run, tmp_path):
+    """eval.py RUN rebuilds the towers' pools from the checkpoints: same predictions, same accuracy rows."""
+    out, m = both_run
+    before = {f.name: f.read_text() for f in (out / "predictions").glob("*.jsonl")}
+    assert ev.main([str(out)]) == 0
+    after = {f.name: f.read_text() for f in (out / "predictions").glob("*.jsonl")}
+    assert before == after
+    assert json.loads((out / "metrics.json").read_text())["acc"] == m["acc"]
+    # the reloaded model routes the tower: its task-2 pools are those of the checkpoint
+    model = ev.load_base(m["base"]["tiny"])
+    ev.load_task(model, out / "task_1")
+    sd = load_file(str(out / "task_1/model.safetensors"))
+    assert model.experts_in == "both"
+    for i, pool in enumerate(model.vision.expert_pools()):
+        assert torch.equal(pool.lora["fc1"].A, sd[f"vision.encoder.layers.{i}.experts.lora.fc1.frozen_A"])
+        assert len(pool.routers) == 2 and not any(r.requires_grad for r in pool.routers)
+
+
+def test_default_checkpoints_hold_no_vision_keys(tmp_path, base_dir):
+    out = tmp_path / "llm"
+    train.main(TINY + ["--out", str(out), "--base-dir", base_dir, "--tasks", "sqa", "--steps", "2"])
+    sd = load_file(str(out / "task_0/model.safetensors"))
+    assert sd and not any(k.startswith("vision.") for k in sd)
+    assert "experts_in" not in json.loads((out / "task_0/meta.json").read_text())
+
+
+def test_plan_counts_vision_expert_parameters(capsys):
+    """--plan --experts-in: the tower's pools add, per CLIP layer it builds, each expert's LoRA pairs on q, k, v, o
+    (D x D) and fc1, fc2 (D x F) and each task router's rows (D wide), counted here by hand."""
+    args = ["--plan", "--preset", "llama-3.2-1b", "--tasks", "3"]
+    got = {w: train.plan(train.parse_args(args + ["--experts-in", w])) for w in ("llm", "vision", "both")}
+    D, Fd, R, layers = 1024, 4096, 8, 23  # CLIP ViT-L/14-336 as LLaVA builds it: 23 of 24 layers
+    per_expert = R * (4 * 2 * D + 2 * (D + Fd))
+    experts, rows = 2 + 1 + 1, 2 + 3 + 4  # cmoe: 2 experts at task 1, +1 per layer per later task (the worst case)
+    hand = layers * (experts * per_expert + rows * D)
+    assert got["vision"]["added"] == hand
+    assert got["both"]["added"] == got["llm"]["added"] + hand
+    assert f"vision experts   {hand:,}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pattern task
+
+def hand_fill(img):
+    """The fill of the one object, read off the pixels: solid (every row and column of lit pixels is one run),
+    striped (lit rows, or columns, each one run, in separate bands), else checkered (lit 2 px checks touch
+    diagonally: a lit pixel 2 px down and right of a lit one) or dotted (the next dot is 4 px away at least)."""
+    lum = np.asarray(img).astype(int).sum(-1)
+    lit = lum == lum.max()  # the one object's full colour (a fill's off pixels are dimmer, the background black)
+    assert (lum[(lum > 0) & ~lit] < 0.75 * lum.max()).all()  # off pixels: FILL_OFF of the colour
+    ys, xs = np.nonzero(lit)
+    box = lit[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+    def runs(line):
+        return int(np.sum(np.diff(np.concatenate([[0], line.astype(int), [0]])) == 1))
+    rows_one = all(runs(r) <= 1 for r in box)
+    cols_one = all(runs(c) <= 1 for c in box.T)
+    if rows_one and cols_one:
+        return "solid"
+    for lines in (box, box.T):  # horizontal bands: every lit row is one run, rows lit in pairs
+        lit_rows = [bool(r.any()) for r in lines]
+        if all(runs(r) <= 1 for r in lines) and runs(np.array(lit_rows)) > 1:
+            return "striped"
+    return "checkered" if (box[:-2, :-2] & box[2:, 2:]).any() else "dotted"
+
+
+def test_pattern_answers_are_what_the_renderer_drew():
+    exs = data.minicoin("pattern", "train", 40)
+    seen = set()
+    for ex in exs:
+        assert hand_fill(ex.image) == ex.answer, (ex.meta, ex.answer)
+        assert ex.turns[0][0].startswith("<image>\nWhat is the fill pattern of the object?")
+        seen.add(ex.answer)
+    assert seen == set(data.FILLS)
+    # train and test scenes never share a scene; the task is a --tasks name, not in the default sequence
+    test = data.minicoin("pattern", "test", 20)
+    assert not {e.meta["scene"] for e in exs} & {e.meta["scene"] for e in test}
+    assert "pattern" not in data.MINICOIN_TASKS and "pattern" in data.EXTRA_TASKS
+
+
+def test_stage_0_never_shows_or_names_a_fill():
+    words = {"pattern", "fill", "solid", "striped", "stripe", "checkered", "dotted", "dot"}
+    for task in ("caption", "instruct", data.INSTRUCT_MC):
+        for i in range(600):
+            ex = data.minicoin_sample(task, "train", i, render=False)
+            text = " ".join(u + " " + a for u, a in ex.turns).lower()
+            assert not words & set(text.replace(".", " ").replace("?", " ").replace(",", " ").split()), (task, text)
+            assert not any(f in ex.meta["scene"] for f in data.FILLS), ex.meta["scene"]
