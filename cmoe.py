@@ -647,7 +647,7 @@ class LLaVA(nn.Module):
         if images.dim() != 4:
             return images, images.new_zeros((), dtype=torch.float32)
         if not self.vision.experts_active(use_experts):  # the frozen tower (a plain call: no routing, no loss)
-            feats = self.vision(images)
+            feats = self.vision(images, use_experts=False)
             return self.projector(feats), feats.new_zeros((), dtype=torch.float32)
         feats, aux = self.vision.routed(images, task_ids, use_experts)
         return self.projector(feats), aux

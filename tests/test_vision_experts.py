@@ -262,3 +262,21 @@ def test_stage_0_never_shows_or_names_a_fill():
             text = " ".join(u + " " + a for u, a in ex.turns).lower()
             assert not words & set(text.replace(".", " ").replace("?", " ").replace(",", " ").split()), (task, text)
             assert not any(f in ex.meta["scene"] for f in data.FILLS), ex.meta["scene"]
+
+
+def test_base_only_answers_ignore_active_vision_experts(both_run):
+    """use_experts=False (the base answering a rejected sample, PTL's features) is the frozen tower even while the
+    tower's pools are active: the same as the tower with its pools emptied."""
+    out, m = both_run
+    model = ev.load_base(m["base"]["tiny"])
+    ev.load_task(model, out / "task_1")
+    assert model.vision.experts_active()
+    S = model.vision.cfg.image_size
+    px = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        off, _ = model.image_tokens(px, torch.tensor([1, 1]), use_experts=False)
+        on, _ = model.image_tokens(px, torch.tensor([1, 1]), use_experts=True)
+        for pool in model.vision.expert_pools():
+            pool.reset(pool.ecfg)
+        plain, _ = model.image_tokens(px)
+    assert torch.equal(off, plain) and not torch.allclose(on, plain)
