@@ -10,6 +10,9 @@ the method's model-side pieces. Where the paper's concepts live:
     PTL                TaskVAE, fit_vae, Locator.locate (fitted per task by train.fit_task_vae); the reject option:
                        TaskGate, fit_gate, Locator.add_gate
     HF checkpoints     LlamaConfig.from_hf, llama_key_map, load_llama
+    D-MoLE             (--method dmole) dmole_candidates, dmole_allocate (budget rule), dmole_lr_scales (curriculum),
+                       DMoLE / attach_dmole (experts on both towers' attention projections, forward hooks), dmole_rep,
+                       TaskAE, fit_ae, route_by_errors, vote_eval, vote_train, AERouter (run by train.dmole_grow)
 
 No distributed code: under torchrun, train.py hands each pool a `batch_sum` for the balance loss.
 Shape legend: B batch, T tokens, S spliced sequence, D model width, F ffn width, R lora rank, E experts,

@@ -13,6 +13,8 @@ Where the method lives (the model-side pieces are in cmoe.py, whose docstring ha
                    (cmoe.pgke_decide) -> 4 expand (cmoe.copy_sources, probe_end, expand); ablation decide_by_gradnorm
     PTL            fit_task_vae (cmoe.Locator: a VAE and a reject gate per task); at test time eval.choose_routers
     bounded growth fit_budget (--max-expert-params), inside pgke before it expands
+    D-MoLE         --method dmole: dmole_grow (dmole_scores -> cmoe.dmole_allocate -> cmoe.DMoLE.grow), then
+                   dmole_train_routing (votes of the old tasks' autoencoders per batch), fit_task_ae
     torchrun       one marked section ("the rank plumbing"): every torch.distributed call of training
     precision      prepare: the frozen base in --precision (bf16 on CUDA), experts fp32
 
@@ -1270,8 +1272,10 @@ def plan(args):
         while b and activation_bytes(lc, ecfg, E, S, b, dt, ck)[0] + b * loss_peak > budget:
             b -= 1
         fit[ck] = b
+    where = ("the attention projections of both towers" if args.method == "dmole"
+             else "FFN + attention" if ecfg.attn else "FFN")
     print(f"plan: {what} (config only; model built on the meta device)\n  {args.method}, rank {ecfg.rank}, top-k "
-          f"{ecfg.top_k}, experts on {'FFN + attention' if ecfg.attn else 'FFN'}, {n_tasks} task(s); S = "
+          f"{ecfg.top_k}, experts on {where}, {n_tasks} task(s); S = "
           f"{args.max_len - 1} text + {vc.num_patches} image = {S} tokens")
     print(f"parameters\n  frozen base      vision {base['vision']:,} + projector {base['projector']:,} + LLM "
           f"{base['llm']:,} = {frozen:,}\n                   (vision: {vc.run_layers} of {vc.num_hidden_layers} CLIP "
