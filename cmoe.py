@@ -284,48 +284,72 @@ class Routing(NamedTuple):
     aux: torch.Tensor  # the balance loss (0 without autograd)
 
 
-class Experts(nn.Module):
-    """One decoder layer's expert pool: E experts, each a LoRA set on the FFN's gate, up and down (and with
-    ExpertConfig.attn on attention's q, k, v, o too), and one router per task. `routers[t]` is task t's [E_t, D]
-    weight over the first E_t experts (experts added later are invisible to it). Each token is routed once per layer
-    (route); the same top-k then carries every projection's delta (lora)."""
+def llama_shapes(cfg: LlamaConfig):
+    """(router width, ffn, attn projection shapes) of a decoder layer's pool: the SwiGLU FFN's gate, up, down;
+    attention's q, k, v, o (GQA widths)."""
+    D, Fd = cfg.dim, cfg.ffn_dim
+    Q, KV = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return D, {"gate": (D, Fd), "up": (D, Fd), "down": (Fd, D)}, {"q": (D, Q), "k": (D, KV), "v": (D, KV), "o": (Q, D)}
 
-    def __init__(self, cfg: LlamaConfig, ecfg: ExpertConfig):
+
+def clip_shapes(vcfg):
+    """(router width, ffn, attn projection shapes) of a CLIP ViT block's pool (vcfg: a vision.VisionConfig): the MLP's
+    fc1, fc2; attention's q, k, v and o (its out_proj)."""
+    D, Fd = vcfg.hidden_size, vcfg.intermediate_size
+    return D, {"fc1": (D, Fd), "fc2": (Fd, D)}, {"q": (D, D), "k": (D, D), "v": (D, D), "o": (D, D)}
+
+
+class Experts(nn.Module):
+    """One block's expert pool: E experts, each a LoRA set on the block's projections, and one router per task. The pool
+    is described by its router's input width `dim` and its projections' shapes {name: (din, dout)}: `ffn` always
+    carries experts, `attn` too with ExpertConfig.attn (for_llama: a decoder layer's gate/up/down and q/k/v/o;
+    for_clip: a CLIP ViT block's fc1/fc2 and q/k/v/o). `routers[t]` is task t's [E_t, dim] weight over the first E_t
+    experts (experts added later are invisible to it). Each token is routed once per block (route); the same top-k
+    then carries every projection's delta (deltas)."""
+
+    def __init__(self, dim: int, ffn: dict, attn: dict, ecfg: ExpertConfig):
         super().__init__()
-        self.cfg = cfg
+        self.dim = dim
+        self.ffn_shapes, self.attn_shapes = dict(ffn), dict(attn)
         self.reset(ecfg)
         self.dispatch = "auto"  # "auto" | "dense" (masked-dense) | "sparse" (block dispatch, the fast path)
         self.counting = False  # PGKE: accumulate per-expert assignment counts
         self.register_buffer("usage", torch.zeros(0), persistent=False)
         self.batch_sum = None  # torchrun: a differentiable sum over the ranks (train.py sets it; see balance_loss)
 
+    @classmethod
+    def for_llama(cls, cfg: LlamaConfig, ecfg: ExpertConfig):
+        return cls(*llama_shapes(cfg), ecfg)
+
+    @classmethod
+    def for_clip(cls, vcfg, ecfg: ExpertConfig):
+        return cls(*clip_shapes(vcfg), ecfg)
+
     def reset(self, ecfg: ExpertConfig):
         """No experts, no routers, at ecfg's rank."""
         self.ecfg = ecfg
-        D, Fd, R = self.cfg.dim, self.cfg.ffn_dim, ecfg.rank
         dev = next((p.device for p in self.parameters()), None)
-        self.lora = nn.ModuleDict({"gate": LoRAExperts(D, Fd, R), "up": LoRAExperts(D, Fd, R),
-                                   "down": LoRAExperts(Fd, D, R)})
-        if ecfg.attn:
-            Q, KV = self.cfg.n_heads * self.cfg.head_dim, self.cfg.n_kv_heads * self.cfg.head_dim
-            self.lora.update({"q": LoRAExperts(D, Q, R), "k": LoRAExperts(D, KV, R), "v": LoRAExperts(D, KV, R),
-                              "o": LoRAExperts(Q, D, R)})
+        shapes = {**self.ffn_shapes, **(self.attn_shapes if ecfg.attn else {})}
+        self.lora = nn.ModuleDict({name: LoRAExperts(din, dout, ecfg.rank) for name, (din, dout) in shapes.items()})
         self.routers = nn.ParameterList()
         self.task_use = []  # bounded growth: per task, its share of (token, slot) assignments per expert [E_t]
         if dev is not None:
             self.to(dev)
 
+    def _first(self) -> LoRAExperts:
+        return next(iter(self.lora.values()))  # every projection holds the same experts
+
     @property
     def device(self):
-        return self.lora["gate"].frozen_A.device
+        return self._first().frozen_A.device
 
     @property
     def n_frozen(self):
-        return self.lora["gate"].frozen_A.shape[0]
+        return self._first().frozen_A.shape[0]
 
     @property
     def n_experts(self):
-        return len(self.lora["gate"])
+        return len(self._first())
 
     # --- growing and freezing ------------------------------------------------------------------------
     def add_experts(self, n, copy_from: int | None = None, generator=None):
@@ -338,7 +362,7 @@ class Experts(nn.Module):
 
     def add_router(self, init_ED: torch.Tensor | None = None):
         """A new trainable router over all experts that exist now (init: given rows, else zeros = uniform)."""
-        w = torch.zeros(self.n_experts, self.cfg.dim, device=self.device)
+        w = torch.zeros(self.n_experts, self.dim, device=self.device)
         if init_ED is not None:
             w[: init_ED.shape[0]] = init_ED.to(w)
         self.routers.append(nn.Parameter(w))
@@ -398,7 +422,7 @@ class Experts(nn.Module):
             raise ValueError(f"Experts.dispatch must be auto, dense or sparse, not {self.dispatch!r}")
         return self.dispatch == "sparse" or (
             self.dispatch == "auto" and sparse_wins(self.n_experts, self.ecfg.top_k, torch.is_grad_enabled(),
-                                                    self.ecfg.rank, self.cfg.dim))
+                                                    self.ecfg.rank, self.dim))
 
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
         """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e). Under
@@ -448,7 +472,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FFN(cfg)
-        self.experts = Experts(cfg, ecfg)
+        self.experts = Experts.for_llama(cfg, ecfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None, t0=0, task_ids=None, valid=None, use_experts=True):
         """Returns (output, balance loss). Experts on attention route each token once, at the layer's input, and that
@@ -592,6 +616,20 @@ class LLaVA(nn.Module):
         self.vision, self.projector, self.llm = vision, projector, llm
         self.pad_id = pad_id
         self.precision = "fp32"  # set_precision
+        self.experts_in = "llm"  # the towers whose pools carry experts: llm | vision | both (set_experts_in)
+
+    def expert_pools(self):
+        """The pools continual learning grows, in one order: the decoder's layers, then the vision tower's (as
+        experts_in names them). PGKE's steps, init_experts and the freezing loop take this list like Llama's."""
+        return self.tower_pools("llm") + self.tower_pools("vision")
+
+    def tower_pools(self, tower):
+        """One tower's pools (llm or vision) when experts_in puts experts there, else none."""
+        if tower not in ("llm", "vision"):
+            raise ValueError(f"tower must be llm or vision, not {tower!r}")
+        if self.experts_in not in (tower, "both"):
+            return []
+        return self.llm.expert_pools() if tower == "llm" else self.vision.expert_pools()
 
     def autocast(self):
         """Every entry point below runs under this: bf16 autocast on the weights' device type under precision bf16
@@ -601,8 +639,21 @@ class LLaVA(nn.Module):
         return torch.autocast(self.llm.embed_tokens.weight.device.type, dtype=torch.bfloat16)
 
     @in_precision
-    def image_features(self, pixel_values):
-        return self.projector(self.vision(pixel_values))
+    def image_features(self, pixel_values, task_ids=None, use_experts=True):
+        """Projected patch features [B, P, D]: through the tower's experts (task_ids' routers) where its pools are
+        active."""
+        return self.image_tokens(pixel_values, task_ids, use_experts)[0]
+
+    def image_tokens(self, images, task_ids=None, use_experts=True):
+        """(projected image features, the vision experts' balance loss): `images` are pixel_values [B,3,H,W], or
+        features [B,P,D] already projected (a frozen tower: no loss)."""
+        if images.dim() != 4:
+            return images, images.new_zeros((), dtype=torch.float32)
+        if not self.vision.experts_active(use_experts):  # the frozen tower (a plain call: no routing, no loss)
+            feats = self.vision(images)
+            return self.projector(feats), feats.new_zeros((), dtype=torch.float32)
+        feats, aux = self.vision.routed(images, task_ids, use_experts)
+        return self.projector(feats), aux
 
     def splice(self, input_ids_BT, images, labels_BT=None):
         """Replace each row's single IMAGE_TOKEN_ID by the P projected patch features (static shapes:
@@ -639,9 +690,13 @@ class LLaVA(nn.Module):
 
     @in_precision
     def forward(self, input_ids, images, labels=None, task_ids=None, use_experts=True):
-        """Training forward on right-padded batches. Returns (logits, loss or None, balance loss)."""
-        x, valid, lab = self.splice(input_ids, images, labels)
+        """Training forward on right-padded batches. Returns (logits, loss or None, balance loss: the decoder's pools'
+        plus, when pixels meet active vision pools, the tower's)."""
+        img, vis_aux = self.image_tokens(images, task_ids, use_experts)
+        x, valid, lab = self.splice(input_ids, img, labels)
         logits, aux = self.llm(inputs_embeds=x, task_ids=task_ids, valid_BT=valid, use_experts=use_experts)
+        if images.dim() == 4 and self.vision.experts_active(use_experts):
+            aux = aux + vis_aux
         loss = None
         if lab is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
@@ -664,7 +719,7 @@ class LLaVA(nn.Module):
         (instruction) tokens [B,2D], which sees both what is shown and what is asked (a text-only prompt: zeros);
         or "max", the same with the maximum over the tokens in place of the mean (D-MoLE's pooling, dmole_rep)."""
         ids = self._left_pad(prompts, images.device)
-        x, valid, _ = self.splice(ids, images)
+        x, valid, _ = self.splice(ids, self.image_features(images, use_experts=False))  # the frozen tower too
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = self._mask(valid, x.shape[1], x.shape[1], 0)
         h_BSD, _ = self.llm(inputs_embeds=x, pos_BT=pos, mask_BTT=mask, use_experts=False, return_hidden=True)
@@ -699,7 +754,7 @@ class LLaVA(nn.Module):
         prompt) -> new ids per row. use_experts=False: the frozen base alone."""
         dev = images.device
         ids = self._left_pad(prompts, dev)
-        x, valid, _ = self.splice(ids, images)
+        x, valid, _ = self.splice(ids, self.image_features(images, task_ids, use_experts))
         B, S, D = x.shape
         c = self.llm.cfg
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -884,7 +939,7 @@ def merge_experts(pool: Experts, i: int, j: int, fit="svd", row="keep"):
     by their summed usage (merge_lora), expert j is removed and later experts move down one index. Every router that
     saw both gets merge_rows with its own task's usage of the two (equal without a record); a router that saw i only
     keeps its rows (its expert i is now the merged one); task usage records add j's share to i's."""
-    if pool.lora["gate"].train_A.shape[0]:
+    if pool.n_experts > pool.n_frozen:
         raise ValueError("merge_experts merges frozen experts: this pool holds trainable ones (merge before expand)")
     if not 0 <= i < j < pool.n_frozen:
         raise ValueError(f"merge_experts: need 0 <= i < j < {pool.n_frozen} (frozen experts), got i={i}, j={j}")
@@ -911,7 +966,7 @@ def init_experts(llm: Llama, n: int, generator=None):
     """Task 1: every layer gets n fresh experts and the first task's router."""
     for pool in llm.expert_pools():
         pool.add_experts(n, generator=generator)
-        pool.add_router(None if pool.n_experts == 0 else torch.randn(pool.n_experts, pool.cfg.dim, generator=generator) * 0.02)
+        pool.add_router(None if pool.n_experts == 0 else torch.randn(pool.n_experts, pool.dim, generator=generator) * 0.02)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -704,7 +704,7 @@ def pgke(model: LLaVA, ds, cfg, t, log):
 def projected_params(llm: Llama, expand, n_new):
     """Expert and router parameters after cmoe.expand(llm, expand, ...) on the pools as they are now."""
     return sum(sum(p.numel() for p in pool.parameters()) + g * n_new * cmoe.expert_numel(pool)
-               + (pool.n_experts + g * n_new) * pool.cfg.dim for pool, g in zip(llm.expert_pools(), expand))
+               + (pool.n_experts + g * n_new) * pool.dim for pool, g in zip(llm.expert_pools(), expand))
 
 
 def fit_budget(llm: Llama, expand, sources, probe_routers, score, cfg, t, log):

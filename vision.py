@@ -2,6 +2,9 @@
 Vision side of LLaVA: the CLIP ViT tower (HF CLIPVisionModel layout, loaded by load_clip with an explicit key table)
 and the mlp2x_gelu projector. Image preprocessing is data.preprocess; the checkpoint readers are in data.py.
 
+Each encoder layer carries an expert pool (cmoe.Experts.for_clip: LoRA experts on q/k/v/out_proj and fc1/fc2, routed per
+token, one router per task), empty unless a run puts experts in the tower (train.py --experts-in vision|both).
+
 Shape suffixes: B batch, C channels, S image side, P patches (CLS excluded), T tokens (= P + 1 with CLS),
 D width, F mlp width, H heads, K head dim (D // H).
 """
@@ -14,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cmoe import ExpertConfig, Experts
 from data import CheckpointError, MissingKeysError, load_mapped, open_hf_tensors, read_hf_config, read_safetensors, require
 
 # -----------------------------------------------------------------------------
@@ -89,17 +93,24 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
+    PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}  # expert name -> projection
+
     def __init__(self, cfg):
         super().__init__()
         D, self.H = cfg.hidden_size, cfg.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
 
-    def forward(self, x_BTD):
+    def forward(self, x_BTD, delta=None):
+        """delta: (expert name, its input) -> the routed experts' delta on that projection (cmoe.Experts.deltas)."""
         B, T, D = x_BTD.shape
-        q_BHTK, k_BHTK, v_BHTK = (p(x_BTD).view(B, T, self.H, D // self.H).transpose(1, 2)
-                                  for p in (self.q_proj, self.k_proj, self.v_proj))
+        q_BHTK, k_BHTK, v_BHTK = (self.proj(n, x_BTD, delta).view(B, T, self.H, D // self.H).transpose(1, 2)
+                                  for n in "qkv")
         y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK)  # no mask: every patch sees every patch
-        return self.out_proj(y_BHTK.transpose(1, 2).reshape(B, T, D))
+        return self.proj("o", y_BHTK.transpose(1, 2).reshape(B, T, D), delta)
+
+    def proj(self, name, x, delta):
+        y = getattr(self, self.PROJ[name])(x)
+        return y if delta is None else y + delta(name, x)
 
 
 class CLIPMLP(nn.Module):
@@ -108,22 +119,34 @@ class CLIPMLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x_BTD):
-        h_BTF = self.fc1(x_BTD)
-        return self.fc2(h_BTF * torch.sigmoid(1.702 * h_BTF))  # quick_gelu, what OpenAI CLIP was trained with
+    def forward(self, x_BTD, delta=None):
+        h_BTF = self.fc1(x_BTD) if delta is None else self.fc1(x_BTD) + delta("fc1", x_BTD)
+        a_BTF = h_BTF * torch.sigmoid(1.702 * h_BTF)  # quick_gelu, what OpenAI CLIP was trained with
+        return self.fc2(a_BTF) if delta is None else self.fc2(a_BTF) + delta("fc2", a_BTF)
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, ecfg: ExpertConfig | None = None):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
+        self.experts = Experts.for_clip(cfg, ecfg or ExpertConfig())
 
-    def forward(self, x_BTD):
-        x_BTD = x_BTD + self.self_attn(self.layer_norm1(x_BTD))
-        return x_BTD + self.mlp(self.layer_norm2(x_BTD))
+    def forward(self, x_BTD, task_ids_B=None, use_experts=True):
+        """Returns (output, balance loss), as cmoe.Block: experts on attention route each token once, at the layer's
+        input, and that routing carries the MLP's experts too; MLP-only experts route at the MLP's input. Every token
+        (CLS included) is routed; all are valid."""
+        experts, on = self.experts, self.experts.active(use_experts)
+        h_BTD = self.layer_norm1(x_BTD)
+        routing = experts.route(h_BTD, task_ids_B) if on and experts.ecfg.attn else None
+        x_BTD = x_BTD + self.self_attn(h_BTD, experts.deltas(routing, h_BTD) if routing else None)
+        h_BTD = self.layer_norm2(x_BTD)
+        if not on:
+            return x_BTD + self.mlp(h_BTD), x_BTD.new_zeros(())
+        routing = routing or experts.route(h_BTD, task_ids_B)
+        return x_BTD + self.mlp(h_BTD, experts.deltas(routing, h_BTD)), routing.aux
 
 
 class CLIPEncoder(nn.Module):
@@ -148,15 +171,28 @@ class CLIPVision(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, pixel_values_BCSS):
+    def forward(self, pixel_values_BCSS, task_ids_B=None, use_experts=True):
+        """The patch features [B, P, D] (routed through the layers' experts when their pools are active)."""
+        return self.routed(pixel_values_BCSS, task_ids_B, use_experts)[0]
+
+    def routed(self, pixel_values_BCSS, task_ids_B=None, use_experts=True):
+        """(patch features [B, P, D], the balance loss summed over the layers: 0 without autograd or experts)."""
         S = self.cfg.image_size
         if tuple(pixel_values_BCSS.shape[1:]) != (self.cfg.num_channels, S, S):
             raise ValueError(f"pixel_values: expected (B, {self.cfg.num_channels}, {S}, {S}), "
                              f"found {tuple(pixel_values_BCSS.shape)}")
         x_BTD = self.pre_layrnorm(self.embeddings(pixel_values_BCSS))
+        aux = x_BTD.new_zeros((), dtype=torch.float32)
         for layer in self.encoder.layers:
-            x_BTD = layer(x_BTD)
-        return x_BTD[:, 1:]  # drop CLS: LLaVA feeds only the patch tokens to the projector
+            x_BTD, a = layer(x_BTD, task_ids_B, use_experts)
+            aux = aux + a
+        return x_BTD[:, 1:], aux  # drop CLS: LLaVA feeds only the patch tokens to the projector
+
+    def expert_pools(self):
+        return [layer.experts for layer in self.encoder.layers]
+
+    def experts_active(self, use_experts=True):
+        return any(pool.active(use_experts) for pool in self.expert_pools())
 
 
 def clip_key_map(cfg, prefix="vision_model."):
@@ -182,7 +218,7 @@ def load_clip(folder, select_layer=-2):
             rf"^{P}post_layernorm\."]  # what LLaVA never uses
     skip += [rf"^{P}encoder\.layers\.{i}\." for i in range(cfg.run_layers, cfg.num_hidden_layers)]
     model = CLIPVision(cfg)
-    load_mapped(model, tensors, clip_key_map(cfg, pre), skip=skip, source=folder)
+    load_mapped(model, tensors, clip_key_map(cfg, pre), skip=skip, source=folder, allow_unmapped=[r"\.experts\."])
     return model.eval()
 
 

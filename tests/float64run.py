@@ -39,7 +39,7 @@ def train_stage_f64(model, ds, cfg, steps, lr, task_id, tag, log, experts=True, 
 
 train.build_base, train.train_stage = build_base_f64, train_stage_f64
 cmoe.PRECISIONS["fp32"] = torch.float64  # train.prepare's cast of the frozen base (--precision fp32 on a CPU)
-cmoe.LLaVA.image_features = lambda self, pixel_values: image_features(self, pixel_values.double())
+cmoe.LLaVA.image_features = lambda self, pixel_values, *a, **kw: image_features(self, pixel_values.double(), *a, **kw)
 
 if __name__ == "__main__":
     train.main(sys.argv[1:])

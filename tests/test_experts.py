@@ -34,7 +34,7 @@ class PoolFFN(cmoe.Experts):
     (output, balance loss)."""
 
     def __init__(self, cfg, ecfg):
-        super().__init__(cfg, ecfg)
+        super().__init__(*cmoe.llama_shapes(cfg), ecfg)
         self.ffn = cmoe.FFN(cfg)
 
     def forward(self, x_BTD, task_ids_B=None, valid_BT=None, use_experts=True):

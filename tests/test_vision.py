@@ -225,7 +225,8 @@ def test_forward_rejects_wrong_image_size():
 def test_tiny_tower_trains():
     model = V.CLIPVision(CFG)
     model(pixels()).square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())  # no dead parameters
+    # no dead parameters (the layers' expert pools are empty: continual learning's, not the tower's)
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".experts." not in n)
 
 
 # -----------------------------------------------------------------------------
