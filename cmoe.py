@@ -726,7 +726,7 @@ class LLaVA(nn.Module):
         if kind == "last":
             return h_BSD[:, -1].float()
         if kind not in ("mean", "max"):
-            raise ValueError(f"locator feature must be 'last', 'mean' or 'max', not {kind!r}")
+            raise ValueError(f"locator feature must be 'last' or 'mean' (or dmole_rep's 'max'), not {kind!r}")
         P = x.shape[1] - ids.shape[1] + 1  # splice: S = T - 1 + P
         rel_BS = torch.arange(x.shape[1], device=x.device)[None] - (ids == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
         img_BS = (rel_BS >= 0) & (rel_BS < P) & (ids == IMAGE_TOKEN_ID).any(1, keepdim=True)  # as splice places them

@@ -226,8 +226,7 @@ def test_dmole_run_checkpoints_vision_experts_within_the_budget(dmole_run):
     assert vision_keys, "the vision tower holds D-MoLE experts"
     assert meta["n_ae"] == 2 and all(f"locator.aes.{t}.tau" in sd for t in range(2))
     # added parameters per task = the chosen modules' LoRA, by hand from the tiny model's shapes; never past the budget
-    model, _ = train.build_base(train.parse_args(TINY + ["--out", str(out), "--base-dir", m["base"]["tiny"].rsplit(
-        "/", 1)[0], "--method", "dmole"]), *train.data.tokenizer(train.parse_args(TINY))[:2], print)
+    model = ev.load_base(m["base"]["tiny"])
     for t, (p, d) in enumerate(zip(m["params"], m["dmole"])):
         want = sum(8 * (model.get_submodule(n).in_features + model.get_submodule(n).out_features) for n in d["chosen"])
         assert p["added"] == want
