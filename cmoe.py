@@ -11,6 +11,9 @@ the method's model-side pieces. Where the paper's concepts live:
     PTL                TaskVAE, fit_vae, Locator.locate (fitted per task by train.fit_task_vae); the reject option:
                        TaskGate, fit_gate, Locator.add_gate
     HF checkpoints     LlamaConfig.from_hf, llama_key_map, load_llama
+    D-MoLE             (--method dmole) dmole_candidates, dmole_allocate (budget rule), dmole_lr_scales (curriculum),
+                       DMoLE / attach_dmole (experts on both towers' attention projections, forward hooks), dmole_rep,
+                       TaskAE, fit_ae, route_by_errors, vote_eval, vote_train, AERouter (run by train.dmole_grow)
 
 No distributed code: under torchrun, train.py hands each pool a `batch_sum` for the balance loss.
 Shape legend: B batch, T tokens, S spliced sequence, D model width, F ffn width, R lora rank, E experts,
@@ -23,6 +26,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -713,7 +717,8 @@ class LLaVA(nn.Module):
     def features(self, prompts, images, kind="last"):
         """PTL feature of the frozen base model (no experts): "last", the paper's final hidden state at the last
         prompt token [B,D]; or "mean", the mean hidden state over the image slots beside the mean over the valid text
-        (instruction) tokens [B,2D], which sees both what is shown and what is asked (a text-only prompt: zeros)."""
+        (instruction) tokens [B,2D], which sees both what is shown and what is asked (a text-only prompt: zeros);
+        or "max", the same with the maximum over the tokens in place of the mean (D-MoLE's pooling, dmole_rep)."""
         ids = self._left_pad(prompts, images.device)
         x, valid, _ = self.splice(ids, self.image_features(images, use_experts=False))  # the frozen tower too
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -721,13 +726,17 @@ class LLaVA(nn.Module):
         h_BSD, _ = self.llm(inputs_embeds=x, pos_BT=pos, mask_BTT=mask, use_experts=False, return_hidden=True)
         if kind == "last":
             return h_BSD[:, -1].float()
-        if kind != "mean":
-            raise ValueError(f"locator feature must be 'last' or 'mean', not {kind!r}")
+        if kind not in ("mean", "max"):
+            raise ValueError(f"locator feature must be 'last' or 'mean' (or dmole_rep's 'max'), not {kind!r}")
         P = x.shape[1] - ids.shape[1] + 1  # splice: S = T - 1 + P
         rel_BS = torch.arange(x.shape[1], device=x.device)[None] - (ids == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
         img_BS = (rel_BS >= 0) & (rel_BS < P) & (ids == IMAGE_TOKEN_ID).any(1, keepdim=True)  # as splice places them
+        masks = (img_BS, valid & ~img_BS)
+        if kind == "max":  # an empty span (a text-only prompt's image slots): zeros, as the mean gives
+            return torch.cat([h_BSD.float().masked_fill(~m[..., None], float("-inf")).amax(1).masked_fill(
+                ~m.any(1, keepdim=True), 0.0) for m in masks], -1)
         means = [(h_BSD.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-                 for m in (img_BS.float(), (valid & ~img_BS).float())]
+                 for m in (m.float() for m in masks)]
         return torch.cat(means, -1)
 
     @staticmethod
@@ -1117,6 +1126,306 @@ class Locator(nn.Module):
         ok_BN = torch.stack([g.distance(g_BD) <= g.bound for g in self.gates], -1)
         z_BN = z_BN.masked_fill(~ok_BN, float("inf"))
         return torch.where(ok_BN.any(-1), z_BN.argmin(-1), self.REJECTED)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# D-MoLE (Ge et al., "Dynamic Mixture of Curriculum LoRA Experts for Continual Multimodal Instruction Tuning",
+# ICML 2025; official code gcd19/D-MoLE @ 0725cd3, cited below as D-MoLE <path>). Per task: a zero-cost proxy
+# (gradient norms of the frozen base's attention projections, train.dmole_scores) ranks every candidate module of both
+# towers; the allocator (dmole_allocate) picks half of them, split between vision and language by gradient mass; each
+# picked module gets one new LoRA expert for the task (DMoLE); per-task autoencoders (AERouter) choose, per batch, the
+# tasks whose experts are on; the curriculum (dmole_lr_scales) scales each modality's learning rate by its difficulty.
+# Candidate modules: each attention projection on its own (decoder q/k/v/o, ViT q/k/v/out_proj); D-MoLE scores the
+# fused qkv and the output projection of InternVL2 (D-MoLE internvl/scorer/compute_zc_score.py), whose towers fuse
+# q, k and v: here both towers keep them apart, and one LoRA per Linear keeps the unit the same in both.
+
+DMOLE_MODULES = r"^(llm\.layers\.\d+\.attn\.[qkvo]_proj|vision\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj)$"
+DMOLE_VOTE_SHARE = 0.3  # a second task joins the active set at this share of the votes (D-MoLE modeling_internvl_chat.py)
+
+
+def dmole_candidates(model: nn.Module) -> list[str]:
+    """The modules D-MoLE may give experts: every attention projection of the decoder and of the ViT (their paths in
+    `model`, decoder first, in model order)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.match(DMOLE_MODULES, n)]
+
+
+def is_vision_module(name: str) -> bool:
+    return name.startswith("vision.")
+
+
+def dmole_allocate(scores: dict, budget: float = 0.5, vision_floor: float = 0.25, generator=None) -> list[str]:
+    """D-MoLE's budget rule (D-MoLE scripts/preprocess/get_dmole_arch.py): of M scored modules {name: s_m} pick
+        B     = round(budget * M)
+        B_vit = max(floor(vision_floor * B), round(B * share_vit)),  share_vit = sum_vit s_m / sum_all s_m
+        B_llm = B - B_vit
+    and take the top-B_vit vision modules and the top-B_llm language modules by score. A side with fewer modules than
+    its share gives the rest to the other side. Ties in score are broken by a random order drawn from `generator`
+    (the release: a seeded random.shuffle). Returns the chosen names in the order of `scores`."""
+    names = list(scores)
+    M = len(names)
+    if M == 0:
+        return []
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"D-MoLE budget must be in (0, 1], not {budget!r}")
+    B = int(round(budget * M))
+    vit = [n for n in names if is_vision_module(n)]
+    llm = [n for n in names if not is_vision_module(n)]
+    total = sum(scores.values())
+    share = sum(scores[n] for n in vit) / total if total > 0 else len(vit) / M
+    b_vit = min(len(vit), max(math.floor(vision_floor * B), int(round(B * share))))
+    b_llm = min(len(llm), B - b_vit)
+    b_vit = min(len(vit), B - b_llm)  # the language side short of modules: the rest to vision
+    order = torch.randperm(M, generator=generator).tolist()  # tie-breaker rank of each name
+    tie = {n: order[i] for i, n in enumerate(names)}
+
+    def top(group, k):
+        return set(sorted(group, key=lambda n: (-scores[n], tie[n]))[:k])
+    chosen = top(vit, b_vit) | top(llm, b_llm)
+    return [n for n in names if n in chosen]
+
+
+def dmole_lr_scales(scores: dict, lo: float = 0.5, hi: float = 2.0) -> dict:
+    """The inter-modal curriculum: a learning-rate factor per modality {"llm": r_L, "vision": r_V}.
+    The paper (D-MoLE, abstract and its "gradient-based inter-modal continual curriculum") adjusts the update ratio of
+    each module by the difficulty of each modality within the task; the released code has no such step (it only splits
+    the expert budget by gradient mass, dmole_allocate). The formula used here: a modality's difficulty is the mean
+    gradient norm of its scored modules under the task's loss on the frozen base,
+        d_m = sum_{n in m} s_n / |m|,       r_m = clip(d_m / mean(d_L, d_V), lo, hi),
+    and the new experts of modality m train at lr * r_m: the modality the task finds harder (whose modules the loss
+    pulls harder) takes larger steps. A modality without scored modules gets 1."""
+    d = {}
+    for side in ("llm", "vision"):
+        group = [s for n, s in scores.items() if is_vision_module(n) == (side == "vision")]
+        if group:
+            d[side] = sum(group) / len(group)
+    mean = sum(d.values()) / len(d) if d else 0.0
+    return {side: (min(hi, max(lo, d[side] / mean)) if side in d and mean > 0 else 1.0) for side in ("llm", "vision")}
+
+
+def lora_numel(module: nn.Linear, rank: int) -> int:
+    """Parameters of one rank-`rank` LoRA expert on a Linear: A [in, R] and B [R, out]."""
+    return rank * (module.in_features + module.out_features)
+
+
+def dmole_budget_numel(model: nn.Module, budget: float, rank: int) -> int:
+    """The most expert parameters one D-MoLE task may add: the B = round(budget * M) largest candidate modules' LoRA."""
+    sizes = sorted((lora_numel(model.get_submodule(n), rank) for n in dmole_candidates(model)), reverse=True)
+    return sum(sizes[: int(round(budget * len(sizes)))])
+
+
+class DMoLE(nn.Module):
+    """D-MoLE's experts (D-MoLE internvl/dmole/layer.py, model.py): per candidate Linear (by its path in the model) a
+    LoRAExperts bank holding one expert per task that chose the module (their task ids in `tasks[name]`, append-only),
+    and the set of tasks whose experts are on (`active`). Forward hooks on the candidate Linears (attach) make each
+        y = W0 x + scale * sum_{e : task_e in active} B_e A_e x
+    a plain sum, no gate (the release's DMoLELinear.forward): the bank's dense dispatch with a fixed 0/1 weight per
+    expert. A task's expert trains in the bank's train half; freeze() moves it to the frozen half (old experts get no
+    gradient, also while they are on during a later task's training)."""
+
+    def __init__(self, rank=8, alpha=16.0):
+        super().__init__()
+        self.rank, self.alpha = rank, alpha
+        self.experts = nn.ModuleDict()  # key(name) -> LoRAExperts
+        self.tasks: dict[str, list[int]] = {}
+        self.active: tuple = ()
+        self._handles = []
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    @staticmethod
+    def key(name):
+        return name.replace(".", "/")  # a module name may not contain "."
+
+    def attach(self, model: nn.Module):
+        """Hook every candidate projection of `model` (one without a bank adds nothing)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = [model.get_submodule(n).register_forward_hook(functools.partial(self._hook, n))
+                         for n in dmole_candidates(model)]
+
+    def _hook(self, name, module, inputs, out):
+        k = self.key(name)
+        if not self.active or k not in self.experts:
+            return None  # the output as the base computed it
+        on = [e for e, t in enumerate(self.tasks[name]) if t in self.active]
+        if not on:
+            return None
+        bank, x = self.experts[k], inputs[0]
+        x_TD = x.reshape(-1, x.shape[-1])
+        w_E = torch.zeros(len(bank), device=x.device)
+        w_E[on] = 1.0
+        y_TO = bank(x_TD, w_E.expand(x_TD.shape[0], -1), self.scale)
+        return out + y_TO.view(*out.shape[:-1], -1).to(out.dtype)
+
+    @contextlib.contextmanager
+    def using(self, tasks):
+        """The experts of `tasks` on inside the block (() : the frozen base)."""
+        before, self.active = self.active, tuple(int(t) for t in tasks)
+        try:
+            yield
+        finally:
+            self.active = before
+
+    def grow(self, model: nn.Module, names, task: int, generator=None):
+        """One new trainable expert (A random, B = 0: no change until it trains) for `task` on each module in names."""
+        for n in names:
+            k = self.key(n)
+            if k not in self.experts:
+                lin = model.get_submodule(n)
+                self.experts[k] = LoRAExperts(lin.in_features, lin.out_features, self.rank).to(lin.weight.device)
+                self.tasks[n] = []
+            self.experts[k].grow(1, generator=generator)
+            self.tasks[n].append(int(task))
+
+    def freeze(self):
+        for bank in self.experts.values():
+            bank.freeze()
+
+    def modules_of(self, task: int) -> list[str]:
+        return [n for n, ts in self.tasks.items() if task in ts]
+
+    def n_experts(self) -> int:
+        return sum(len(ts) for ts in self.tasks.values())
+
+    def load(self, model: nn.Module, tensors, tasks: dict, source=""):
+        """Adopt stored banks (`tasks`: {module name: its experts' task ids}, from the checkpoint's meta.json)."""
+        self.experts, self.tasks = nn.ModuleDict(), {}
+        for n, ts in tasks.items():
+            try:
+                lin = model.get_submodule(n)
+            except AttributeError:
+                raise KeyError(f"{source}: D-MoLE experts for {n!r}, which this model does not have") from None
+            bank = LoRAExperts(lin.in_features, lin.out_features, self.rank).to(lin.weight.device)
+            bank.load(tensors, f"dmole.experts.{self.key(n)}.", source)
+            if len(bank) != len(ts):
+                raise ValueError(f"{source}: D-MoLE module {n}: {len(bank)} stored experts, {len(ts)} task ids")
+            self.experts[self.key(n)], self.tasks[n] = bank, [int(t) for t in ts]
+
+
+def attach_dmole(model: LLaVA, rank=8, alpha=16.0) -> DMoLE:
+    """model.dmole: an empty DMoLE hooked onto every candidate projection of `model` (its parameters' names hold
+    '.experts.', so checkpoints, parameter counts and the fp32 rule of set_precision treat them as experts)."""
+    model.dmole = DMoLE(rank, alpha)
+    model.dmole.attach(model)
+    return model.dmole
+
+
+@torch.no_grad()
+def dmole_rep(model: LLaVA, prompts, pixels_BCSS) -> torch.Tensor:
+    """D-MoLE's sequence representation (D-MoLE modeling_internvl_chat.py, dataset.py): the maximum over the image
+    patches of the vision tower's output beside the maximum over the prompt's text tokens of the LLM's final hidden
+    states, L2-normalised [B, Dv + D]; from the frozen base (every D-MoLE expert off). A text-only prompt (zero pixels)
+    keeps the tower's output of a blank image."""
+    dm = getattr(model, "dmole", None)
+    with dm.using(()) if dm is not None else contextlib.nullcontext(), model.autocast():
+        v_BPC = model.vision(pixels_BCSS)
+        text_BD = model.features(prompts, model.projector(v_BPC), kind="max")[:, model.llm.cfg.dim:]
+    return F.normalize(torch.cat([v_BPC.float().amax(1), text_BD.float()], -1), dim=-1)
+
+
+class TaskAE(nn.Module):
+    """A task's autoencoder (D-MoLE internvl/model/autoencoder.py: Linear(d, 128), ReLU, Linear(128, d), MSE), without
+    the release's output Sigmoid: the input here is an L2-normalised vector with negative entries, which a sigmoid
+    cannot reproduce. `tau`: the largest reconstruction error that still counts as the task's."""
+
+    def __init__(self, dim, hidden=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.register_buffer("tau", torch.tensor(float("nan")))
+
+    def error(self, z_BD):
+        return (self.net(z_BD) - z_BD).pow(2).mean(-1)
+
+
+def fit_ae(z_ND, quantile=0.99, hidden=128, epochs=1000, lr=5e-3, lr_min=1e-3, batch=1024, patience=10,
+           seed=0) -> TaskAE:
+    """Train a TaskAE as D-MoLE scripts/preprocess/train_autoencoder.py does (Adam lr 5e-3, cosine to 1e-3 over the
+    epochs, batch 1024, up to 1000 epochs, stopping after `patience` epochs without a lower epoch loss); tau = the
+    `quantile` of the task's own training errors. The release writes no threshold (its script prints the error
+    quantiles and reads a hand-made threshold.txt); 0.99 is the high quantile used here."""
+    z = z_ND.detach().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ae = TaskAE(z.shape[1], hidden)
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    best, stale = float("inf"), 0
+    for ep in range(epochs):
+        for gr in opt.param_groups:
+            gr["lr"] = lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * ep / epochs))
+        perm, total = torch.randperm(z.shape[0], generator=g), 0.0
+        for i in range(0, z.shape[0], batch):
+            loss = ae.error(z[perm[i:i + batch]]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(perm[i:i + batch])
+        if total < best - 1e-12:
+            best, stale = total, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    with torch.no_grad():
+        ae.tau.fill_(float(torch.quantile(ae.error(z), quantile)))
+    return ae.eval()
+
+
+def route_by_errors(err_BN, tau_N) -> torch.Tensor:
+    """Each sample's task: argmin_i err_i among the tasks with err_i < tau_i; -1 (none) where no task passes."""
+    masked = err_BN.masked_fill(~(err_BN < tau_N[None]), float("inf"))
+    return torch.where(masked.isfinite().any(-1), masked.argmin(-1), -1)
+
+
+def vote_eval(choices, share=DMOLE_VOTE_SHARE) -> list[int]:
+    """The tasks whose experts answer an evaluation batch (D-MoLE modeling_internvl_chat.py): the most-voted task,
+    and the second if its share of the valid votes is at least `share`; [] (the base model) when no sample voted.
+    Ties: the lower task id."""
+    valid = [int(c) for c in choices if int(c) >= 0]
+    if not valid:
+        return []
+    count = {c: valid.count(c) for c in set(valid)}
+    ranked = sorted(count, key=lambda c: (-count[c], c))
+    return ranked[:1] + [ranked[1]] if len(ranked) > 1 and count[ranked[1]] / len(valid) >= share else ranked[:1]
+
+
+def vote_train(choices, task: int, share=DMOLE_VOTE_SHARE) -> list[int]:
+    """The tasks on while training `task` (`choices`: the batch's samples routed among the OLD tasks' autoencoders):
+    the task itself and the most-voted old task if at least `share` of the batch voted for it (its expert on, frozen).
+    The share is of the whole batch here, not of the valid votes: a batch the old autoencoders mostly reject keeps its
+    old experts off. Ties: the lower task id."""
+    valid = [int(c) for c in choices if int(c) >= 0 and int(c) != task]
+    if not valid:
+        return [task]
+    count = {c: valid.count(c) for c in set(valid)}
+    top = min(count, key=lambda c: (-count[c], c))
+    return [task, top] if count[top] / max(len(choices), 1) >= share else [task]
+
+
+class AERouter(nn.Module):
+    """D-MoLE's task router: one TaskAE per task seen, over dmole_rep features."""
+    NONE = -1
+
+    def __init__(self):
+        super().__init__()
+        self.aes = nn.ModuleList()
+
+    def __len__(self):
+        return len(self.aes)
+
+    def add_task(self, z_ND, quantile=0.99, seed=0):
+        self.aes.append(fit_ae(z_ND, quantile, seed=seed))
+
+    @torch.no_grad()
+    def route(self, z_BD, n_tasks=None) -> torch.Tensor:
+        """Per sample, its task among the first n_tasks autoencoders (all by default), -1 where none accepts it."""
+        aes = list(self.aes)[: len(self.aes) if n_tasks is None else n_tasks]
+        if not aes:
+            return torch.full((z_BD.shape[0],), self.NONE, dtype=torch.long)
+        z = z_BD.float().cpu()
+        return route_by_errors(torch.stack([ae.error(z) for ae in aes], -1), torch.stack([ae.tau for ae in aes]))
 
 
 # ----------------------------------------------------------------------------------------------------------

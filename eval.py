@@ -80,6 +80,8 @@ def locator_accuracy(confusion, rejected=None):
     total = sum(sum(r) for r in confusion) + sum(rejected or [])
     return 100.0 * sum(confusion[t][t] for t in range(n)) / total if total else None
 
+LOCATED = ("cmoe", "dmole")  # methods that choose experts per sample or batch at test time (the others share one pool)
+
 def record(metrics, result, t):
     """Stage t's Benchmark.evaluate result into metrics (t = -1: row 0, the bare base): the accuracy row, the unseen
     tasks' row and their retention (accuracy now / the base's zero-shot accuracy), the locator's confusion."""
@@ -90,7 +92,7 @@ def record(metrics, result, t):
     metrics["acc"].append(result["acc"])
     unseen["acc"].append(result["unseen"])
     unseen["retention"] = [None if a is None or not z else a / z for a, z in zip(result["unseen"], unseen["zero_shot"])]
-    if metrics["method"] != "cmoe":  # the baselines share one router: nothing to locate
+    if metrics["method"] not in LOCATED:  # the baselines share one router: nothing to locate
         metrics["locator"] = {"confusion": None, "rejected": None, "acc": None}
         return
     acc = locator_accuracy(result["confusion"], result["rejected"])
@@ -167,7 +169,15 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
         meta["task_use"] = [[u.tolist() for u in f.task_use] for f in model.llm.expert_pools()]
     if vision and any(f.task_use for f in model.vision.expert_pools()):
         meta["vision_task_use"] = [[u.tolist() for u in f.task_use] for f in model.vision.expert_pools()]
-    if locator is not None:
+    dm = getattr(model, "dmole", None)
+    if dm is not None:  # D-MoLE: which module holds which task's expert
+        meta["dmole"] = {"rank": dm.rank, "alpha": dm.alpha, "tasks": dm.tasks}
+    if isinstance(locator, cmoe.AERouter):  # D-MoLE's task autoencoders
+        sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
+        meta["n_ae"] = len(locator)
+        if len(locator):
+            meta["ae"] = {"dim": locator.aes[0].net[0].in_features, "hidden": locator.aes[0].net[0].out_features}
+    elif locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
         meta["n_gate"] = len(locator.gates)
@@ -194,6 +204,19 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
         pool.reset(model.llm.ecfg)
         pool.load(tensors, f"vision.encoder.layers.{i}.experts.", meta["vision_router_trainable"][i], source)
         pool.task_use = [torch.tensor(u) for u in meta["vision_task_use"][i]] if "vision_task_use" in meta else []
+    if "dmole" in meta:
+        d = meta["dmole"]
+        dm = getattr(model, "dmole", None) or cmoe.attach_dmole(model, d["rank"], d["alpha"])
+        dm.rank, dm.alpha = d["rank"], d["alpha"]
+        dm.load(model, tensors, d["tasks"], source)
+    if "n_ae" in meta:
+        router = cmoe.AERouter()
+        for t in range(meta["n_ae"]):
+            pre = f"locator.aes.{t}."
+            ae = cmoe.TaskAE(meta["ae"]["dim"], meta["ae"]["hidden"])
+            ae.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+            router.aes.append(ae.eval())
+        return router
     loc = cmoe.Locator(meta.get("locator_feature", "last"))
     for t in range(meta.get("n_vae", 0)):
         pre = f"locator.vaes.{t}."
@@ -287,6 +310,26 @@ def pixels(model: LLaVA, examples):
     S = model.vision.cfg.image_size
     return torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S) for ex in examples])
 
+@torch.no_grad()
+def dmole_reps(model: LLaVA, examples, tok, template, cfg, pixels=None):
+    """cmoe.dmole_rep of examples (their prompts: no answers; `pixels`: their images, if known), in eval batches."""
+    out = []
+    for i in range(0, len(examples), cfg.eval_batch):
+        exs = examples[i:i + cfg.eval_batch]
+        px = pixels[i:i + cfg.eval_batch] if pixels is not None else pixels(model, exs)
+        prompts = [data.encode_prompt(tok, ex, template, cfg.max_len) for ex in exs]
+        out.append(cmoe.dmole_rep(model, prompts, px.to(cfg.device)).cpu())
+    return torch.cat(out)
+
+def dmole_experts_per_layer(model: LLaVA):
+    """D-MoLE's experts per decoder layer (over its four projections), then per ViT layer."""
+    count = {}
+    for n, ts in model.dmole.tasks.items():
+        side, layer = ("V" if cmoe.is_vision_module(n) else "L"), int(n.split("layers.")[1].split(".")[0])
+        count[(side, layer)] = count.get((side, layer), 0) + len(ts)
+    return ([count.get(("L", i), 0) for i in range(len(model.llm.layers))]
+            + [count.get(("V", i), 0) for i in range(len(model.vision.encoder.layers))])
+
 def task_features(model: LLaVA, examples, tok, template, cfg, images=None, kind=None):
     """PTL features (`kind`, default cfg.locator_feature, of the frozen base) of examples (`images`: their image
     features, if known), in eval batches."""
@@ -326,6 +369,16 @@ def choose_routers(locator, cfg, feats_BD, n, true_task, seen, routed, gate_BD=N
     return torch.full((n,), BASE_ONLY if true_task is None else min(true_task, seen - 1), dtype=torch.long)
 
 
+def dmole_active(router, cfg, reps_BD, true_task, seen):
+    """The tasks whose D-MoLE experts answer one evaluation batch: under --locator ptl the autoencoders' vote
+    (cmoe.vote_eval; [] = the base model); oracle: the true task's (the latest for a task not trained yet), none for an
+    unseen task. Evaluation batches hold one task's test samples (Benchmark.evaluate predicts task by task), as the
+    release's evaluation does (one dataset per batch): a vote over a mixed batch would penalise D-MoLE."""
+    if cfg.locator == "ptl":
+        return cmoe.vote_eval(router.route(reps_BD))
+    return [] if true_task is None else [min(true_task, seen - 1)]
+
+
 @torch.no_grad()
 def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_task, seen, routed, feats=None,
             gate_feats=None):
@@ -339,15 +392,21 @@ def predict(model: LLaVA, locator, examples, images, tok, template, cfg, true_ta
         prompts = [data.encode_prompt(tok, ex, template, cfg.max_len) for ex in exs]
         img = images[i:i + cfg.eval_batch].to(cfg.device)
         part = [None if f is None else f[i:i + cfg.eval_batch] for f in (feats, gate_feats)]
-        tids = choose_routers(locator, cfg, part[0], len(exs), true_task, seen, routed, part[1])
-        outs = [None] * len(exs)
-        for experts in (True, False):  # samples with routers, then those the base answers alone
-            idx = [j for j in range(len(exs)) if bool(tids[j] != BASE_ONLY) == experts]
-            if idx:
-                gen = model.generate([prompts[j] for j in idx], img[idx], tids[idx].clamp(min=0).to(cfg.device),
-                                     cfg.max_new_tokens, stops, use_experts=experts)
-                for j, o in zip(idx, gen):
-                    outs[j] = o
+        if getattr(cfg, "method", None) == "dmole" and routed:  # one expert set for the whole batch (D-MoLE routes per batch)
+            active = dmole_active(locator, cfg, part[0], true_task, seen)
+            with model.dmole.using(active):
+                outs = model.generate(prompts, img, None, cfg.max_new_tokens, stops, use_experts=False)
+            tids = torch.full((len(exs),), active[0] if active else BASE_ONLY, dtype=torch.long)
+        else:
+            tids = choose_routers(locator, cfg, part[0], len(exs), true_task, seen, routed, part[1])
+            outs = [None] * len(exs)
+            for experts in (True, False):  # samples with routers, then those the base answers alone
+                idx = [j for j in range(len(exs)) if bool(tids[j] != BASE_ONLY) == experts]
+                if idx:
+                    gen = model.generate([prompts[j] for j in idx], img[idx], tids[idx].clamp(min=0).to(cfg.device),
+                                         cfg.max_new_tokens, stops, use_experts=experts)
+                    for j, o in zip(idx, gen):
+                        outs[j] = o
         for j, (ex, o) in enumerate(zip(exs, outs)):
             rows.append({"index": i + j, "prediction": tok.decode(o).strip(), "answer": ex.answer,
                          "answers": ex.answers, "true_task": true_task, "located": int(tids[j]) if routed else None})
@@ -386,7 +445,9 @@ class Benchmark:
         unseen = data.unseen_list(cfg, self.names)
         self.unseen, self.metric = list(unseen), {**self.metric, **unseen}
         self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names + self.unseen}
-        routed_tower = getattr(cfg, "experts_in", "llm") != "llm"  # (run folders from before the field: llm)
+        # a tower whose experts route the test images needs their pixels; a frozen tower, its features, once
+        routed_tower = getattr(cfg, "experts_in", "llm") != "llm" or getattr(cfg, "method", None) == "dmole"
+        self.dmole = getattr(cfg, "method", None) == "dmole"  # its task features: cmoe.dmole_rep
         self.images = {n: pixels(model, exs) if routed_tower else image_features(model, exs, cfg)
                        for n, exs in self.tests.items()}
         self.scoring = scoring_rules(cfg, self.names + self.unseen, self.metric, self.tests, log)
@@ -398,14 +459,15 @@ class Benchmark:
         yet seen, unseen) with the routers chosen per sample; writes predictions/<task>.jsonl. Returns {"acc": the
         accuracy row, "unseen": the unseen tasks' accuracies, "confusion": [true][chosen] over the seen tasks,
         "rejected": per seen task, the samples no task accepted (--reject)}."""
-        cfg, routed, T = self.cfg, self.cfg.method == "cmoe" and t >= 0, len(self.names)
+        cfg, routed, T = self.cfg, self.cfg.method in LOCATED and t >= 0, len(self.names)
         out = {"acc": [], "unseen": [], "confusion": [[0] * (t + 1) for _ in range(t + 1)], "rejected": [0] * (t + 1)}
         rank, world = rank_world()
         for i, n in enumerate(self.names + self.unseen):
             mine = list(range(rank, len(self.tests[n]), world))  # under torchrun each rank predicts every world-th
             exs = [self.tests[n][k] for k in mine]
-            if routed and cfg.locator == "ptl" and n not in self.feats:
-                self.feats[n] = task_features(model, exs, self.tok, self.template, cfg, self.images[n][mine])
+            if routed and cfg.locator == "ptl" and n not in self.feats:  # (dmole: its autoencoders' input)
+                self.feats[n] = (dmole_reps if self.dmole else task_features)(model, exs, self.tok, self.template, cfg,
+                                                                              self.images[n][mine])
             if routed and cfg.locator == "ptl" and cfg.reject and n not in self.gate_feats:
                 self.gate_feats[n] = (self.feats[n] if cfg.locator_feature == cmoe.REJECT_FEATURE else task_features(
                     model, exs, self.tok, self.template, cfg, self.images[n][mine], kind=cmoe.REJECT_FEATURE))
@@ -468,7 +530,9 @@ def reevaluate_in_place(run_dir, metrics, device, reject, quantile):
     for t in [0] if cfg.method == "joint" else range(metrics["finished_tasks"]):  # joint: one checkpoint, one row
         tdir = os.path.join(run_dir, f"task_{t}")
         meta = read_json(os.path.join(tdir, "meta.json"))
-        for field, want in (("method", cfg.method), ("tasks", bench.names), ("locator_feature", cfg.locator_feature)):
+        checks = (("method", cfg.method), ("tasks", bench.names)) + (
+            () if cfg.method == "dmole" else (("locator_feature", cfg.locator_feature),))  # (dmole: its own feature)
+        for field, want in checks:
             if meta.get(field) != want:
                 raise ValueError(f"{tdir}/meta.json: field '{field}' is {meta.get(field)!r} "
                                  f"but the run config says {want!r}")
@@ -544,7 +608,7 @@ def recompute(run_dir, score=None):
                 acc.append([None] * T)  # predictions written before metrics.json caught up
             acc[j][i] = task_accuracy(rs, metric, score)
     m["acc"] = acc
-    if located_any and m.get("method", "cmoe") == "cmoe":  # baselines share one router: nothing to locate
+    if located_any and m.get("method", "cmoe") in LOCATED:  # baselines share one router: nothing to locate
         m["locator"] = dict(m.get("locator") or {}, confusion=conf, rejected=rejected)
     return m
 
@@ -759,11 +823,23 @@ def _report_growth(m, figs):
     names = m.get("expert_layers")  # --experts-in vision|both: tower.layer; else the decoder's layer indices
     if epl:
         layers, after = names or [str(l) for l in range(len(epl[0]))], tasks[: len(epl)] if len(epl) > 1 else ["joint"]
+        where = "layer (tower.layer)" if names else "decoder layer"
+        if m.get("dmole"):  # decoder layers, then ViT layers (dmole_experts_per_layer)
+            n_llm = sum(not n.startswith("vision.") for n in m["dmole"][0]["scores"])
+            layers = [f"L{l}" for l in range(n_llm // 4)] + [f"V{l}" for l in range(len(epl[0]) - n_llm // 4)]
+            where = "decoder (L) and vision (V) layer: its attention projections' experts"
         draw_heatmap(os.path.join(figs, "experts_per_layer.png"), epl, after, layers, "Experts per layer",
-                     "layer (tower.layer)" if names else "decoder layer", "after task", fmt="{:d}",
-                     vmax=max(1, max(map(max, epl))))
+                     where, "after task", fmt="{:d}", vmax=max(1, max(map(max, epl))))
         md += ["## Experts per layer\n", _table(["after task", *layers], [[t, *r] for t, r in zip(after, epl)]),
                "![experts per layer](figures/experts_per_layer.png)\n"]
+    if m.get("dmole"):
+        md += ["## D-MoLE allocation\n", "Per task: the modules that got its expert (budget "
+               f"{_human(m.get('budget_params'))} expert parameters per task), the vision share of the frozen base's "
+               "gradient norms, and the curriculum's learning-rate factors.\n",
+               _table(["task", "language modules", "vision modules", "vision share", "lr x (language, vision)"],
+                      [[d["task"], sum(not n.startswith("vision.") for n in d["chosen"]),
+                        sum(n.startswith("vision.") for n in d["chosen"]), fmt(d["vision_share"], 3),
+                        f"{d['lr_scale']['llm']:.2f}, {d['lr_scale']['vision']:.2f}"] for d in m["dmole"]])]
     if m.get("pgke"):
         md += ["## PGKE decisions\n", "freq = share of top-k slots the probe expert won; * = layer expanded.\n",
                _table(["task", "threshold", "expanded layers", "freq per layer"],

@@ -13,6 +13,8 @@ Where the method lives (the model-side pieces are in cmoe.py, whose docstring ha
                    (cmoe.pgke_decide) -> 4 expand (cmoe.copy_sources, probe_end, expand); ablation decide_by_gradnorm
     PTL            fit_task_vae (cmoe.Locator: a VAE and a reject gate per task); at test time eval.choose_routers
     bounded growth fit_budget (--max-expert-params), inside pgke before it expands
+    D-MoLE         --method dmole: dmole_grow (dmole_scores -> cmoe.dmole_allocate -> cmoe.DMoLE.grow), then
+                   dmole_train_routing (votes of the old tasks' autoencoders per batch), fit_task_ae
     torchrun       one marked section ("the rank plumbing"): every torch.distributed call of training
     precision      prepare: the frozen base in --precision (bf16 on CUDA), experts fp32
 
@@ -56,7 +58,8 @@ class TrainConfig:
     benchmark: str = "minicoin"  # minicoin | coin
     method: str = "cmoe"  # cmoe | lora | moelora | joint | isolated (baselines: one shared pool; joint: all tasks at
     # once; isolated: each task alone from the base with fresh experts as cmoe's first task gets, the oracle's routers:
-    # the bound for tasks kept apart)
+    # the bound for tasks kept apart) | dmole (D-MoLE, ICML 2025: per task one LoRA expert on the attention projections
+    # of both towers that the frozen base's gradient norms rank highest, routed per batch by task autoencoders)
     expand: str = "probe"  # PGKE: grow where probes say (probe), every layer (all), or by probe gradient norm (gradnorm)
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
     locator_feature: str = "last"  # PTL's input: last (the paper's last prompt token) | mean (image + instruction means)
@@ -107,6 +110,10 @@ class TrainConfig:
     attn_experts: bool = True  # experts on attention's q/k/v/o too (as CoIN's MoELoRA); --no-attn-experts: FFN only
     experts_in: str = "llm"  # the towers whose blocks carry expert pools: llm (the paper's) | vision (the CLIP tower's
     # layers: q/k/v/out_proj, fc1/fc2) | both. Every method puts its pools there; PGKE probes and decides per tower
+    dmole_budget: float = 0.5  # dmole: share of the candidate modules (both towers' attention projections) per task
+    dmole_portion: float = 0.01  # dmole: share of an epoch's batches the zero-cost proxy backpropagates (at least one)
+    dmole_quantile: float = 0.99  # dmole: a task autoencoder's threshold, this quantile of its training errors
+    dmole_curriculum: bool = True  # dmole: each modality's experts train at lr x its difficulty (cmoe.dmole_lr_scales)
     # optimisation
     steps: int = 300  # training steps per task
     task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900
@@ -165,6 +172,15 @@ class TrainConfig:
         self.steps_by_task()  # a malformed --task-steps fails here, before anything runs
         if self.max_expert_params is not None and self.method != "cmoe":
             raise ValueError(f"max_expert_params bounds cmoe's growth; method {self.method!r} does not grow")
+        for name in ("dmole_budget", "dmole_portion", "dmole_quantile"):
+            if not 0.0 < getattr(self, name) <= 1.0:  # also refuses nan
+                raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)!r}")
+        if self.method == "dmole" and self.experts_in != "llm":
+            raise ValueError(f"experts_in: dmole places its experts in both towers by its gradient-norm scores; "
+                             f"--experts-in {self.experts_in} is for the pooled methods")
+        if self.method == "dmole" and self.reject:
+            raise ValueError("reject: dmole's task autoencoders have their own thresholds (--dmole-quantile); "
+                             "a batch none accepts is answered by the base model")
         if not 0.0 <= self.reject_quantile <= 1.0:  # also refuses nan
             raise ValueError(f"reject_quantile must be in [0, 1], not {self.reject_quantile!r}")
         if not 0.0 < self.gpu_mem < float("inf"):
@@ -177,7 +193,7 @@ class TrainConfig:
 
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
              instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
-CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint", "isolated"),
+CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint", "isolated", "dmole"),
                experts_in=("llm", "vision", "both"),
                expand=("probe", "all", "gradnorm"), budget_rule=("merge", "skip"), locator=("ptl", "oracle"),
                locator_feature=("last", "mean"),
@@ -412,11 +428,16 @@ def lr_at(step, total, peak, warmup):
 
 
 def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=True, task_ids_fixed=None,
-                ckpt=None, start=None):
+                ckpt=None, start=None, on_batch=None, lr_scale=None):
     """Train the parameters that have requires_grad on `ds`. `ckpt(step, opt)` saves a resumable state;
-    `start` = (step, optimizer state) to continue from."""
+    `start` = (step, optimizer state) to continue from; `on_batch(b)`: called with each micro-batch before its forward
+    (dmole: the batch's active experts); `lr_scale(name)`: a parameter's factor on the schedule's lr (default 1)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    groups = {}
+    for n, p in named:
+        groups.setdefault(1.0 if lr_scale is None else float(lr_scale(n)), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "scale": f} for f, ps in groups.items()], lr=lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     step0 = 0
     if start is not None:
         step0 = start[0]
@@ -431,10 +452,13 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
     t_last, tok_count, interval = time.time(), 0, max(1, steps // 10)
     for step in range(step0, steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, cfg.warmup)
+            g["lr"] = lr_at(step, steps, lr, cfg.warmup) * g["scale"]
         loss_sum = aux_sum = 0.0
         for micro in range(cfg.grad_accum):
-            b, share = rank_shard(batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id))
+            b = batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id)
+            if on_batch is not None:  # on the whole batch: under torchrun every rank then takes the same choice
+                on_batch(b)
+            b, share = rank_shard(b)
             b = {k: v.to(cfg.device) for k, v in b.items()}
             tids = b["task_ids"] if task_ids_fixed is None else torch.full_like(b["task_ids"], task_ids_fixed)
             _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
@@ -569,13 +593,22 @@ def run(cfg: TrainConfig):
                 decision = grow(model, ds, cfg, t, r.log)
         trainable_cl(model)
         clock.trainable = ev.count_params(model)[0]
-        joint = cfg.method == "joint"
+        joint, dmole = cfg.method == "joint", cfg.method == "dmole"
+        if dmole:  # the rows' representations (the task's autoencoder) and votes among the old tasks' (training's
+            with clock("locator"):  # active experts)
+                reps, on_batch = dmole_train_routing(model, locator, exs, ds, r, cfg, t)
         with clock("train"):
             steps = sum(map(cfg.steps_of, r.names)) if joint else cfg.steps_of(r.names[t])  # joint: every task's
             train_stage(model, ds, cfg, steps, cfg.lr, 0 if cfg.method == "isolated" else t,  # (its batch order)
                         "joint" if joint else f"task{t}:{r.names[t]}", r.log,
                         task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
-                        start=start)
+                        start=start, on_batch=on_batch if dmole else None,
+                        lr_scale=dmole_lr_scale(model, decision) if dmole else None)
+        if dmole:  # the task's experts are final; its autoencoder on its first locator_n rows (rank 0's, broadcast)
+            model.dmole.active = ()
+            model.dmole.freeze()
+            with clock("locator"):
+                fit_task_ae(locator, reps, cfg, t)
         if cfg.method == "cmoe" and cfg.max_expert_params is not None:  # what fit_budget's later merges weigh
             record_task_use(model, ds, cfg)  # (forward only)
         if cfg.method in ("cmoe", "isolated"):  # the task's experts and router are final
@@ -588,6 +621,16 @@ def run(cfg: TrainConfig):
             result = bench.evaluate(model, locator, t)
         r.finish_stage(t, model, locator, result, decision)
     return r.finish()
+
+
+def fit_task_ae(locator, reps, cfg, t):
+    """dmole: task t's autoencoder (cmoe.AERouter) on the representations of its first locator_n training rows; under
+    torchrun rank 0 fits it and broadcasts it."""
+    if ev.rank_world()[0] == 0:
+        locator.add_task(reps[: cfg.locator_n], cfg.dmole_quantile, seed=stage_seed(cfg, t, "vae"))
+    else:
+        locator.aes.append(cmoe.TaskAE(reps.shape[1]).eval())
+    broadcast_from_rank0(list(locator.aes[-1].state_dict().values()))
 
 
 def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
@@ -614,6 +657,8 @@ def grow(model: LLaVA, ds, cfg, t, log):
     isolated: every task a fresh pool as cmoe's first task (the previous task's is in its checkpoint)."""
     if cfg.method == "cmoe" and t > 0:
         return pgke(model, ds, cfg, t, log)
+    if cfg.method == "dmole":
+        return dmole_grow(model, ds, cfg, t, log)
     if cfg.method == "isolated":
         for pool in model.expert_pools():
             pool.reset(model.llm.ecfg)
@@ -684,13 +729,13 @@ def tower_slices(model: LLaVA) -> dict:
     return {**out, **({"vision": slice(n_llm, n_llm + n_vis)} if n_vis else {})}
 
 
-def projected_params(llm: Llama | LLaVA, expand, n_new):
-    """Expert and router parameters after cmoe.expand(llm, expand, ...) on the pools as they are now."""
+def projected_params(model: LLaVA, expand, n_new):
+    """Expert and router parameters after cmoe.expand(model, expand, ...) on the pools as they are now."""
     return sum(sum(p.numel() for p in pool.parameters()) + g * n_new * cmoe.expert_numel(pool)
-               + (pool.n_experts + g * n_new) * pool.dim for pool, g in zip(llm.expert_pools(), expand))
+               + (pool.n_experts + g * n_new) * pool.dim for pool, g in zip(model.expert_pools(), expand))
 
 
-def fit_budget(llm: Llama | LLaVA, expand, sources, probe_routers, score, cfg, t, log):
+def fit_budget(model: LLaVA, expand, sources, probe_routers, score, cfg, t, log):
     """--max-expert-params: before PGKE expands, make room until the parameters after the task (its new experts and
     router included) fit the budget. Rule skip (the default): drop the growth of the growing layer the decision valued
     least (`score`: the probe's frequency, or with --expand gradnorm its gradient norm), so growth stays where the
@@ -702,8 +747,8 @@ def fit_budget(llm: Llama | LLaVA, expand, sources, probe_routers, score, cfg, t
     because the balance loss spreads every task's tokens over all of a layer's experts, so a merge moves experts every
     later task relies on. Updates expand, sources and probe_routers in place (indices after any merge); returns the
     record kept in metrics.json."""
-    pools, merged, skipped = llm.expert_pools(), [], []
-    while projected_params(llm, expand, cfg.n_new) > cfg.max_expert_params:
+    pools, merged, skipped = model.expert_pools(), [], []
+    while projected_params(model, expand, cfg.n_new) > cfg.max_expert_params:
         can_merge = [l for l, pool in enumerate(pools) if pool.n_frozen >= 2]
         if any(expand) and (cfg.budget_rule == "skip" or not can_merge):
             l = min((l for l, g in enumerate(expand) if g), key=lambda l: score[l])
@@ -712,7 +757,7 @@ def fit_budget(llm: Llama | LLaVA, expand, sources, probe_routers, score, cfg, t
             continue
         if not can_merge:
             raise SystemExit(f"--max-expert-params {cfg.max_expert_params}: task {t} cannot fit even without growth and "
-                             f"with every layer merged to one expert ({projected_params(llm, expand, cfg.n_new)} "
+                             f"with every layer merged to one expert ({projected_params(model, expand, cfg.n_new)} "
                              f"parameters, its router included); raise the budget")
         l = max(can_merge, key=lambda l: (pools[l].n_experts + expand[l] * cfg.n_new, expand[l], -l))
         use_E = cmoe.expert_use(pools[l])
@@ -722,7 +767,7 @@ def fit_budget(llm: Llama | LLaVA, expand, sources, probe_routers, score, cfg, t
         if sources[l] is not None:  # the copy source follows its expert (j is now i; later ones moved down one)
             sources[l] = i if sources[l] == j else sources[l] - (sources[l] > j)
         merged.append([l, i, j])
-    log(f"budget task {t}: {projected_params(llm, expand, cfg.n_new)} of {cfg.max_expert_params} expert parameters"
+    log(f"budget task {t}: {projected_params(model, expand, cfg.n_new)} of {cfg.max_expert_params} expert parameters"
         + "".join(f" | layer {l}: merged experts {i} and {j}" for l, i, j in merged)
         + "".join(f" | layer {l}: growth skipped" for l in skipped))
     return {"merged": merged, "skipped": skipped}
@@ -771,21 +816,110 @@ def decide_by_gradnorm(model: LLaVA, ds, cfg, n_layers, t, log):
 def probe_gradnorms(model: LLaVA, ds, cfg):
     """Per layer, the gradient norm of the task loss w.r.t. the layer's probe expert (its trainable A and B of every
     projection) over `ds`."""
-    model.zero_grad(set_to_none=True)
     n = ds["input_ids"].shape[0]
-    for i in range(0, n, cfg.eval_batch):
-        b = {k: v[i:i + cfg.eval_batch].to(cfg.device) for k, v in ds.items() if isinstance(v, torch.Tensor)}
-        _, loss, _ = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
-        (loss * b["input_ids"].shape[0] / n).backward()
-    norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for e in pool.lora.values() for p in (e.train_A, e.train_B)
-                           if p.grad is not None)) for pool in model.expert_pools()]
-    model.zero_grad(set_to_none=True)
+    batches = [({k: v[i:i + cfg.eval_batch] for k, v in ds.items() if isinstance(v, torch.Tensor)},
+                min(cfg.eval_batch, n - i) / n) for i in range(0, n, cfg.eval_batch)]
+    groups = [[p for e in pool.lora.values() for p in (e.train_A, e.train_B)] for pool in model.expert_pools()]
+    grads = loss_gradients(model, batches, [p for g in groups for p in g], cfg.device)
+    norms, k = [], 0
+    for g in groups:
+        norms.append(math.sqrt(sum(float(x.pow(2).sum()) for x in grads[k:k + len(g)])))
+        k += len(g)
     return norms
+
+
+def loss_gradients(model: LLaVA, batches, params, device):
+    """The gradients of sum_b weight_b * (task loss on batch b) w.r.t. `params` ((batch, weight) pairs: one backward
+    each, accumulated; no optimizer step). Parameters that are frozen take part for the pass (their requires_grad is
+    restored after it), and every .grad of the model is cleared again: the weights are never touched. A parameter the
+    loss does not reach gets zeros."""
+    flags = [p.requires_grad for p in params]
+    model.zero_grad(set_to_none=True)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for b, w in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            _, loss, _ = model(b["input_ids"], b["images"], b["labels"], b["task_ids"])
+            (loss * w).backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# D-MoLE (--method dmole; the model side, its formulas and sources: cmoe.py's D-MoLE section)
+
+def dmole_scores(model: LLaVA, ds, cfg, t) -> dict:
+    """D-MoLE's zero-cost proxy (D-MoLE internvl/scorer/compute_zc_score.py): on the frozen pretrained base (every
+    D-MoLE expert off), the task loss's gradients accumulated over the first ceil(dmole_portion x the batches of one
+    epoch) training batches (at least one; the batches task t's training starts with), and per candidate module
+    s_m = sum over its parameters p of ||grad_p||_2. `ds` holds pixels (the tower's modules need its forward)."""
+    names = cmoe.dmole_candidates(model)
+    N = ds["input_ids"].shape[0]
+    n_batches = max(1, math.ceil(cfg.dmole_portion * math.ceil(N / min(cfg.batch_size, N))))
+    batches = [(batch_at(ds, i, cfg.batch_size, cfg.seed + 7919 * t), 1.0) for i in range(n_batches)]
+    groups = [list(model.get_submodule(n).parameters()) for n in names]
+    with model.dmole.using(()):
+        grads = loss_gradients(model, batches, [p for g in groups for p in g], cfg.device)
+    scores, k = {}, 0
+    for n, g in zip(names, groups):
+        scores[n] = sum(float(x.float().norm()) for x in grads[k:k + len(g)])
+        k += len(g)
+    return scores
+
+
+def dmole_grow(model: LLaVA, ds, cfg, t, log):
+    """D-MoLE before task t: score (dmole_scores), allocate (cmoe.dmole_allocate, ties from the stage's generator), one
+    new expert for t on each chosen module; the curriculum's learning-rate factors (cmoe.dmole_lr_scales). Returns the
+    record kept in metrics.json (metrics["dmole"]) and in a partial checkpoint."""
+    scores = dmole_scores(model, ds, cfg, t)
+    chosen = cmoe.dmole_allocate(scores, cfg.dmole_budget, generator=stage_rng(cfg, t, "split"))
+    model.dmole.grow(model, chosen, t, generator=stage_rng(cfg, t, "expand"))
+    total = sum(scores.values())
+    share = sum(s for n, s in scores.items() if cmoe.is_vision_module(n)) / total if total > 0 else 0.0
+    scales = cmoe.dmole_lr_scales(scores) if cfg.dmole_curriculum else {"llm": 1.0, "vision": 1.0}
+    n_vit = sum(map(cmoe.is_vision_module, chosen))
+    log(f"D-MoLE task {t}: {len(chosen)} of {len(scores)} modules ({len(chosen) - n_vit} language, {n_vit} vision; "
+        f"vision share of the gradient norm {share:.3f}) | lr x {scales['llm']:.2f} language, {scales['vision']:.2f} "
+        f"vision | " + " ".join(n.replace("layers.", "").replace("encoder.", "").replace("self_attn.", "")
+                                .replace("attn.", "").replace("_proj", "") for n in chosen))
+    return {"task": t, "scores": scores, "chosen": chosen, "vision_share": share, "lr_scale": scales}
+
+
+def dmole_lr_scale(model: LLaVA, decision):
+    """lr_scale for train_stage: a D-MoLE expert's curriculum factor by the modality of the module it sits on."""
+    side = {f"dmole.experts.{cmoe.DMoLE.key(n)}.": "vision" if cmoe.is_vision_module(n) else "llm"
+            for n in model.dmole.tasks}
+    scales = decision["lr_scale"]
+
+    def scale(param_name):
+        for prefix, s in side.items():
+            if param_name.startswith(prefix):
+                return scales[s]
+        return 1.0
+    return scale
+
+
+def dmole_train_routing(model: LLaVA, locator, exs, ds, r, cfg, t):
+    """What D-MoLE needs from task t's training rows: their representations (rows in ds order; the first locator_n
+    fit the task's autoencoder) and each row's vote among the OLD tasks' autoencoders (ds["dmole_vote"], -1: none),
+    from which train_stage's on_batch sets [t] + the batch's most-voted old task (cmoe.vote_train)."""
+    z = ev.dmole_reps(model, [exs[int(i)] for i in ds["index"]], r.tok, r.template, cfg, ds["images"])
+    ds["dmole_vote"] = locator.route(z, n_tasks=t)
+
+    def on_batch(b):
+        model.dmole.active = tuple(cmoe.vote_train(b["dmole_vote"].tolist(), t))
+    return z, on_batch
 
 
 def stage_data(cfg, model, r, t):
     """(the task's training examples, its encoded dataset); joint: every task's data in one dataset."""
-    feats = not model.tower_pools("vision")  # a frozen tower: its features once per dataset; else pixels, every step
+    # a frozen tower: its features once per dataset; else pixels, every step (dmole: for the tower's experts and its
+    # gradient-norm scores)
+    feats = not model.tower_pools("vision") and cfg.method != "dmole"
     if cfg.method != "joint":
         exs = data.load_examples(cfg, r.names[t], "train")
         ds = encode(model, exs, r.tok, r.template, cfg, t, feats)
@@ -841,6 +975,8 @@ def prepare(model: LLaVA, cfg) -> LLaVA:
     cmoe.set_precision(model, cfg.precision)
     model.experts_in = cfg.experts_in  # (the tower's pools stay empty and frozen unless it carries experts)
     set_experts(model.llm, expert_config(cfg), model.vision if model.tower_pools("vision") else None)
+    if cfg.method == "dmole":  # its experts hang on both towers' attention projections (cmoe.DMoLE); the pools stay empty
+        cmoe.attach_dmole(model, cfg.rank, cfg.lora_alpha)
     model.llm.grad_ckpt = cfg.grad_ckpt
     return model
 
@@ -926,7 +1062,8 @@ class RunState:
         model = prepare(model, cfg)
         t_base = time.time() - t0
         share_batch_statistics(model)
-        bench, locator = ev.Benchmark(cfg, model, self.tok, self.template, self.log), cmoe.Locator(cfg.locator_feature)
+        bench = ev.Benchmark(cfg, model, self.tok, self.template, self.log)
+        locator = cmoe.AERouter() if cfg.method == "dmole" else cmoe.Locator(cfg.locator_feature)
         if cfg.resume and os.path.exists(self.state_path):
             self.metrics = read_json(self.state_path)
             self.first = self.metrics["finished_tasks"]
@@ -979,14 +1116,21 @@ class RunState:
 
     def finish_stage(self, t, model, locator, result, decision):
         """Stage t's metrics, its checkpoint, then the progress marker: a crash before it redoes the stage."""
-        cfg, metrics, clock, located = self.cfg, self.metrics, self.clock, self.cfg.method == "cmoe"
-        metrics["pgke"] += [decision] if decision is not None else []
+        cfg, metrics, clock, located = self.cfg, self.metrics, self.clock, self.cfg.method in ev.LOCATED
+        dm = getattr(model, "dmole", None)
+        if decision is not None:  # PGKE's decision, or D-MoLE's allocation
+            metrics.setdefault("pgke" if dm is None else "dmole", []).append(decision)
         ev.record(metrics, result, t)
         pools = model.expert_pools()
         expert_params = ev.count_params(model)[1]
         metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
-            f.n_experts for f in pools), "added": expert_params - clock.n_before, "expert_params": expert_params})
-        metrics["experts_per_layer"].append([f.n_experts for f in pools])
+            f.n_experts for f in pools) + (dm.n_experts() if dm is not None else 0),
+            "added": expert_params - clock.n_before, "expert_params": expert_params})
+        if dm is not None:  # D-MoLE: experts per decoder layer (its four projections), then per ViT layer
+            metrics["budget_params"] = cmoe.dmole_budget_numel(model, cfg.dmole_budget, cfg.rank)
+            metrics["experts_per_layer"].append(ev.dmole_experts_per_layer(model))
+        else:
+            metrics["experts_per_layer"].append([f.n_experts for f in pools])
         metrics["time"]["tasks"].append(clock.seconds)
         metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
         scores = zip(self.names + metrics["unseen"]["tasks"], result["acc"] + result["unseen"])
@@ -1133,8 +1277,15 @@ def plan(args):
     with torch.device("meta"):  # the model run() trains (prepare), without its weights
         model = prepare(LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), Llama(lc)), args)
         base = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("vision", "projector", "llm")}
-    cmoe.init_experts(model, first_pool_size(args))  # (--experts-in: the decoder's pools, the tower's, or both)
+    if args.method == "dmole":  # worst case: every task's budget on the modules with the largest LoRA
+        names = sorted(cmoe.dmole_candidates(model), key=lambda n: -cmoe.lora_numel(model.get_submodule(n), args.rank))
+        model.dmole.grow(model, names[: int(round(args.dmole_budget * len(names)))], 0)
+    else:
+        cmoe.init_experts(model, first_pool_size(args))  # (--experts-in: the decoder's pools, the tower's, or both)
     first, grads = ev.count_params(model)[0], tensor_bytes(model, trainable=True)
+    for t in range(1, n_tasks) if args.method == "dmole" else ():
+        model.dmole.freeze()
+        model.dmole.grow(model, names[: int(round(args.dmole_budget * len(names)))], t)
     for _ in range(n_tasks - 1 if args.method == "cmoe" else 0):  # new tensors follow the weights onto meta
         for pool in model.expert_pools():
             pool.freeze()
@@ -1155,13 +1306,19 @@ def plan(args):
         while b and activation_bytes(lc, ecfg, E, S, b, dt, ck)[0] + b * loss_peak > budget:
             b -= 1
         fit[ck] = b
+    where = ("the attention projections of both towers" if args.method == "dmole"
+             else "FFN + attention" if ecfg.attn else "FFN")
     print(f"plan: {what} (config only; model built on the meta device)\n  {args.method}, rank {ecfg.rank}, top-k "
-          f"{ecfg.top_k}, experts on {'FFN + attention' if ecfg.attn else 'FFN'}, {n_tasks} task(s); S = "
+          f"{ecfg.top_k}, experts on {where}, {n_tasks} task(s); S = "
           f"{args.max_len - 1} text + {vc.num_patches} image = {S} tokens")
     print(f"parameters\n  frozen base      vision {base['vision']:,} + projector {base['projector']:,} + LLM "
           f"{base['llm']:,} = {frozen:,}\n                   (vision: {vc.run_layers} of {vc.num_hidden_layers} CLIP "
           f"layers, no post_layernorm, as LLaVA reads layer {vc.select_layer}; CLIPVisionModel: "
           f"{base['vision'] + (vc.num_hidden_layers - vc.run_layers) * clip_layer + 2 * vc.hidden_size:,})")
+    if args.method == "dmole":
+        print(f"  dmole            each task at most {first:,} expert parameters (rank {args.rank} LoRA on "
+              f"{int(round(args.dmole_budget * len(names)))} of {len(names)} attention projections, the largest); "
+              f"activations below leave out the vision tower's backward (its experts train)")
     print(f"  trainable        task 1: {first:,}; task {n_tasks}: {last:,} (that task's experts and router)\n"
           f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers, {E} experts per layer)")
     if model.tower_pools("vision"):

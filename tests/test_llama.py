@@ -574,7 +574,7 @@ def test_features_mean_of_image_slots_and_instruction_tokens(llava, llava_files)
     EMB = llava_files["llm_t"]["model.embed_tokens.weight"]
     px = pixels(3, seed=5)
     feats = llava.image_features(px)
-    f = llava.features(PROMPTS, px, "mean")
+    f, g = llava.features(PROMPTS, px, "mean"), llava.features(PROMPTS, px, "max")
     P = feats.shape[1]
     assert f.shape == (3, 2 * EMB.shape[1])
     for b, p in enumerate(PROMPTS):
@@ -583,6 +583,7 @@ def test_features_mean_of_image_slots_and_instruction_tokens(llava, llava_files)
         k = p.index(IMG)
         text = [i for i in range(len(p) - 1 + P) if not k <= i < k + P]
         close(f[b], torch.cat([h[k:k + P].mean(0), h[text].mean(0)]))
+        close(g[b], torch.cat([h[k:k + P].amax(0), h[text].amax(0)]))  # D-MoLE's pooling (cmoe.dmole_rep)
     with pytest.raises(ValueError, match="'last' or 'mean'"):
         llava.features(PROMPTS, px, "first")
 
