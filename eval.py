@@ -80,6 +80,13 @@ def locator_accuracy(confusion, rejected=None):
     total = sum(sum(r) for r in confusion) + sum(rejected or [])
     return 100.0 * sum(confusion[t][t] for t in range(n)) / total if total else None
 
+LOCATED = ("cmoe", "moe-adapters")  # the methods whose test samples are routed by a task selector (PTL, DDAS)
+
+def pixels_needed(cfg):
+    """A run whose vision tower carries experts (moe-adapters' tower pools) trains and evaluates on pixels: its image
+    features depend on each sample's routers, so they cannot be computed once per dataset."""
+    return getattr(cfg, "method", None) == "moe-adapters" and getattr(cfg, "adapters_in", "both") in ("vision", "both")
+
 def record(metrics, result, t):
     """Stage t's Benchmark.evaluate result into metrics (t = -1: row 0, the bare base): the accuracy row, the unseen
     tasks' row and their retention (accuracy now / the base's zero-shot accuracy), the locator's confusion."""
@@ -90,7 +97,7 @@ def record(metrics, result, t):
     metrics["acc"].append(result["acc"])
     unseen["acc"].append(result["unseen"])
     unseen["retention"] = [None if a is None or not z else a / z for a, z in zip(result["unseen"], unseen["zero_shot"])]
-    if metrics["method"] != "cmoe":  # the baselines share one router: nothing to locate
+    if metrics["method"] not in LOCATED:  # the baselines share one router: nothing to locate
         metrics["locator"] = {"confusion": None, "rejected": None, "acc": None}
         return
     acc = locator_accuracy(result["confusion"], result["rejected"])
@@ -159,7 +166,17 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
             "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_pools()]}
     if any(f.task_use for f in model.llm.expert_pools()):  # bounded growth's usage records (--max-expert-params)
         meta["task_use"] = [[u.tolist() for u in f.task_use] for f in model.llm.expert_pools()]
-    if locator is not None:
+    towers = {"llm": model.llm.expert_pools(), "vision": model.vision.expert_pools()}
+    adapters = [p.adapters for ps in towers.values() for p in ps if p.adapters is not None]
+    if adapters:  # moe-adapters: the pools' settings, which towers hold them, how many routers
+        meta["adapters"] = {"config": dataclasses.asdict(adapters[0].acfg), "n_routers": len(adapters[0].routers),
+                            "router_trainable": bool(adapters[0].routers[-1].requires_grad) if adapters[0].routers
+                            else False, **{t: ps[0].adapters is not None for t, ps in towers.items()}}
+    if isinstance(locator, cmoe.DDAS):
+        sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
+        meta["locator_feature"] = locator.feature
+        meta["ddas"] = {"n_ae": len(locator.aes), "hidden": locator.hidden, "dim": int(locator.feat_mean.shape[0])}
+    elif locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
         meta["n_gate"] = len(locator.gates)
@@ -181,6 +198,22 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
         pool.reset(model.llm.ecfg)
         pool.load(tensors, f"llm.layers.{i}.experts.", meta["router_trainable"][i], source)
         pool.task_use = [torch.tensor(u) for u in meta["task_use"][i]] if "task_use" in meta else []
+    ad = meta.get("adapters")
+    for tower, pools, pre in (("llm", model.llm.expert_pools(), "llm.layers.{}.experts.adapters."),
+                              ("vision", model.vision.expert_pools(), "vision.encoder.layers.{}.experts.adapters.")):
+        for i, pool in enumerate(pools):
+            pool.adapters = None
+            if ad and ad[tower]:
+                pool.add_adapters(cmoe.AdapterConfig(**ad["config"]))
+                pool.adapters.load(tensors, pre.format(i), ad["n_routers"], ad["router_trainable"], source)
+    if "ddas" in meta:
+        d = meta["ddas"]
+        ddas = cmoe.DDAS(meta["locator_feature"], d["dim"], d["hidden"])
+        ddas.aes.extend(cmoe.TaskAE(d["dim"], d["hidden"]) for _ in range(d["n_ae"]))
+        ddas.bounds = torch.zeros(d["n_ae"])
+        pre = "locator."
+        ddas.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        return ddas.eval()
     loc = cmoe.Locator(meta.get("locator_feature", "last"))
     for t in range(meta.get("n_vae", 0)):
         pre = f"locator.vaes.{t}."
@@ -204,9 +237,10 @@ def load_task(model: LLaVA, tdir) -> cmoe.Locator:
                          read_json(os.path.join(tdir, "meta.json")), tdir)
 
 def count_params(model: LLaVA):
-    """(trainable, expert parameters in the pool incl. routers) — for the per-task parameter report."""
+    """(trainable, expert parameters in the pool incl. routers) — for the per-task parameter report (parameters only:
+    moe-adapters' bookkeeping buffers, the frozen mask and the choice counts, are not parameters)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    added = sum(v.numel() for k, v in model.state_dict().items() if is_cl_key(k))
+    added = sum(p.numel() for k, p in model.named_parameters() if is_cl_key(k))
     return trainable, added
 
 def write_predictions(path, rows):
@@ -258,13 +292,20 @@ def load_run(run_dir):
 # -----------------------------------------------------------------------------
 # evaluation: greedy answers with the locator choosing each sample's router, scored per task
 
+def pixels(model: LLaVA, examples):
+    """pixel_values [N,3,S,S] of examples (zeros for a text-only one: splice masks its slots out)."""
+    S = model.vision.cfg.image_size
+    return torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S) for ex in examples])
+
 @torch.no_grad()
 def image_features(model: LLaVA, examples, cfg):
-    """Projected image features [N,P,D] of examples (zeros for a text-only one: splice masks its slots out)."""
-    S, out = model.vision.cfg.image_size, []
+    """Projected image features [N,P,D] of examples (zeros for a text-only one: splice masks its slots out); with
+    experts in the tower (pixels_needed), the pixels themselves: each stage's routers then see them."""
+    if pixels_needed(cfg):
+        return pixels(model, examples)
+    out = []
     for i in range(0, len(examples), cfg.eval_batch):
-        px = torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S)
-                          for ex in examples[i:i + cfg.eval_batch]]).to(cfg.device)
+        px = pixels(model, examples[i:i + cfg.eval_batch]).to(cfg.device)
         out.append(model.image_features(px).cpu())  # in the model's precision (cmoe.set_precision)
     return torch.cat(out)
 
@@ -301,7 +342,7 @@ def choose_routers(locator, cfg, feats_BD, n, true_task, seen, routed, gate_BD=N
               (true_task None), which no router was trained for"""
     if not routed:
         return torch.zeros(n, dtype=torch.long)
-    if cfg.locator == "ptl" and (seen > 1 or cfg.reject):
+    if cfg.locator == "ptl" and (seen > 1 or cfg.reject or isinstance(locator, cmoe.DDAS)):  # (DDAS may reject)
         t_B = locator.locate(feats_BD, reject=cfg.reject, g_BD=gate_BD)
         return torch.where(t_B == locator.REJECTED, BASE_ONLY, t_B)
     return torch.full((n,), BASE_ONLY if true_task is None else min(true_task, seen - 1), dtype=torch.long)
@@ -375,7 +416,7 @@ class Benchmark:
         yet seen, unseen) with the routers chosen per sample; writes predictions/<task>.jsonl. Returns {"acc": the
         accuracy row, "unseen": the unseen tasks' accuracies, "confusion": [true][chosen] over the seen tasks,
         "rejected": per seen task, the samples no task accepted (--reject)}."""
-        cfg, routed, T = self.cfg, self.cfg.method == "cmoe" and t >= 0, len(self.names)
+        cfg, routed, T = self.cfg, self.cfg.method in LOCATED and t >= 0, len(self.names)
         out = {"acc": [], "unseen": [], "confusion": [[0] * (t + 1) for _ in range(t + 1)], "rejected": [0] * (t + 1)}
         rank, world = rank_world()
         for i, n in enumerate(self.names + self.unseen):
@@ -521,7 +562,7 @@ def recompute(run_dir, score=None):
                 acc.append([None] * T)  # predictions written before metrics.json caught up
             acc[j][i] = task_accuracy(rs, metric, score)
     m["acc"] = acc
-    if located_any and m.get("method", "cmoe") == "cmoe":  # baselines share one router: nothing to locate
+    if located_any and m.get("method", "cmoe") in LOCATED:  # baselines share one router: nothing to locate
         m["locator"] = dict(m.get("locator") or {}, confusion=conf, rejected=rejected)
     return m
 
