@@ -1221,6 +1221,9 @@ class AdapterPool(nn.Module):
         self.register_buffer("frozen", torch.zeros(E, dtype=torch.bool))
         self.register_buffer("perm", torch.eye(E), persistent=False)  # row e: expert e's place in cat(frozen, train)
         self.register_buffer("chosen", torch.zeros(E))
+        self.register_buffer("noise_seed", torch.zeros((), dtype=torch.long))  # the gate noise: training's k-th draw
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # is seeded (noise_seed, k), so a resumed
+        # run draws what the uninterrupted one did (the checkpoint keeps the count)
         self.register_buffer("counts", torch.zeros(0, E))
         self.routers, self.noise = nn.ParameterList(), nn.ParameterList()
         self.batch_sum = None  # torchrun: sums `chosen` over the ranks before freezing (train.py sets it)
@@ -1252,8 +1255,12 @@ class AdapterPool(nn.Module):
         """Each sample's gate [B, E] (noisy_top_k; noise only in training mode). task_ids_B None: the latest router."""
         if task_ids_B is None:
             task_ids_B = torch.full((h0_BD.shape[0],), len(self.routers) - 1, dtype=torch.long, device=h0_BD.device)
+        g = None
+        if self.training:
+            g = torch.Generator().manual_seed(int(self.noise_seed) * 1_000_003 + int(self.draws))
+            self.draws += 1
         return noisy_top_k(h0_BD, torch.stack(list(self.routers)), torch.stack(list(self.noise)), task_ids_B,
-                           self.acfg.top_k, self.training)
+                           self.acfg.top_k, self.training, g)
 
     def forward(self, h_BTD, task_ids_B=None, first_B=None, cache=None, t0=0):
         """The adapters' sum [B, T, D] for the block's residual h_BTD; the gate reads each sample's token first_B (None:
@@ -1321,6 +1328,7 @@ class AdapterPool(nn.Module):
             full.append(W)
         self._rebank(frozen_E, full)
         self.chosen = get("chosen", (E,)).float().clone()
+        self.noise_seed, self.draws = get("noise_seed", ()).long().clone(), get("draws", ()).long().clone()
         self.counts = get("counts").float().clone()
         self.routers = nn.ParameterList(nn.Parameter(get(f"routers.{t}", (E, D)).float().clone(),
                                                      requires_grad=router_trainable and t == n_routers - 1)

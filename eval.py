@@ -159,6 +159,10 @@ def load_model(base: dict, pad_id: int) -> LLaVA:
     proj = load_projector(base["projector"]) if base.get("projector") else Projector(vision.cfg.hidden_size, llm.cfg.dim)
     return LLaVA(vision, proj, llm, pad_id=pad_id)
 
+def vision_pools(model: LLaVA):
+    """The vision tower's per-block pools (none for a stand-in tower without blocks)."""
+    return model.vision.expert_pools() if hasattr(model.vision, "expert_pools") else []
+
 def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, dict]:
     """Everything continual learning adds (experts, routers, VAEs) and what rebuilding them needs."""
     sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k)}
@@ -166,7 +170,7 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
             "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_pools()]}
     if any(f.task_use for f in model.llm.expert_pools()):  # bounded growth's usage records (--max-expert-params)
         meta["task_use"] = [[u.tolist() for u in f.task_use] for f in model.llm.expert_pools()]
-    towers = {"llm": model.llm.expert_pools(), "vision": model.vision.expert_pools()}
+    towers = {"llm": model.llm.expert_pools(), "vision": vision_pools(model)}
     adapters = [p.adapters for ps in towers.values() for p in ps if p.adapters is not None]
     if adapters:  # moe-adapters: the pools' settings, which towers hold them, how many routers
         meta["adapters"] = {"config": dataclasses.asdict(adapters[0].acfg), "n_routers": len(adapters[0].routers),
@@ -200,7 +204,7 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
         pool.task_use = [torch.tensor(u) for u in meta["task_use"][i]] if "task_use" in meta else []
     ad = meta.get("adapters")
     for tower, pools, pre in (("llm", model.llm.expert_pools(), "llm.layers.{}.experts.adapters."),
-                              ("vision", model.vision.expert_pools(), "vision.encoder.layers.{}.experts.adapters.")):
+                              ("vision", vision_pools(model), "vision.encoder.layers.{}.experts.adapters.")):
         for i, pool in enumerate(pools):
             pool.adapters = None
             if ad and ad[tower]:

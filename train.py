@@ -665,8 +665,9 @@ def add_adapter_pools(model: LLaVA, cfg, n_tasks):
     g = stage_rng(cfg, 0, "init")
     pools = model.llm.expert_pools() if cfg.adapters_in in ("llm", "both") else []
     pools += model.vision.expert_pools() if cfg.adapters_in in ("vision", "both") else []
-    for pool in pools:
+    for k, pool in enumerate(pools):
         pool.add_adapters(adapter_config(cfg, n_tasks), generator=g)
+        pool.adapters.noise_seed.fill_(stage_seed(cfg, 0, "init") * 1000 + k)
         if ev.rank_world()[1] > 1:
             pool.adapters.batch_sum = sum_over_ranks
 

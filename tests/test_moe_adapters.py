@@ -255,6 +255,36 @@ def test_tiny_run_saves_adapters_in_both_towers_and_freezes_them(ma_run):
     assert [len(f["frozen"]) for f in m["activate_freeze"]] == [6, 6]
 
 
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, base_dir, ma_run, monkeypatch):
+    """Killed in task 2's training after a mid-task save: the resumed run's adapters, counts, routers and DDAS are
+    those of the run that was never interrupted, bit for bit."""
+    ref_out, ref = ma_run
+    out = tmp_path / "crashed"
+    log = train.Log.__call__
+
+    def crash_after_step_10(self, msg):
+        log(self, msg)
+        if msg.startswith("task1:cls step    10/"):
+            raise Crash(msg)
+    argv = TINY + ["--out", str(out), "--base-dir", base_dir, "--method", "moe-adapters", "--ddas-ref-n", "64"]
+    with monkeypatch.context() as m:
+        m.setattr(train.Log, "__call__", crash_after_step_10)
+        with pytest.raises(Crash):
+            train.main(argv)
+    assert (out / "task_1/partial.safetensors").is_file()
+    M = train.main(argv + ["--resume"])
+    assert "resume: 1 finished task(s), and a partial task 1" in (out / "log.txt").read_text()
+    assert M["acc"] == ref["acc"] and M["activate_freeze"] == ref["activate_freeze"]
+    a, b = load_file(str(ref_out / "task_1/model.safetensors")), load_file(str(out / "task_1/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_tiny_run_reloads_in_eval(ma_run):
     out, m = ma_run
     re = ev.reevaluate(str(out))
