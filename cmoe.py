@@ -14,6 +14,9 @@ the method's model-side pieces. Where the paper's concepts live:
     D-MoLE             (--method dmole) dmole_candidates, dmole_allocate (budget rule), dmole_lr_scales (curriculum),
                        DMoLE / attach_dmole (experts on both towers' attention projections, forward hooks), dmole_rep,
                        TaskAE, fit_ae, route_by_errors, vote_eval, vote_train, AERouter (run by train.dmole_grow)
+    MoE-Adapters4CL    (--method moe-adapters) AdapterConfig, AdapterPool (Experts.adapters: adapters parallel to the
+                       FFN/MLP in both towers, noisy_top_k per sample, adapter_mix, activate_freeze), DDAS (DDASAE,
+                       fit_ddas_ae, ddas_choose: the test-time selector with a reference autoencoder)
 
 No distributed code: under torchrun, train.py hands each pool a `batch_sum` for the balance loss.
 Shape legend: B batch, T tokens, S spliced sequence, D model width, F ffn width, R lora rank, E experts,
@@ -317,6 +320,7 @@ class Experts(nn.Module):
         self.counting = False  # PGKE: accumulate per-expert assignment counts
         self.register_buffer("usage", torch.zeros(0), persistent=False)
         self.batch_sum = None  # torchrun: a differentiable sum over the ranks (train.py sets it; see balance_loss)
+        self.adapters = None  # --method moe-adapters: the block's AdapterPool, parallel to its FFN (add_adapters)
 
     @classmethod
     def for_llama(cls, cfg: LlamaConfig, ecfg: ExpertConfig):
@@ -351,6 +355,14 @@ class Experts(nn.Module):
     @property
     def n_experts(self):
         return len(self._first())
+
+    def add_adapters(self, acfg: "AdapterConfig", generator=None):
+        """MoE-Adapters: the block's static pool of adapter experts (no routers yet: AdapterPool.add_router per task)."""
+        self.adapters = AdapterPool(self.dim, acfg, generator).to(self.device).train(self.training)  # (the mode of
+        # the model it joins: a pool made in training mode would draw gate noise at test time)
+
+    def adapters_active(self, use_experts=True):
+        return self.adapters is not None and self.adapters.active(use_experts)
 
     # --- growing and freezing ------------------------------------------------------------------------
     def add_experts(self, n, copy_from: int | None = None, generator=None):
@@ -483,6 +495,9 @@ class Block(nn.Module):
         routing = experts.route(h, task_ids, valid) if on and experts.ecfg.attn else None
         x = x + self.attn(h, cos, sin, mask, cache, t0, experts.deltas(routing, h) if routing else None)
         y, aux = routed_ffn(self.ffn, experts, self.ffn_norm(x), task_ids, valid, on, routing)
+        if experts.adapters_active(use_experts):  # MoE-Adapters: parallel to the FFN, on the un-normalised residual,
+            first_B = None if valid is None else valid.int().argmax(1)  # gated on each sample's first valid token
+            y = y + experts.adapters(x, task_ids, first_B, cache, t0)
         return x + y, aux
 
 
@@ -650,8 +665,8 @@ class LLaVA(nn.Module):
         features [B,P,D] already projected (a frozen tower: no loss)."""
         if images.dim() != 4:
             return images, images.new_zeros((), dtype=torch.float32)
-        if not self.vision.experts_active(use_experts):  # the frozen tower (a plain call: no routing, no loss)
-            feats = self.vision(images, use_experts=False)
+        if not self.vision.experts_active(use_experts):  # the frozen tower (no routing, no loss; use_experts=False:
+            feats = self.vision(images, use_experts=False)  # not even an active pool's experts)
             return self.projector(feats), feats.new_zeros((), dtype=torch.float32)
         feats, aux = self.vision.routed(images, task_ids, use_experts)
         return self.projector(feats), aux
@@ -718,7 +733,10 @@ class LLaVA(nn.Module):
         """PTL feature of the frozen base model (no experts): "last", the paper's final hidden state at the last
         prompt token [B,D]; or "mean", the mean hidden state over the image slots beside the mean over the valid text
         (instruction) tokens [B,2D], which sees both what is shown and what is asked (a text-only prompt: zeros);
-        or "max", the same with the maximum over the tokens in place of the mean (D-MoLE's pooling, dmole_rep)."""
+        "max", the same with the maximum over the tokens in place of the mean (D-MoLE's pooling, dmole_rep); or
+        "image", the frozen tower's projected patch features, mean-pooled [B,D] (the decoder not involved)."""
+        if kind == "image":
+            return self.image_features(images, use_experts=False).float().mean(1)
         ids = self._left_pad(prompts, images.device)
         x, valid, _ = self.splice(ids, self.image_features(images, use_experts=False))  # the frozen tower too
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -727,7 +745,7 @@ class LLaVA(nn.Module):
         if kind == "last":
             return h_BSD[:, -1].float()
         if kind not in ("mean", "max"):
-            raise ValueError(f"locator feature must be 'last' or 'mean' (or dmole_rep's 'max'), not {kind!r}")
+            raise ValueError(f"locator feature must be 'last', 'mean' or 'image' (or dmole_rep's 'max'), not {kind!r}")
         P = x.shape[1] - ids.shape[1] + 1  # splice: S = T - 1 + P
         rel_BS = torch.arange(x.shape[1], device=x.device)[None] - (ids == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
         img_BS = (rel_BS >= 0) & (rel_BS < P) & (ids == IMAGE_TOKEN_ID).any(1, keepdim=True)  # as splice places them
@@ -769,7 +787,8 @@ class LLaVA(nn.Module):
         for _ in range(max_new_tokens):
             mask = self._mask(valid, step_x.shape[1], total, t0)
             h_BTD, _ = self.llm(inputs_embeds=step_x, pos_BT=step_pos, mask_BTT=mask, cache=cache, t0=t0,
-                                task_ids=task_ids, valid_BT=None, use_experts=use_experts, return_hidden=True)
+                                task_ids=task_ids, valid_BT=valid if t0 == 0 else None, use_experts=use_experts,
+                                return_hidden=True)  # (the prompt's valid tokens: where adapter gates read)
             nxt_B = self.llm.lm_head(h_BTD[:, -1]).argmax(-1)  # logits of the last position only
             for b in range(B):
                 if not done[b]:
@@ -1426,6 +1445,318 @@ class AERouter(nn.Module):
             return torch.full((z_BD.shape[0],), self.NONE, dtype=torch.long)
         z = z_BD.float().cpu()
         return route_by_errors(torch.stack([ae.error(z) for ae in aes], -1), torch.stack([ae.tau for ae in aes]))
+# MoE-Adapters4CL (Yu et al., CVPR 2024) transplanted to LLaVA (train.py --method moe-adapters). Its pieces, each
+# from the official code (JiazuoYu/MoE-Adapters4CL, mtil/clip/): a static pool of bottleneck adapter experts parallel
+# to each block's FFN/MLP (AdapterPool, in Experts.adapters: the decoder's layers and the CLIP tower's), one router and
+# one noise router per task with noisy top-k gating per sample on the block's first token (noisy_top_k), activate-freeze
+# (AdapterPool.end_task: after each task a layer's most chosen experts are frozen), and DDAS, the test-time selector
+# (DDAS: per-task autoencoders + a reference autoencoder; the bare base for what none accepts).
+
+@dataclass
+class AdapterConfig:
+    n_experts: int = 12  # the static pool per block (train.py: 2 per task of the run, the official 22 for 11 tasks)
+    dim: int = 16  # bottleneck (official: 64 at CLIP ViT-B/16's widths 768 / 512)
+    scale: float = 0.1  # s (official adapter_scalar)
+    top_k: int = 2  # experts per sample (official --topk)
+    dropout: float = 0.0  # on the bottleneck (official 0.1)
+    n_freeze: int = 2  # activate-freeze: a layer's most chosen experts frozen after each task (official: 2)
+
+
+NOISE_EPS = 1e-2  # noisy top-k's floor on the noise's standard deviation (MoE-Adapters4CL mtil/clip/model.py)
+
+
+def noisy_top_k(h0_BD, router_NED, noise_NED, task_ids_B, k, noisy, generator=None):
+    """Each sample's gate [B, E] under its task's router (MoE-Adapters4CL mtil/clip/model.py, noisy top-k gating of
+    Shazeer et al. 2017): clean = h0 W_r^T; training: logits = clean + N(0, 1) * (softplus(h0 W_n^T) + 1e-2), at test
+    time logits = clean; the softmax over the k largest logits, scattered into E (zeros elsewhere). h0_BD: the block
+    input's first token (CLS in the tower, the first valid token in the decoder)."""
+    N, E, D = router_NED.shape
+    with torch.autocast(h0_BD.device.type, enabled=False):  # gate math in fp32 (ties flip in bf16)
+        onehot_BN = F.one_hot(task_ids_B, N).float()  # each sample's router by a one-hot GEMM, not an index (route)
+        h0 = h0_BD.float()
+        w_BED = (onehot_BN @ router_NED.float().flatten(1)).view(-1, E, D)
+        logits_BE = torch.einsum("bd,bed->be", h0, w_BED)
+        if noisy:
+            n_BED = (onehot_BN @ noise_NED.float().flatten(1)).view(-1, E, D)
+            std_BE = F.softplus(torch.einsum("bd,bed->be", h0, n_BED)) + NOISE_EPS
+            eps_BE = torch.randn(logits_BE.shape, generator=generator).to(logits_BE.device)
+            logits_BE = logits_BE + eps_BE * std_BE
+        top_BK, idx_BK = logits_BE.topk(min(k, E), dim=-1)
+        return torch.zeros_like(logits_BE).scatter(-1, idx_BK, top_BK.softmax(-1))
+
+
+def adapter_mix(h_BTD, gate_BE, k, down_EDR, bdown_ER, up_ERD, bup_ED, scale, dropout=0.0, training=False):
+    """sum over each sample's top-k experts e of g_e * s * (W_up_e Dropout(ReLU(W_down_e h + b_d_e)) + b_u_e) [B,T,D]
+    (MoE-Adapters4CL mtil/clip/adapter.py: the scale multiplies up_proj's output, its bias included). Only the k chosen
+    experts' weights are gathered per sample (one-hot GEMMs: their backward is a GEMM too, not a scatter-add)."""
+    E, D, R = down_EDR.shape
+    g_BK, idx_BK = gate_BE.topk(min(k, E), dim=-1)
+    B, K = idx_BK.shape
+    sel_BKE = F.one_hot(idx_BK, E).to(down_EDR.dtype)
+    pick = lambda W: (sel_BKE.flatten(0, 1) @ W.flatten(1)).view(B, K, *W.shape[1:])  # noqa: E731
+    z_BKTR = torch.relu(torch.einsum("btd,bkdr->bktr", h_BTD.to(down_EDR.dtype), pick(down_EDR))
+                        + pick(bdown_ER)[:, :, None])
+    if dropout and training:
+        z_BKTR = F.dropout(z_BKTR, dropout, training=True)
+    z_BKTR = z_BKTR * g_BK[:, :, None, None].to(z_BKTR.dtype)  # the gate in bottleneck space: the cheapest place
+    y_BTD = torch.einsum("bktr,bkrd->btd", z_BKTR, pick(up_ERD)) + (g_BK[:, :, None].to(bup_ED.dtype) * pick(bup_ED)).sum(1)[:, None]
+    return (y_BTD * scale).to(h_BTD.dtype)
+
+
+ADAPTER_TENSORS = ("down", "bdown", "up", "bup")  # W_down [E,D,R], b_d [E,R], W_up [E,R,D], b_u [E,D]
+
+
+class AdapterPool(nn.Module):
+    """One block's MoE-Adapters pool: E bottleneck adapters parallel to the block's FFN/MLP, one router and one noise
+    router [E, D] per task (zeros at first, as the official code), and the activate-freeze bookkeeping. The block adds
+    sum_e g_e(h0) Adapter_e(h) to its output, h being the un-normalised residual after attention (mtil/clip/model.py:
+    out = h + MLP(LN2(h)) + adapters(h)).
+
+    The experts sit in two banks of stacked tensors, frozen_* (requires_grad=False: experts frozen after an earlier task)
+    and train_*, as LoRAExperts: autograd and AdamW never touch a frozen expert. `frozen` [E] (bool) says which pool
+    index is frozen; the banks hold their experts in index order. `chosen` [E] counts the samples whose top-k included
+    each expert in this task's training steps; `counts` [N, E] keeps every finished task's."""
+
+    def __init__(self, dim: int, acfg: AdapterConfig, generator=None):
+        super().__init__()
+        self.dim, self.acfg = dim, acfg
+        E, R = acfg.n_experts, acfg.dim
+        down = torch.empty(E, dim, R)
+        for e in range(E):  # kaiming-uniform(a=sqrt(5)) on W_down (nn.Linear's default, fan_in = D): U(+-1/sqrt(D))
+            down[e].uniform_(-dim ** -0.5, dim ** -0.5, generator=generator)
+        zeros = {"down": down, "bdown": torch.zeros(E, R), "up": torch.zeros(E, R, dim), "bup": torch.zeros(E, dim)}
+        for name, W in zeros.items():  # W_up and both biases start at zero: the adapter adds nothing until trained
+            self.register_parameter(f"frozen_{name}", nn.Parameter(W[:0].clone(), requires_grad=False))
+            self.register_parameter(f"train_{name}", nn.Parameter(W))
+        self.register_buffer("frozen", torch.zeros(E, dtype=torch.bool))
+        self.register_buffer("perm", torch.eye(E), persistent=False)  # row e: expert e's place in cat(frozen, train)
+        self.register_buffer("chosen", torch.zeros(E))
+        self.register_buffer("noise_seed", torch.zeros((), dtype=torch.long))  # the gate noise: training's k-th draw
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # is seeded (noise_seed, k), so a resumed
+        # run draws what the uninterrupted one did (the checkpoint keeps the count)
+        self.register_buffer("counts", torch.zeros(0, E))
+        self.routers, self.noise = nn.ParameterList(), nn.ParameterList()
+        self.batch_sum = None  # torchrun: sums `chosen` over the ranks before freezing (train.py sets it)
+
+    @property
+    def n_experts(self):
+        return self.frozen.shape[0]
+
+    def active(self, use_experts=True):
+        return use_experts and len(self.routers) > 0
+
+    def weights(self):
+        """The pool's four tensors [E, ...] in expert order: the banks interleaved back by a permutation GEMM."""
+        out = []
+        for name in ADAPTER_TENSORS:
+            W = torch.cat([getattr(self, f"frozen_{name}"), getattr(self, f"train_{name}")])
+            out.append((self.perm.to(W.dtype) @ W.flatten(1)).view(W.shape))
+        return out
+
+    def add_router(self):
+        """Task t's router and noise router over the whole pool, zeros (official init: uniform logits; training noise
+        breaks the tie)."""
+        dev = self.frozen.device
+        self.routers.append(nn.Parameter(torch.zeros(self.n_experts, self.dim, device=dev)))
+        self.noise.append(nn.Parameter(torch.zeros(self.n_experts, self.dim, device=dev)))
+        self.chosen.zero_()
+
+    def gate(self, h0_BD, task_ids_B=None):
+        """Each sample's gate [B, E] (noisy_top_k; noise only in training mode). task_ids_B None: the latest router."""
+        if task_ids_B is None:
+            task_ids_B = torch.full((h0_BD.shape[0],), len(self.routers) - 1, dtype=torch.long, device=h0_BD.device)
+        g = None
+        if self.training:
+            g = torch.Generator().manual_seed(int(self.noise_seed) * 1_000_003 + int(self.draws))
+            self.draws += 1
+        return noisy_top_k(h0_BD, torch.stack(list(self.routers)), torch.stack(list(self.noise)), task_ids_B,
+                           self.acfg.top_k, self.training, g)
+
+    def forward(self, h_BTD, task_ids_B=None, first_B=None, cache=None, t0=0):
+        """The adapters' sum [B, T, D] for the block's residual h_BTD; the gate reads each sample's token first_B (None:
+        token 0). Generation (`cache`, a layer's KV-cache dict): the prompt step (t0 = 0) stores the gate, later steps
+        reuse it, so every generated token takes its sample's experts. Training steps count the chosen experts."""
+        if cache is not None and t0 > 0:
+            g_BE = cache["adapter_gate"]
+        else:
+            first_B = torch.zeros(h_BTD.shape[0], dtype=torch.long, device=h_BTD.device) if first_B is None else first_B
+            h0_BD = h_BTD[torch.arange(h_BTD.shape[0], device=h_BTD.device), first_B]
+            g_BE = self.gate(h0_BD, task_ids_B)
+            if cache is not None:
+                cache["adapter_gate"] = g_BE
+        if self.training:
+            with torch.no_grad():  # activate-freeze's counts (official choose_map: non-zero gates per expert)
+                self.chosen += (g_BE > 0).float().sum(0)
+        a = self.acfg
+        return adapter_mix(h_BTD, g_BE, a.top_k, *self.weights(), a.scale, a.dropout, self.training)
+
+    @torch.no_grad()
+    def end_task(self):
+        """Activate-freeze (MoE-Adapters4CL mtil/src/models/finetune.py): this task's counts join `counts`, the n_freeze
+        most chosen experts (ties: the lower index) are frozen (already frozen ones stay so: the top-k of two tasks may
+        overlap, so fewer than n_freeze may be added), and every router stops training. Returns the experts chosen."""
+        chosen_E = self.chosen.clone() if self.batch_sum is None else self.batch_sum(self.chosen.clone())
+        top = sorted(range(self.n_experts), key=lambda e: (-float(chosen_E[e]), e))[: self.acfg.n_freeze]
+        self.counts = torch.cat([self.counts, chosen_E[None].to(self.counts)])
+        self.chosen.zero_()
+        frozen_E = self.frozen.clone()
+        frozen_E[top] = True
+        self._rebank(frozen_E)
+        for r in (*self.routers, *self.noise):
+            r.requires_grad_(False)
+        return top
+
+    def _rebank(self, frozen_E, tensors=None):
+        """Rebuild the banks for the frozen mask frozen_E from `tensors` (the four [E, ...] in expert order; default
+        the pool's own): frozen experts go to the frozen bank unchanged (copied bit for bit)."""
+        full = [W.detach() for W in (tensors or self.weights())]
+        for name, W in zip(ADAPTER_TENSORS, full):
+            self.register_parameter(f"frozen_{name}", nn.Parameter(W[frozen_E].clone(), requires_grad=False))
+            self.register_parameter(f"train_{name}", nn.Parameter(W[~frozen_E].clone()))
+        self.frozen = frozen_E.clone()
+        order_E = torch.cat([torch.nonzero(frozen_E).flatten(), torch.nonzero(~frozen_E).flatten()])
+        self.perm = F.one_hot(torch.argsort(order_E), self.n_experts).float().to(frozen_E.device)
+
+    def load(self, tensors, prefix, n_routers, router_trainable=False, source=""):
+        """Adopt a stored pool (its frozen mask, banks, counts, and n_routers routers), checking every shape."""
+        def get(key, shape=None):
+            if prefix + key not in tensors:
+                raise KeyError(f"{source}: missing key {prefix}{key}")
+            v = tensors[prefix + key]
+            if shape is not None and tuple(v.shape) != tuple(shape):
+                raise ValueError(f"{source}: {prefix}{key}: expected {tuple(shape)}, found {tuple(v.shape)}")
+            return v.to(self.frozen.device)
+        E, D, R = self.n_experts, self.dim, self.acfg.dim
+        frozen_E = get("frozen", (E,)).bool()
+        nf = int(frozen_E.sum())
+        shapes = {"down": (D, R), "bdown": (R,), "up": (R, D), "bup": (D,)}
+        full = []
+        for name in ADAPTER_TENSORS:
+            fz, tr = get(f"frozen_{name}", (nf, *shapes[name])), get(f"train_{name}", (E - nf, *shapes[name]))
+            W = torch.empty(E, *shapes[name], device=fz.device)
+            W[frozen_E], W[~frozen_E] = fz.float(), tr.float()
+            full.append(W)
+        self._rebank(frozen_E, full)
+        self.chosen = get("chosen", (E,)).float().clone()
+        self.noise_seed, self.draws = get("noise_seed", ()).long().clone(), get("draws", ()).long().clone()
+        self.counts = get("counts").float().clone()
+        self.routers = nn.ParameterList(nn.Parameter(get(f"routers.{t}", (E, D)).float().clone(),
+                                                     requires_grad=router_trainable and t == n_routers - 1)
+                                        for t in range(n_routers))
+        self.noise = nn.ParameterList(nn.Parameter(get(f"noise.{t}", (E, D)).float().clone(),
+                                                   requires_grad=router_trainable and t == n_routers - 1)
+                                      for t in range(n_routers))
+
+
+def adapter_numel(pool: AdapterPool) -> int:
+    """Parameters of one adapter expert."""
+    return 2 * pool.dim * pool.acfg.dim + pool.acfg.dim + pool.dim
+
+
+# DDAS (Distribution Discriminative Auto-Selector; MoE-Adapters4CL mtil/src/models/AutoEncoder.py, evaluation.py):
+# r_i = MSE(AE_i(f), f) for the reference AE (i = 0) and each task's (i = 1..N); i* = argmin_i r_i; the bare base when
+# i* = 0 or r_i* > tau, else task i*-1's routers.
+# Departures, each for a reason:
+# - the feature: the official one is ImageNet AlexNet's conv5 (downloaded at run time, unavailable offline). Here it is
+#   the frozen base's own, LLaVA.features (train.py --locator-feature; the default for this method, "mean": the frozen
+#   decoder's mean hidden state over the image slots beside its mean over the instruction). MiniCoIN's tasks draw
+#   their images from one scene generator and differ mostly in what they ask, so an image-only feature ("image": the
+#   frozen tower's patch features, mean-pooled and projected, the official choice's analogue) cannot tell most of them
+#   apart. Every AE sees the same input, sigmoid((f - mean) / std) with the reference set's statistics (the official
+#   sigmoid on features in [0, 1]), so the errors compare across AEs as the official rule needs.
+# - per sample, not per batch: the official MSE averages over an evaluation batch, one decision per batch, which
+#   assumes single-dataset batches. eval.py does evaluate task by task (so the batch rule would be easy), but that is
+#   the harness's layout, not knowledge a deployed model has; the per-sample rule is the honest one and the one the
+#   locator accuracy (per sample) measures, as cmoe's PTL.
+# - tau: the official one is a hand-set constant for AlexNet features (0.0655 full-shot). Here, unless given
+#   (--ddas-tau), it is calibrated: DDAS_MARGIN x the largest error a task's AE makes on held-out examples of its own
+#   task (the same held-out examples that calibrate cmoe's reject gates), the maximum over the tasks seen.
+DDAS_MARGIN = 1.5
+
+
+class DDASAE(nn.Module):
+    """The official DDAS autoencoder: Linear(d, h) -> ReLU -> Linear(h, d) -> Sigmoid (h = 100), MSE to its input."""
+
+    def __init__(self, dim, hidden=100):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Sigmoid())
+
+    def error(self, x_BD):
+        """Per-sample reconstruction MSE [B] of inputs already in [0, 1] (DDAS.squash)."""
+        return (self.net(x_BD) - x_BD).pow(2).mean(-1)
+
+
+def fit_ddas_ae(x_ND, hidden=100, steps=300, lr=3e-3, batch=64, seed=0) -> DDASAE:
+    """A DDASAE on squashed features [N, D] (Adam, MSE; official: 300 iterations per task at batch 64)."""
+    g = torch.Generator().manual_seed(seed)
+    x = x_ND.detach().float().cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ae = DDASAE(x.shape[1], hidden)
+    opt = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=1e-4)  # official weight decay 1e-4
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=g)
+        loss = ae.error(x[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return ae.eval()
+
+
+def ddas_choose(r_BN1, tau):
+    """The DDAS rule on reconstruction errors r_BN1 [B, 1+N] (column 0: the reference AE's): per sample the task
+    i*-1 of i* = argmin r, or DDAS.REJECTED (the bare base) where i* = 0 or r_i* > tau."""
+    best_B, i_B = r_BN1.min(-1)
+    return torch.where((i_B == 0) | (best_B > tau), DDAS.REJECTED, i_B - 1)
+
+
+class DDAS(nn.Module):
+    """MoE-Adapters4CL's test-time selector: a reference autoencoder on task-agnostic data (here MiniCoIN's stage-0
+    caption set: what the base was pretrained on, no task's instruction), one autoencoder per task, threshold tau.
+    locate() has Locator's signature, so eval.choose_routers takes either."""
+    REJECTED = -1
+
+    def __init__(self, feature="mean", dim=0, hidden=100):
+        super().__init__()
+        self.feature, self.hidden = feature, hidden
+        self.register_buffer("feat_mean", torch.zeros(dim))
+        self.register_buffer("feat_std", torch.ones(dim))
+        self.register_buffer("tau", torch.tensor(float("nan")))  # set by calibrate (or given)
+        self.register_buffer("bounds", torch.zeros(0))  # per task: the largest held-out error of its own AE
+        self.ref = DDASAE(dim, hidden) if dim else None
+        self.aes = nn.ModuleList()
+
+    @property
+    def vaes(self):  # the task count under Locator's name (eval: one per trained task)
+        return self.aes
+
+    def squash(self, f_BD):
+        return torch.sigmoid((f_BD.float().cpu() - self.feat_mean) / self.feat_std)
+
+    def fit_reference(self, f_ND, seed=0, steps=1000):
+        """The reference AE and the shared standardisation, from task-agnostic features (official: 1000 iterations)."""
+        f = f_ND.detach().float().cpu()
+        self.feat_mean, self.feat_std = f.mean(0), f.std(0).clamp(min=1e-4)
+        self.ref = fit_ddas_ae(self.squash(f), self.hidden, steps=steps, seed=seed)
+
+    def add_task(self, f_ND, held_out_ND, seed=0, steps=300, tau=None):
+        """Task t's AE on its features; its bound from held-out ones; tau = given, else DDAS_MARGIN x the largest
+        bound."""
+        self.aes.append(fit_ddas_ae(self.squash(f_ND), self.hidden, steps=steps, seed=seed))
+        with torch.no_grad():
+            b = self.aes[-1].error(self.squash(held_out_ND)).max()
+        self.bounds = torch.cat([self.bounds, b[None]])
+        self.tau = torch.tensor(float(tau) if tau is not None else DDAS_MARGIN * float(self.bounds.max()))
+
+    @torch.no_grad()
+    def errors(self, f_BD):
+        """r [B, 1+N]: the reference AE's, then each task's."""
+        x = self.squash(f_BD)
+        return torch.stack([ae.error(x) for ae in (self.ref, *self.aes)], -1)
+
+    def locate(self, f_BD, reject=True, g_BD=None):
+        """Per sample: a task index, or REJECTED (the bare base). DDAS always rejects (its reference AE and tau)."""
+        return ddas_choose(self.errors(f_BD), float(self.tau))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -80,7 +80,17 @@ def locator_accuracy(confusion, rejected=None):
     total = sum(sum(r) for r in confusion) + sum(rejected or [])
     return 100.0 * sum(confusion[t][t] for t in range(n)) / total if total else None
 
-LOCATED = ("cmoe", "dmole")  # methods that choose experts per sample or batch at test time (the others share one pool)
+LOCATED = ("cmoe", "dmole", "moe-adapters")  # methods whose test samples (dmole: batches) are routed by a task
+# selector (PTL, D-MoLE's autoencoders, DDAS); the others share one pool
+
+
+def pixels_needed(cfg):
+    """Whether a run's vision tower carries experts (--experts-in vision|both, dmole's tower experts, moe-adapters'
+    tower pools): it trains and evaluates on pixels, since its image features depend on each sample's experts and
+    cannot be computed once per dataset. (Run folders from before the fields: the decoder alone.)"""
+    method = getattr(cfg, "method", None)
+    return (getattr(cfg, "experts_in", "llm") != "llm" or method == "dmole"
+            or (method == "moe-adapters" and getattr(cfg, "adapters_in", "both") in ("vision", "both")))
 
 def record(metrics, result, t):
     """Stage t's Benchmark.evaluate result into metrics (t = -1: row 0, the bare base): the accuracy row, the unseen
@@ -154,11 +164,19 @@ def load_model(base: dict, pad_id: int) -> LLaVA:
     proj = load_projector(base["projector"]) if base.get("projector") else Projector(vision.cfg.hidden_size, llm.cfg.dim)
     return LLaVA(vision, proj, llm, pad_id=pad_id)
 
+def vision_pools(model: LLaVA):
+    """The vision tower's per-block pools (none for a stand-in tower without blocks)."""
+    return model.vision.expert_pools() if hasattr(model.vision, "expert_pools") else []
+
 def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, dict]:
     """Everything continual learning adds (experts, routers, VAEs) and what rebuilding them needs. The vision tower's
-    pools (vision.encoder.layers.i.experts.*) are kept when the run puts experts there (model.experts_in)."""
+    pools (vision.encoder.layers.i.experts.*) are kept when the run puts experts there (model.experts_in, or
+    moe-adapters' adapters)."""
     vision = bool(model.tower_pools("vision"))
-    sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k) and (vision or not k.startswith("vision."))}
+    towers = {"llm": model.llm.expert_pools(), "vision": vision_pools(model)}
+    adapters = [p.adapters for ps in towers.values() for p in ps if p.adapters is not None]
+    tower_keys = vision or any(p.adapters is not None for p in towers["vision"])  # moe-adapters' tower pools
+    sd = {k: v for k, v in model.state_dict().items() if is_cl_key(k) and (tower_keys or not k.startswith("vision."))}
     meta = {"experts": dataclasses.asdict(model.llm.ecfg),
             "router_trainable": [[bool(r.requires_grad) for r in f.routers] for f in model.llm.expert_pools()]}
     if vision:
@@ -172,11 +190,19 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
     dm = getattr(model, "dmole", None)
     if dm is not None:  # D-MoLE: which module holds which task's expert
         meta["dmole"] = {"rank": dm.rank, "alpha": dm.alpha, "tasks": dm.tasks}
+    if adapters:  # moe-adapters: the pools' settings, which towers hold them, how many routers
+        meta["adapters"] = {"config": dataclasses.asdict(adapters[0].acfg), "n_routers": len(adapters[0].routers),
+                            "router_trainable": bool(adapters[0].routers[-1].requires_grad) if adapters[0].routers
+                            else False, **{t: ps[0].adapters is not None for t, ps in towers.items()}}
     if isinstance(locator, cmoe.AERouter):  # D-MoLE's task autoencoders
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_ae"] = len(locator)
         if len(locator):
             meta["ae"] = {"dim": locator.aes[0].net[0].in_features, "hidden": locator.aes[0].net[0].out_features}
+    elif isinstance(locator, cmoe.DDAS):
+        sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
+        meta["locator_feature"] = locator.feature
+        meta["ddas"] = {"n_ae": len(locator.aes), "hidden": locator.hidden, "dim": int(locator.feat_mean.shape[0])}
     elif locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
@@ -209,6 +235,22 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
         dm = getattr(model, "dmole", None) or cmoe.attach_dmole(model, d["rank"], d["alpha"])
         dm.rank, dm.alpha = d["rank"], d["alpha"]
         dm.load(model, tensors, d["tasks"], source)
+    ad = meta.get("adapters")
+    for tower, pools, pre in (("llm", model.llm.expert_pools(), "llm.layers.{}.experts.adapters."),
+                              ("vision", vision_pools(model), "vision.encoder.layers.{}.experts.adapters.")):
+        for i, pool in enumerate(pools):
+            pool.adapters = None
+            if ad and ad[tower]:
+                pool.add_adapters(cmoe.AdapterConfig(**ad["config"]))
+                pool.adapters.load(tensors, pre.format(i), ad["n_routers"], ad["router_trainable"], source)
+    if "ddas" in meta:
+        d = meta["ddas"]
+        ddas = cmoe.DDAS(meta["locator_feature"], d["dim"], d["hidden"])
+        ddas.aes.extend(cmoe.DDASAE(d["dim"], d["hidden"]) for _ in range(d["n_ae"]))
+        ddas.bounds = torch.zeros(d["n_ae"])
+        pre = "locator."
+        ddas.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        return ddas.eval()
     if "n_ae" in meta:
         router = cmoe.AERouter()
         for t in range(meta["n_ae"]):
@@ -240,9 +282,10 @@ def load_task(model: LLaVA, tdir) -> cmoe.Locator:
                          read_json(os.path.join(tdir, "meta.json")), tdir)
 
 def count_params(model: LLaVA):
-    """(trainable, expert parameters in the pool incl. routers) — for the per-task parameter report."""
+    """(trainable, expert parameters in the pool incl. routers) — for the per-task parameter report (parameters only:
+    moe-adapters' bookkeeping buffers, the frozen mask and the choice counts, are not parameters)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    added = sum(v.numel() for k, v in model.state_dict().items() if is_cl_key(k))
+    added = sum(p.numel() for k, p in model.named_parameters() if is_cl_key(k))
     return trainable, added
 
 def write_predictions(path, rows):
@@ -293,6 +336,11 @@ def load_run(run_dir):
 
 # -----------------------------------------------------------------------------
 # evaluation: greedy answers with the locator choosing each sample's router, scored per task
+
+def pixels(model: LLaVA, examples):
+    """pixel_values [N,3,S,S] of examples (zeros for a text-only one: splice masks its slots out)."""
+    S = model.vision.cfg.image_size
+    return torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S) for ex in examples])
 
 @torch.no_grad()
 def image_features(model: LLaVA, examples, cfg):
@@ -363,7 +411,7 @@ def choose_routers(locator, cfg, feats_BD, n, true_task, seen, routed, gate_BD=N
               (true_task None), which no router was trained for"""
     if not routed:
         return torch.zeros(n, dtype=torch.long)
-    if cfg.locator == "ptl" and (seen > 1 or cfg.reject):
+    if cfg.locator == "ptl" and (seen > 1 or cfg.reject or isinstance(locator, cmoe.DDAS)):  # (DDAS may reject)
         t_B = locator.locate(feats_BD, reject=cfg.reject, g_BD=gate_BD)
         return torch.where(t_B == locator.REJECTED, BASE_ONLY, t_B)
     return torch.full((n,), BASE_ONLY if true_task is None else min(true_task, seen - 1), dtype=torch.long)
@@ -446,9 +494,8 @@ class Benchmark:
         self.unseen, self.metric = list(unseen), {**self.metric, **unseen}
         self.tests = {n: data.load_examples(cfg, n, "test") for n in self.names + self.unseen}
         # a tower whose experts route the test images needs their pixels; a frozen tower, its features, once
-        routed_tower = getattr(cfg, "experts_in", "llm") != "llm" or getattr(cfg, "method", None) == "dmole"
         self.dmole = getattr(cfg, "method", None) == "dmole"  # its task features: cmoe.dmole_rep
-        self.images = {n: pixels(model, exs) if routed_tower else image_features(model, exs, cfg)
+        self.images = {n: pixels(model, exs) if pixels_needed(cfg) else image_features(model, exs, cfg)
                        for n, exs in self.tests.items()}
         self.scoring = scoring_rules(cfg, self.names + self.unseen, self.metric, self.tests, log)
         self.feats = {}  # PTL features of each test set: the base is frozen, so computed once, at their first use

@@ -2,7 +2,8 @@
 
     python train.py                      # MiniCoIN, cmoe (PGKE + PTL), whatever device exists
     python train.py --quick              # the same pipeline on a small slice (about a minute on a CPU)
-    python train.py --method lora        # baselines: lora | moelora | joint | isolated; ablations: --expand all, ...
+    python train.py --method lora        # baselines: lora | moelora | joint | isolated; siblings: dmole |
+                                         # moe-adapters; ablations: --expand all, ...
     python train.py --benchmark coin --coin-root DIR --image-root DIR --llm L --vision V --projector P --tokenizer T
     python train.py --steps 100 --set lr=1e-3    # any TrainConfig field: --field-name VALUE or --set field=VALUE
     python train.py --plan --preset llama-3.1-8b --gpu-mem 24    # the memory of a real run, from configs alone
@@ -15,6 +16,8 @@ Where the method lives (the model-side pieces are in cmoe.py, whose docstring ha
     bounded growth fit_budget (--max-expert-params), inside pgke before it expands
     D-MoLE         --method dmole: dmole_grow (dmole_scores -> cmoe.dmole_allocate -> cmoe.DMoLE.grow), then
                    dmole_train_routing (votes of the old tasks' autoencoders per batch), fit_task_ae
+    MoE-Adapters   --method moe-adapters: add_adapter_pools (static pools in both towers), activate_freeze after each
+                   task, fit_ddas (DDAS's reference and task autoencoders)
     torchrun       one marked section ("the rank plumbing"): every torch.distributed call of training
     precision      prepare: the frozen base in --precision (bf16 on CUDA), experts fp32
 
@@ -56,13 +59,16 @@ from vision import CLIPVision, Projector, VisionConfig
 class TrainConfig:
     # run
     benchmark: str = "minicoin"  # minicoin | coin
-    method: str = "cmoe"  # cmoe | lora | moelora | joint | isolated (baselines: one shared pool; joint: all tasks at
-    # once; isolated: each task alone from the base with fresh experts as cmoe's first task gets, the oracle's routers:
-    # the bound for tasks kept apart) | dmole (D-MoLE, ICML 2025: per task one LoRA expert on the attention projections
-    # of both towers that the frozen base's gradient norms rank highest, routed per batch by task autoencoders)
+    method: str = "cmoe"  # cmoe | lora | moelora | joint | isolated | dmole | moe-adapters (baselines: one shared
+    # pool; joint: all tasks at once; isolated: each task alone from the base with fresh experts as cmoe's first task
+    # gets, the oracle's routers: the bound for tasks kept apart) | dmole (D-MoLE, ICML 2025: per task one LoRA expert
+    # on the attention projections of both towers that the frozen base's gradient norms rank highest, routed per batch
+    # by task autoencoders) | moe-adapters (MoE-Adapters4CL, Yu et al. CVPR 2024: a static pool of adapter experts in
+    # both towers, activate-freeze, DDAS; see cmoe.AdapterPool and cmoe.DDAS)
     expand: str = "probe"  # PGKE: grow where probes say (probe), every layer (all), or by probe gradient norm (gradnorm)
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
-    locator_feature: str = "last"  # PTL's input: last (the paper's last prompt token) | mean (image + instruction means)
+    locator_feature: str | None = None  # PTL's (or DDAS's) input: last (the paper's last prompt token) | mean (image +
+    # instruction means) | image (the frozen tower's mean patch feature); None: last, and mean for moe-adapters (DDAS)
     reject: bool = False  # a sample no task's gate (cmoe.TaskGate) accepts is answered by the base model without experts
     reject_quantile: float = 1.0  # a gate accepts distances up to REJECT_MARGIN x this quantile of its held-out ones
     calib_n: int = 200  # held-out training examples per task that calibrate its reject bound
@@ -114,6 +120,15 @@ class TrainConfig:
     dmole_portion: float = 0.01  # dmole: share of an epoch's batches the zero-cost proxy backpropagates (at least one)
     dmole_quantile: float = 0.99  # dmole: a task autoencoder's threshold, this quantile of its training errors
     dmole_curriculum: bool = True  # dmole: each modality's experts train at lr x its difficulty (cmoe.dmole_lr_scales)
+    # moe-adapters (MoE-Adapters4CL's settings, scaled to the tiny model where they depend on its width)
+    adapters_in: str = "both"  # the towers whose blocks carry adapter pools: llm | vision | both (the official: both)
+    adapter_experts: int | None = None  # the static pool per block; None: 2 per task of the run (the official sizing,
+    # 22 for MTIL's 11 tasks: each task's 2 most chosen experts are frozen after it, so the pool never runs out)
+    adapter_dim: int = 16  # bottleneck (official: 64 at widths 768 / 512; the tiny decoder is 128 wide, its tower 96)
+    adapter_scale: float = 0.1  # s in s * (W_up ReLU(W_down h + b_d) + b_u)
+    adapter_dropout: float = 0.0  # on the bottleneck (official: 0.1)
+    ddas_tau: float | None = None  # DDAS threshold; None: calibrated (cmoe.DDAS_MARGIN x the largest held-out error)
+    ddas_ref_n: int = 400  # task-agnostic examples (MiniCoIN stage-0 captions) of DDAS's reference autoencoder
     # optimisation
     steps: int = 300  # training steps per task
     task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900
@@ -159,6 +174,10 @@ class TrainConfig:
         return self.steps_by_task().get(task, self.steps)
 
     def __post_init__(self):
+        if self.locator_feature is None:
+            self.locator_feature = "mean" if self.method == "moe-adapters" else "last"
+        if self.method == "moe-adapters" and self.reject:
+            raise ValueError("reject is cmoe's option; moe-adapters always rejects through DDAS (--ddas-tau)")
         if self.precision is None:  # --plan describes a GPU run
             self.precision = "bf16" if self.plan or self.preset or str(self.device).startswith("cuda") else "fp32"
         for name, options in CHOICES.items():
@@ -175,6 +194,9 @@ class TrainConfig:
         for name in ("dmole_budget", "dmole_portion", "dmole_quantile"):
             if not 0.0 < getattr(self, name) <= 1.0:  # also refuses nan
                 raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)!r}")
+        if self.method == "moe-adapters" and self.experts_in != "llm":
+            raise ValueError(f"experts_in: moe-adapters places its adapter pools by --adapters-in, not --experts-in "
+                             f"{self.experts_in}")
         if self.method == "dmole" and self.experts_in != "llm":
             raise ValueError(f"experts_in: dmole places its experts in both towers by its gradient-norm scores; "
                              f"--experts-in {self.experts_in} is for the pooled methods")
@@ -193,14 +215,16 @@ class TrainConfig:
 
 QUICK = dict(base_steps=150, instruct_steps=100, steps=40, probe_steps=15, train_n=96, test_n=24, caption_n=512,
              instruct_n=512, batch_size=16, locator_n=96, save_every=20, warmup=5, tasks="sqa,cls,count")
-CHOICES = dict(benchmark=("minicoin", "coin"), method=("cmoe", "lora", "moelora", "joint", "isolated", "dmole"),
+CHOICES = dict(benchmark=("minicoin", "coin"),
+               method=("cmoe", "lora", "moelora", "joint", "isolated", "dmole", "moe-adapters"),
                experts_in=("llm", "vision", "both"),
                expand=("probe", "all", "gradnorm"), budget_rule=("merge", "skip"), locator=("ptl", "oracle"),
-               locator_feature=("last", "mean"),
+               locator_feature=("last", "mean", "image"), adapters_in=("llm", "vision", "both"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                precision=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
 AT_LEAST_ONE = ("patch_merge", "rank", "top_k", "n_init", "n_new", "batch_size", "grad_accum", "eval_batch",
-                "save_every", "max_new_tokens", "locator_n", "train_n", "test_n", "max_expert_params")
+                "save_every", "max_new_tokens", "locator_n", "train_n", "test_n", "max_expert_params", "adapter_experts",
+                "adapter_dim", "ddas_ref_n")
 RESUME_MAY_CHANGE = ("resume", "device", "threads")  # everything else must match the interrupted run's config.json
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
@@ -248,7 +272,9 @@ def parse_args(argv=None) -> TrainConfig:
         p.error(str(e))
     if cfg.out is None:
         tag = cfg.method + ("" if cfg.expand == "probe" else f"-expand{cfg.expand}") + (
-            "-oracle" if cfg.locator == "oracle" else "") + ("-mean" if cfg.locator_feature == "mean" else "") + (
+            "-oracle" if cfg.locator == "oracle" else "") + (
+            f"-{cfg.locator_feature}" if cfg.locator_feature != ("mean" if cfg.method == "moe-adapters" else "last")
+            else "") + ("" if cfg.method != "moe-adapters" or cfg.adapters_in == "both" else f"-{cfg.adapters_in}") + (
             "-reject" if cfg.reject else "") + ("" if cfg.attn_experts else "-ffn") + (
             "-nomc" if cfg.instruct_mc is False else "") + (
             "" if cfg.max_expert_params is None else f"-budget{cfg.max_expert_params}") + (
@@ -601,8 +627,8 @@ def run(cfg: TrainConfig):
             steps = sum(map(cfg.steps_of, r.names)) if joint else cfg.steps_of(r.names[t])  # joint: every task's
             train_stage(model, ds, cfg, steps, cfg.lr, 0 if cfg.method == "isolated" else t,  # (its batch order)
                         "joint" if joint else f"task{t}:{r.names[t]}", r.log,
-                        task_ids_fixed=None if cfg.method == "cmoe" else 0, ckpt=r.checkpointer(model, decision),
-                        start=start, on_batch=on_batch if dmole else None,
+                        task_ids_fixed=None if cfg.method in ("cmoe", "moe-adapters") else 0,
+                        ckpt=r.checkpointer(model, decision), start=start, on_batch=on_batch if dmole else None,
                         lr_scale=dmole_lr_scale(model, decision) if dmole else None)
         if dmole:  # the task's experts are final; its autoencoder on its first locator_n rows (rank 0's, broadcast)
             model.dmole.active = ()
@@ -614,9 +640,14 @@ def run(cfg: TrainConfig):
         if cfg.method in ("cmoe", "isolated"):  # the task's experts and router are final
             for pool in model.expert_pools():
                 pool.freeze()
+        if cfg.method == "moe-adapters":  # activate-freeze: each pool's most chosen experts of the task
+            decision = activate_freeze(model, cfg, t, r.log)
         if cfg.method == "cmoe":
             with clock("locator"):  # PTL: this task's VAE on frozen-base features of its training data
                 fit_task_vae(model, locator, exs, r, cfg, t)
+        if cfg.method == "moe-adapters":
+            with clock("locator"):  # DDAS: this task's autoencoder (the reference one first)
+                fit_ddas(model, locator, exs, r, cfg, t)
         with clock("eval"):
             result = bench.evaluate(model, locator, t)
         r.finish_stage(t, model, locator, result, decision)
@@ -659,6 +690,12 @@ def grow(model: LLaVA, ds, cfg, t, log):
         return pgke(model, ds, cfg, t, log)
     if cfg.method == "dmole":
         return dmole_grow(model, ds, cfg, t, log)
+    if cfg.method == "moe-adapters":  # the static pools at the first task; every task its routers
+        if t == 0:
+            add_adapter_pools(model, cfg, len(data.task_list(cfg)[0]))
+        for pool in adapter_pools(model):
+            pool.add_router()
+        return None
     if cfg.method == "isolated":
         for pool in model.expert_pools():
             pool.reset(model.llm.ecfg)
@@ -670,6 +707,58 @@ def grow(model: LLaVA, ds, cfg, t, log):
                              f"{ev.count_params(model)[1]} expert and router parameters ({n} experts per layer); "
                              f"raise the budget or lower --n-init / --rank")
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# moe-adapters (MoE-Adapters4CL): the pools, activate-freeze, DDAS. The model-side pieces are cmoe.AdapterPool and
+# cmoe.DDAS; the loop is run's, with grow -> add_router, freeze -> activate_freeze, the locator -> fit_ddas.
+
+def adapter_config(cfg, n_tasks) -> cmoe.AdapterConfig:
+    return cmoe.AdapterConfig(n_experts=cfg.adapter_experts or 2 * n_tasks, dim=cfg.adapter_dim,
+                              scale=cfg.adapter_scale, top_k=cfg.top_k, dropout=cfg.adapter_dropout)
+
+
+def add_adapter_pools(model: LLaVA, cfg, n_tasks):
+    """Every block of the towers --adapters-in names gets its static adapter pool (in its cmoe.Experts), drawn from one
+    seeded generator; under torchrun each pool's activate-freeze counts are summed over the ranks."""
+    g = stage_rng(cfg, 0, "init")
+    pools = model.llm.expert_pools() if cfg.adapters_in in ("llm", "both") else []
+    pools += model.vision.expert_pools() if cfg.adapters_in in ("vision", "both") else []
+    for k, pool in enumerate(pools):
+        pool.add_adapters(adapter_config(cfg, n_tasks), generator=g)
+        pool.adapters.noise_seed.fill_(stage_seed(cfg, 0, "init") * 1000 + k)
+        if ev.rank_world()[1] > 1:
+            pool.adapters.batch_sum = sum_over_ranks
+
+
+def adapter_pools(model: LLaVA):
+    """The AdapterPools of both towers, decoder first."""
+    return [p.adapters for p in model.llm.expert_pools() + model.vision.expert_pools() if p.adapters is not None]
+
+
+def activate_freeze(model: LLaVA, cfg, t, log):
+    """After task t, each pool freezes its n_freeze most chosen experts (cmoe.AdapterPool.end_task). Returns the record
+    kept in metrics.json: per pool (decoder layers, then tower layers) the experts frozen now and the frozen count."""
+    chosen = [pool.end_task() for pool in adapter_pools(model)]
+    frozen = [int(pool.frozen.sum()) for pool in adapter_pools(model)]
+    log(f"activate-freeze task {t}: most chosen " + " ".join("/".join(map(str, c)) for c in chosen)
+        + f" | frozen per pool {frozen} of {adapter_pools(model)[0].n_experts}")
+    return {"task": t, "frozen": chosen, "n_frozen": frozen}
+
+
+def fit_ddas(model: LLaVA, ddas: cmoe.DDAS, exs, r, cfg, t):
+    """DDAS for task t: at the first task its reference autoencoder on ddas_ref_n task-agnostic examples (MiniCoIN's
+    stage-0 caption set, what the base was pretrained on); then task t's autoencoder on locator_n training examples'
+    features, its bound from the next calib_n (eval.reject_features). Every rank fits the same (seeded) autoencoders;
+    rank 0's are broadcast so that all agree bit for bit."""
+    feats = lambda e: ev.task_features(model, e, r.tok, r.template, cfg)  # noqa: E731
+    if t == 0:
+        ref = data.minicoin("caption", "train", cfg.ddas_ref_n, seed=cfg.seed)
+        ddas.fit_reference(feats(ref), seed=stage_seed(cfg, t, "vae"))
+    ddas.add_task(feats(exs[: cfg.locator_n]), ev.reject_features(model, exs, r.tok, r.template, cfg),
+                  seed=stage_seed(cfg, t, "vae"), tau=cfg.ddas_tau)
+    broadcast_from_rank0(list(ddas.state_dict().values()))
+    r.log(f"DDAS task {t}: held-out bound {float(ddas.bounds[-1]):.4f} | tau {float(ddas.tau):.4f}")
 
 
 def first_pool_size(cfg):
@@ -919,7 +1008,7 @@ def stage_data(cfg, model, r, t):
     """(the task's training examples, its encoded dataset); joint: every task's data in one dataset."""
     # a frozen tower: its features once per dataset; else pixels, every step (dmole: for the tower's experts and its
     # gradient-norm scores)
-    feats = not model.tower_pools("vision") and cfg.method != "dmole"
+    feats = not ev.pixels_needed(cfg)
     if cfg.method != "joint":
         exs = data.load_examples(cfg, r.names[t], "train")
         ds = encode(model, exs, r.tok, r.template, cfg, t, feats)
@@ -1063,7 +1152,8 @@ class RunState:
         t_base = time.time() - t0
         share_batch_statistics(model)
         bench = ev.Benchmark(cfg, model, self.tok, self.template, self.log)
-        locator = cmoe.AERouter() if cfg.method == "dmole" else cmoe.Locator(cfg.locator_feature)
+        locator = (cmoe.AERouter() if cfg.method == "dmole" else cmoe.DDAS(cfg.locator_feature)
+                   if cfg.method == "moe-adapters" else cmoe.Locator(cfg.locator_feature))
         if cfg.resume and os.path.exists(self.state_path):
             self.metrics = read_json(self.state_path)
             self.first = self.metrics["finished_tasks"]
@@ -1118,19 +1208,21 @@ class RunState:
         """Stage t's metrics, its checkpoint, then the progress marker: a crash before it redoes the stage."""
         cfg, metrics, clock, located = self.cfg, self.metrics, self.clock, self.cfg.method in ev.LOCATED
         dm = getattr(model, "dmole", None)
-        if decision is not None:  # PGKE's decision, or D-MoLE's allocation
-            metrics.setdefault("pgke" if dm is None else "dmole", []).append(decision)
+        if decision is not None:  # PGKE's decision, D-MoLE's allocation, or the experts activate-freeze froze
+            key = "dmole" if dm is not None else "activate_freeze" if cfg.method == "moe-adapters" else "pgke"
+            metrics.setdefault(key, []).append(decision)
         ev.record(metrics, result, t)
         pools = model.expert_pools()
         expert_params = ev.count_params(model)[1]
-        metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": sum(
-            f.n_experts for f in pools) + (dm.n_experts() if dm is not None else 0),
-            "added": expert_params - clock.n_before, "expert_params": expert_params})
+        adapters = adapter_pools(model) if cfg.method == "moe-adapters" else []
+        n_experts = sum(f.n_experts for f in adapters or pools) + (dm.n_experts() if dm is not None else 0)
+        metrics["params"].append({"task": clock.name, "trainable": clock.trainable, "experts": n_experts,
+                                  "added": expert_params - clock.n_before, "expert_params": expert_params})
         if dm is not None:  # D-MoLE: experts per decoder layer (its four projections), then per ViT layer
             metrics["budget_params"] = cmoe.dmole_budget_numel(model, cfg.dmole_budget, cfg.rank)
             metrics["experts_per_layer"].append(ev.dmole_experts_per_layer(model))
-        else:
-            metrics["experts_per_layer"].append([f.n_experts for f in pools])
+        else:  # (moe-adapters: its static pools, decoder then tower)
+            metrics["experts_per_layer"].append([f.n_experts for f in adapters or pools])
         metrics["time"]["tasks"].append(clock.seconds)
         metrics["finished_tasks"] = len(self.names) if cfg.method == "joint" else t + 1
         scores = zip(self.names + metrics["unseen"]["tasks"], result["acc"] + result["unseen"])
@@ -1280,6 +1372,10 @@ def plan(args):
     if args.method == "dmole":  # worst case: every task's budget on the modules with the largest LoRA
         names = sorted(cmoe.dmole_candidates(model), key=lambda n: -cmoe.lora_numel(model.get_submodule(n), args.rank))
         model.dmole.grow(model, names[: int(round(args.dmole_budget * len(names)))], 0)
+    elif args.method == "moe-adapters":  # the static pools and the first task's routers (a frozen expert only lowers
+        add_adapter_pools(model, args, n_tasks)  # later tasks' trainable count: task 1 is the largest)
+        for pool in adapter_pools(model):
+            pool.add_router()
     else:
         cmoe.init_experts(model, first_pool_size(args))  # (--experts-in: the decoder's pools, the tower's, or both)
     first, grads = ev.count_params(model)[0], tensor_bytes(model, trainable=True)
@@ -1290,6 +1386,11 @@ def plan(args):
         for pool in model.expert_pools():
             pool.freeze()
             pool.add_experts(args.n_new)
+            pool.add_router()
+    for _ in range(n_tasks - 1 if args.method == "moe-adapters" else 0):  # every later task: its routers
+        for pool in adapter_pools(model):
+            for r in (*pool.routers, *pool.noise):
+                r.requires_grad_(False)
             pool.add_router()
     (last, added), grads = ev.count_params(model), max(grads, tensor_bytes(model, trainable=True))
     E, S, frozen = model.llm.layers[0].experts.n_experts, args.max_len - 1 + vc.num_patches, sum(base.values())
@@ -1326,6 +1427,11 @@ def plan(args):
         print(f"  vision experts   {vis:,} of them in the {len(model.tower_pools('vision'))} CLIP layers' pools "
               f"(--experts-in {args.experts_in}: {model.tower_pools('vision')[0].n_experts} experts per layer; the tower "
               f"then trains under autograd, and its activations are not in the estimate below)")
+    if args.method == "moe-adapters":
+        ap = adapter_pools(model)
+        print(f"  moe-adapters     {ap[0].n_experts} adapter experts (bottleneck {ap[0].acfg.dim}) in each of {len(ap)} "
+              f"blocks (--adapters-in {args.adapters_in}), a router and a noise router per task and block; the "
+              f"activations below leave out the adapters' bottleneck, top-k x T x {ap[0].acfg.dim} values a layer")
     print(f"memory (--precision {args.precision}: the frozen base in {args.precision}, experts and routers in fp32 with "
           f"fp32 gradients and AdamW m and v; activations in {args.precision})\n  "
           + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))

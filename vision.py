@@ -144,9 +144,13 @@ class CLIPEncoderLayer(nn.Module):
         x_BTD = x_BTD + self.self_attn(h_BTD, experts.deltas(routing, h_BTD) if routing else None)
         h_BTD = self.layer_norm2(x_BTD)
         if not on:
-            return x_BTD + self.mlp(h_BTD), x_BTD.new_zeros(())
-        routing = routing or experts.route(h_BTD, task_ids_B)
-        return x_BTD + self.mlp(h_BTD, experts.deltas(routing, h_BTD)), routing.aux
+            y_BTD, aux = self.mlp(h_BTD), x_BTD.new_zeros(())
+        else:
+            routing = routing or experts.route(h_BTD, task_ids_B)
+            y_BTD, aux = self.mlp(h_BTD, experts.deltas(routing, h_BTD)), routing.aux
+        if experts.adapters_active(use_experts):  # MoE-Adapters: parallel to the MLP, on the un-normalised residual,
+            y_BTD = y_BTD + experts.adapters(x_BTD, task_ids_B)  # gated on each image's CLS token (token 0)
+        return x_BTD + y_BTD, aux
 
 
 class CLIPEncoder(nn.Module):
@@ -192,7 +196,7 @@ class CLIPVision(nn.Module):
         return [layer.experts for layer in self.encoder.layers]
 
     def experts_active(self, use_experts=True):
-        return any(pool.active(use_experts) for pool in self.expert_pools())
+        return any(pool.active(use_experts) or pool.adapters_active(use_experts) for pool in self.expert_pools())
 
 
 def clip_key_map(cfg, prefix="vision_model."):

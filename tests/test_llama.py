@@ -584,7 +584,7 @@ def test_features_mean_of_image_slots_and_instruction_tokens(llava, llava_files)
         text = [i for i in range(len(p) - 1 + P) if not k <= i < k + P]
         close(f[b], torch.cat([h[k:k + P].mean(0), h[text].mean(0)]))
         close(g[b], torch.cat([h[k:k + P].amax(0), h[text].amax(0)]))  # D-MoLE's pooling (cmoe.dmole_rep)
-    with pytest.raises(ValueError, match="'last' or 'mean'"):
+    with pytest.raises(ValueError, match="'last', 'mean' or 'image'.*'first'"):
         llava.features(PROMPTS, px, "first")
 
 # -----------------------------------------------------------------------------------------------------------
