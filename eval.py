@@ -338,7 +338,8 @@ def load_run(run_dir):
 # evaluation: greedy answers with the locator choosing each sample's router, scored per task
 
 def pixels(model: LLaVA, examples):
-    """pixel_values [N,3,S,S] of examples (zeros for a text-only one: splice masks its slots out)."""
+    """pixel_values [N,3,S,S] of examples (zeros for a text-only one: splice masks its slots out), for a tower whose
+    experts route them or the features computed from them."""
     S = model.vision.cfg.image_size
     return torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S) for ex in examples])
 
@@ -353,18 +354,13 @@ def image_features(model: LLaVA, examples, cfg):
     return torch.cat(out)
 
 
-def pixels(model: LLaVA, examples):
-    """pixel_values [N,3,S,S] of examples (zeros for a text-only one), for a tower whose experts route them."""
-    S = model.vision.cfg.image_size
-    return torch.stack([torch.zeros(3, S, S) if ex.image is None else preprocess(ex.image, S) for ex in examples])
-
 @torch.no_grad()
-def dmole_reps(model: LLaVA, examples, tok, template, cfg, pixels=None):
-    """cmoe.dmole_rep of examples (their prompts: no answers; `pixels`: their images, if known), in eval batches."""
+def dmole_reps(model: LLaVA, examples, tok, template, cfg, px_N3SS=None):
+    """cmoe.dmole_rep of examples (their prompts: no answers; `px_N3SS`: their pixels, if known), in eval batches."""
     out = []
     for i in range(0, len(examples), cfg.eval_batch):
         exs = examples[i:i + cfg.eval_batch]
-        px = pixels[i:i + cfg.eval_batch] if pixels is not None else pixels(model, exs)
+        px = px_N3SS[i:i + cfg.eval_batch] if px_N3SS is not None else pixels(model, exs)
         prompts = [data.encode_prompt(tok, ex, template, cfg.max_len) for ex in exs]
         out.append(cmoe.dmole_rep(model, prompts, px.to(cfg.device)).cpu())
     return torch.cat(out)
@@ -907,6 +903,13 @@ def _report_time(tm):
     return ["## Time per stage (s)\n", _table(["stage", *stages, "total"], trs),
             f"Total wall time: {fmt(tm.get('total'))} s\n"]
 
+def method_label(run_dir, m):
+    """The method as compare groups runs: --method, and --experts-in where cmoe's experts sit in the tower too."""
+    path = os.path.join(run_dir, "config.json")
+    where = read_json(path).get("experts_in", "llm") if os.path.isfile(path) else "llm"
+    return m.get("method") + ("" if where == "llm" else f" --experts-in {where}")
+
+
 def compare(run_dirs, out_dir):
     """One row per run (label = run folder name), and per method run more than once (seeds: `--seed S --out DIR`)
     a row of mean ± sd (sample sd) over its runs; writes out_dir/compare.md and compare.png, returns the rows."""
@@ -914,7 +917,7 @@ def compare(run_dirs, out_dir):
     for rd in run_dirs:
         m = load_run(rd)
         s = summarize(m)
-        rows.append(dict(run=os.path.basename(os.path.normpath(rd)), method=m.get("method"), last=s["last"],
+        rows.append(dict(run=os.path.basename(os.path.normpath(rd)), method=method_label(rd, m), last=s["last"],
                          avg=s["avg"], bwt=s["bwt"], locator=s["locator_acc"],
                          added=sum(p.get("added") or 0 for p in m["params"]) if m.get("params") else None,
                          time=(m.get("time") or {}).get("total")))

@@ -1407,11 +1407,15 @@ def plan(args):
         while b and activation_bytes(lc, ecfg, E, S, b, dt, ck)[0] + b * loss_peak > budget:
             b -= 1
         fit[ck] = b
-    where = ("the attention projections of both towers" if args.method == "dmole"
-             else "FFN + attention" if ecfg.attn else "FFN")
-    print(f"plan: {what} (config only; model built on the meta device)\n  {args.method}, rank {ecfg.rank}, top-k "
-          f"{ecfg.top_k}, experts on {where}, {n_tasks} task(s); S = "
-          f"{args.max_len - 1} text + {vc.num_patches} image = {S} tokens")
+    if args.method == "dmole":
+        kind = f"rank {ecfg.rank} LoRA experts on the attention projections of both towers"
+    elif args.method == "moe-adapters":
+        a0 = adapter_pools(model)[0].acfg
+        kind = f"adapter experts (bottleneck {a0.dim}) beside the FFN, top-{a0.top_k} per sample"
+    else:
+        kind = f"rank {ecfg.rank}, top-k {ecfg.top_k}, experts on {'FFN + attention' if ecfg.attn else 'FFN'}"
+    print(f"plan: {what} (config only; model built on the meta device)\n  {args.method}, {kind}, {n_tasks} task(s); "
+          f"S = {args.max_len - 1} text + {vc.num_patches} image = {S} tokens")
     print(f"parameters\n  frozen base      vision {base['vision']:,} + projector {base['projector']:,} + LLM "
           f"{base['llm']:,} = {frozen:,}\n                   (vision: {vc.run_layers} of {vc.num_hidden_layers} CLIP "
           f"layers, no post_layernorm, as LLaVA reads layer {vc.select_layer}; CLIPVisionModel: "
@@ -1421,7 +1425,8 @@ def plan(args):
               f"{int(round(args.dmole_budget * len(names)))} of {len(names)} attention projections, the largest); "
               f"activations below leave out the vision tower's backward (its experts train)")
     print(f"  trainable        task 1: {first:,}; task {n_tasks}: {last:,} (that task's experts and router)\n"
-          f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers, {E} experts per layer)")
+          f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers"
+          + (f", {E} experts per layer)" if args.method not in ("dmole", "moe-adapters") else ")"))
     if model.tower_pools("vision"):
         vis = sum(p.numel() for pool in model.tower_pools("vision") for p in pool.parameters())
         print(f"  vision experts   {vis:,} of them in the {len(model.tower_pools('vision'))} CLIP layers' pools "
@@ -1437,7 +1442,8 @@ def plan(args):
           + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
     terms = {k: v / 64 for k, v in activation_bytes(lc, ecfg, E, S, 64, dt)[1].items()}  # per sample, not per step
     dispatch = "sparse" if cmoe.sparse_wins(E, ecfg.top_k, True, ecfg.rank, lc.dim) else "dense"
-    print(f"  activations kept for backward, per sample and decoder layer ({dispatch} expert dispatch, E = {E}):\n    "
+    pool_kind = f"{dispatch} expert dispatch, E = {E}" if E else "no routed LoRA pool"
+    print(f"  activations kept for backward, per sample and decoder layer ({pool_kind}):\n    "
           + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in terms.items()) + " MiB")
     for ck in (False, True):
         print(f"  {'with' if ck else 'without'} --grad-ckpt: {gib(act[ck][0])} per sample (incl. loss peak "

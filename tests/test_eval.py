@@ -180,6 +180,13 @@ def test_compare(tmp_path, capsys):
     sd = (sum((x - mean) ** 2 for x in lasts) / 2) ** 0.5
     lines = [l for l in open(os.path.join(out, "compare.md")).read().splitlines() if "mean ± sd" in l]
     assert lines == [f"| mean ± sd of 3 | cmoe | {mean:.1f} ± {sd:.1f} | " + lines[0].split(" | ", 3)[3]]
+    # a run with experts in the tower too is its own method: the two cmoe runs of each kind get their own rows
+    for rd in (c, d):
+        with open(os.path.join(rd, "config.json"), "w") as f:
+            json.dump({"experts_in": "both", "seed": 1}, f)
+    ev.compare([a, b, c, d], out)
+    lines = [l for l in open(os.path.join(out, "compare.md")).read().splitlines() if "mean ± sd" in l]
+    assert [l.split(" | ")[1] for l in lines] == ["cmoe --experts-in both"]
 
 
 def test_cli_errors(tmp_path, capsys):
