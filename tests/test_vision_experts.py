@@ -280,3 +280,20 @@ def test_base_only_answers_ignore_active_vision_experts(both_run):
             pool.reset(pool.ecfg)
         plain, _ = model.image_tokens(px)
     assert torch.equal(off, plain) and not torch.allclose(on, plain)
+
+
+def test_tower_probe_learns_a_class_one_coordinate_decides_and_not_labels_independent_of_the_input():
+    """bench/tower_probe.probe, the measurement behind README's pattern paragraph: a class that is the sign of one
+    input coordinate is learned (linear and with a hidden layer); labels drawn apart from the input stay near chance."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    from tower_probe import probe
+    g = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(600, 8, generator=g)
+    x_ND[:, 3] += x_ND[:, 3].sign()  # a margin of 2 between the classes
+    y_N = (x_ND[:, 3] > 0).long()
+    for hidden in (0, 32):
+        assert probe(x_ND[:400], y_N[:400], x_ND[400:], y_N[400:], 2, hidden) >= 95
+    noise_N = torch.randint(0, 2, (600,), generator=g)
+    assert probe(x_ND[:400], noise_N[:400], x_ND[400:], noise_N[400:], 2) <= 65
