@@ -1426,7 +1426,7 @@ def plan(args):
               f"activations below leave out the vision tower's backward (its experts train)")
     print(f"  trainable        task 1: {first:,}; task {n_tasks}: {last:,} (that task's experts and router)\n"
           f"  after task {n_tasks}     {frozen + added:,} ({added:,} in experts and routers"
-          + (f", {E} experts per layer)" if args.method not in ("dmole", "moe-adapters") else ")"))
+          + (f", {E} experts per layer)" if E else ")"))  # (E = 0: dmole and moe-adapters route no LoRA pool)
     if model.tower_pools("vision"):
         vis = sum(p.numel() for pool in model.tower_pools("vision") for p in pool.parameters())
         print(f"  vision experts   {vis:,} of them in the {len(model.tower_pools('vision'))} CLIP layers' pools "
