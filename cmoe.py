@@ -733,7 +733,8 @@ class LLaVA(nn.Module):
         """PTL feature of the frozen base model (no experts): "last", the paper's final hidden state at the last
         prompt token [B,D]; or "mean", the mean hidden state over the image slots beside the mean over the valid text
         (instruction) tokens [B,2D], which sees both what is shown and what is asked (a text-only prompt: zeros);
-        "max", the same with the maximum over the tokens in place of the mean (D-MoLE's pooling, dmole_rep); or
+        "max", the same with the maximum over the tokens in place of the mean (D-MoLE's pooling, dmole_rep); "text",
+        the mean over the instruction tokens alone [B,D] (what is asked: the reject option's REJECT_FEATURE); or
         "image", the frozen tower's projected patch features, mean-pooled [B,D] (the decoder not involved)."""
         if kind == "image":
             return self.image_features(images, use_experts=False).float().mean(1)
@@ -744,8 +745,9 @@ class LLaVA(nn.Module):
         h_BSD, _ = self.llm(inputs_embeds=x, pos_BT=pos, mask_BTT=mask, use_experts=False, return_hidden=True)
         if kind == "last":
             return h_BSD[:, -1].float()
-        if kind not in ("mean", "max"):
-            raise ValueError(f"locator feature must be 'last', 'mean' or 'image' (or dmole_rep's 'max'), not {kind!r}")
+        if kind not in ("mean", "max", "text"):
+            raise ValueError(f"locator feature must be 'last', 'mean' or 'image' (or dmole_rep's 'max', the reject "
+                             f"gates' 'text'), not {kind!r}")
         P = x.shape[1] - ids.shape[1] + 1  # splice: S = T - 1 + P
         rel_BS = torch.arange(x.shape[1], device=x.device)[None] - (ids == IMAGE_TOKEN_ID).int().argmax(1, keepdim=True)
         img_BS = (rel_BS >= 0) & (rel_BS < P) & (ids == IMAGE_TOKEN_ID).any(1, keepdim=True)  # as splice places them
@@ -754,7 +756,7 @@ class LLaVA(nn.Module):
             return torch.cat([h_BSD.float().masked_fill(~m[..., None], float("-inf")).amax(1).masked_fill(
                 ~m.any(1, keepdim=True), 0.0) for m in masks], -1)
         means = [(h_BSD.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-                 for m in (m.float() for m in masks)]
+                 for m in (m.float() for m in (masks[1:] if kind == "text" else masks))]
         return torch.cat(means, -1)
 
     @staticmethod
@@ -1040,9 +1042,11 @@ def fit_vae(features_ND, hidden=128, latent=16, steps=400, lr=3e-3, batch=64, se
     return vae.eval()
 
 
-REJECT_FEATURE = "mean"  # what the reject option's gates model, whatever feature the VAEs locate with
-GATE_SHRINK = 1e-3  # covariance shrinkage towards its mean variance (a 256-d covariance from 400 samples)
-REJECT_MARGIN = 2.0  # a gate accepts distances up to this multiple of its calibration quantile
+# What the reject option's gates model, whatever feature the VAEs locate with: the instruction tokens' mean state.
+# A task is its instruction: MiniCoIN's unseen tasks show the trained tasks' images (textcolor: ocr's very scenes),
+# so a feature with the image half ("mean") lets a trained task's gate accept them (docs/minicoin.md).
+REJECT_FEATURE = "text"
+GATE_SHRINK = 1e-3  # covariance shrinkage towards its mean variance (a 128-d covariance from 400 samples)
 
 
 class TaskGate(nn.Module):
@@ -1072,10 +1076,9 @@ class TaskGate(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, held_out_ND, quantile=1.0):
-        """bound = REJECT_MARGIN x the `quantile` of d2 over held-out examples of the task (ones the Gaussian was not
-        fitted on). The margin: on MiniCoIN seed 0 (mean feature) trained tasks' test samples reach 1.5x the held-out
-        maximum (ocr's test strings are never in training), the unseen tasks start at 2.3x (textcolor on ocr's)."""
-        self.bound.fill_(REJECT_MARGIN * float(torch.quantile(self.distance(held_out_ND), quantile)))
+        """bound = the `quantile` of d2 over held-out examples of the task (ones the Gaussian was not fitted on): with
+        the default 1.0, the farthest of them; no margin beyond it."""
+        self.bound.fill_(float(torch.quantile(self.distance(held_out_ND), quantile)))
 
 
 def gate_rank(n, dim):

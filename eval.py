@@ -206,7 +206,7 @@ def cl_state(model: LLaVA, locator: cmoe.Locator | None = None) -> tuple[dict, d
     elif locator is not None:
         sd.update({f"locator.{k}": v for k, v in locator.state_dict().items()})
         meta["n_vae"], meta["locator_feature"] = len(locator.vaes), locator.feature
-        meta["n_gate"] = len(locator.gates)
+        meta["n_gate"], meta["gate_feature"] = len(locator.gates), cmoe.REJECT_FEATURE
         if len(locator.vaes):
             v = locator.vaes[0]
             meta["vae"] = {"hidden": v.enc[0].out_features, "latent": v.dec[0].in_features}
@@ -269,7 +269,9 @@ def load_cl_state(model: LLaVA, tensors: dict, meta: dict, source="") -> cmoe.Lo
         if missing or unexpected:
             raise KeyError(f"{source}: locator VAE {t}: missing {missing}, unexpected {unexpected}")
         loc.vaes.append(vae.eval())
-    for t in range(meta.get("n_gate", 0)):  # none in older checkpoints: reevaluate fits them for --reject
+    # none in older checkpoints, and none kept where they model another feature (before "gate_feature": the
+    # instruction+image "mean"): reevaluate fits them for --reject
+    for t in range(meta.get("n_gate", 0) if meta.get("gate_feature", "mean") == cmoe.REJECT_FEATURE else 0):
         pre = f"locator.gates.{t}."
         gate = cmoe.TaskGate(*tensors[pre + "basis"].shape)
         gate.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
@@ -388,11 +390,12 @@ def reject_features(model: LLaVA, examples, tok, template, cfg, kind=None):
     held_out = examples[cfg.locator_n: cfg.locator_n + cfg.calib_n] or examples[: cfg.locator_n]
     return task_features(model, held_out, tok, template, cfg, kind=kind)
 
-def gate_features(model: LLaVA, examples, tok, template, cfg):
+def gate_features(model: LLaVA, examples, tok, template, cfg, images=None):
     """What a task's reject gate is fitted and calibrated on (Locator.add_gate, cmoe.fit_gate): REJECT_FEATURE of the
-    locator_n training examples its VAE is fitted on, and of the held-out ones (reject_features)."""
+    locator_n training examples its VAE is fitted on (`images`: their image features, if known), and of the held-out
+    ones (reject_features)."""
     kind = cmoe.REJECT_FEATURE
-    return (task_features(model, examples[: cfg.locator_n], tok, template, cfg, kind=kind),
+    return (task_features(model, examples[: cfg.locator_n], tok, template, cfg, images, kind=kind),
             reject_features(model, examples, tok, template, cfg, kind=kind))
 
 BASE_ONLY = -1  # a routing choice: no task's routers; the frozen base answers alone, without experts

@@ -70,7 +70,7 @@ class TrainConfig:
     locator_feature: str | None = None  # PTL's (or DDAS's) input: last (the paper's last prompt token) | mean (image +
     # instruction means) | image (the frozen tower's mean patch feature); None: last, and mean for moe-adapters (DDAS)
     reject: bool = False  # a sample no task's gate (cmoe.TaskGate) accepts is answered by the base model without experts
-    reject_quantile: float = 1.0  # a gate accepts distances up to REJECT_MARGIN x this quantile of its held-out ones
+    reject_quantile: float = 1.0  # a gate accepts distances up to this quantile of its held-out ones
     calib_n: int = 200  # held-out training examples per task that calibrate its reject bound
     unseen: str = "auto"  # scored every stage, never trained: a,b,c | none | auto (MiniCoIN: textcolor; CoIN: none)
     tasks: str | None = None  # comma-separated task names (default: the benchmark's full sequence)
@@ -415,7 +415,7 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
                           Llama(lcfg), data.pad_id(tok))
             model = model.to(cfg.device)
             cmoe.set_precision(model, mixed, cast=False)
-            pretrain_text(model.llm, cfg, log)
+            pretrain_text(model, cfg, log)
         log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
         ds = encode(model, data.minicoin(task, "train", n, seed=cfg.seed), tok, template, cfg, 0, feats=False)
         model.vision.requires_grad_(tag == "base")  # as LLaVA: the tower learns to see in 0a, is frozen in 0b
@@ -425,17 +425,21 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
     return model, {"tiny": folder}
 
 
-def pretrain_text(llm: Llama, cfg, log):
+def pretrain_text(model: LLaVA, cfg, log):
     """Stage 0, part 0 (--text-steps): the decoder alone learns to repeat spans of random tokens
-    (data.induction_batch), which forms the induction heads a real LLM brings to LLaVA."""
+    (data.induction_batch), which forms the induction heads a real LLM brings to LLaVA. Under the model's precision
+    (its autocast), as every other stage."""
+    llm = model.llm
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.base_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     for step in range(cfg.text_steps):
         ids, labels = (t.to(cfg.device) for t in data.induction_batch(gen, cfg.batch_size, llm.cfg.vocab_size))
         for g in opt.param_groups:
             g["lr"] = cfg.base_lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # no decay: the heads form late
-        logits, _ = llm(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=cmoe.IGNORE_INDEX)
+        with model.autocast():
+            logits, _ = llm(ids)
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                               ignore_index=cmoe.IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -668,10 +672,11 @@ def fit_task_vae(model: LLaVA, locator, exs, r, cfg, t):
     """PTL for task t: a VAE on locator_n training examples' features; the reject option's gate on the same examples,
     its bound from the next calib_n (data neither saw). Under torchrun rank 0 fits them and broadcasts them."""
     rank, world = ev.rank_world()
-    if rank == 0:
-        feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg)
+    if rank == 0:  # the tower runs once over the fitted examples: the VAE's and the gate's features share it
+        images = ev.image_features(model, exs[: cfg.locator_n], cfg)
+        feats = ev.task_features(model, exs[: cfg.locator_n], r.tok, r.template, cfg, images)
         locator.add_task(feats, seed=stage_seed(cfg, t, "vae"))
-        locator.add_gate(*ev.gate_features(model, exs, r.tok, r.template, cfg), cfg.reject_quantile)
+        locator.add_gate(*ev.gate_features(model, exs, r.tok, r.template, cfg, images), cfg.reject_quantile)
         if len(exs) <= cfg.locator_n:
             r.log(f"note: task {t} has no training example beyond the VAE's {cfg.locator_n}: its reject bound is "
                   f"calibrated on the features the VAE was fitted on (raise --train-n or lower --locator-n)")
@@ -1159,6 +1164,10 @@ class RunState:
             self.first = self.metrics["finished_tasks"]
             if self.first:
                 locator = ev.load_task(model, os.path.join(cfg.out, f"task_{self.first - 1}"))
+                if isinstance(locator, cmoe.Locator) and len(locator.gates) < len(locator.vaes):
+                    raise SystemExit(f"--resume: {cfg.out}'s reject gates model another feature than this code's "
+                                     f"'{cmoe.REJECT_FEATURE}': start the run afresh (its finished tasks re-evaluate "
+                                     f"with `python eval.py {cfg.out} --reject`)")
             stem = os.path.join(cfg.out, f"task_{self.first}", "partial")
             if os.path.exists(stem + ".safetensors"):
                 self.partial = (read_safetensors(stem + ".safetensors"), read_json(stem + ".json"))

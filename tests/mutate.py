@@ -34,7 +34,7 @@ EXPERTS = ["tests/test_experts.py"]
 TRAIN_FAST = ["tests/test_train.py::test_pgke_rule_on_hand_made_frequencies",
               "tests/test_train.py::test_ptl_locates_separated_tasks_per_sample",
               "tests/test_train.py::test_reject_gate_distance_is_the_shrunk_mahalanobis_by_hand",
-              "tests/test_train.py::test_reject_gate_bound_is_the_margin_times_the_held_out_quantile",
+              "tests/test_train.py::test_reject_gate_bound_is_the_held_out_quantile",
               "tests/test_train.py::test_reject_goes_to_the_best_accepting_task_and_the_base_where_no_gate_accepts"]
 LLAMA = ["tests/test_llama.py"]
 EVAL = ["tests/test_eval.py"]
@@ -127,7 +127,8 @@ MUTATIONS = [
      "locator: argmax instead of argmin", PTL),
     ("cmoe.py", "float(torch.quantile(self.distance(held_out_ND), quantile))",
      "float(torch.quantile(self.distance(held_out_ND), 1 - quantile))", "reject bound at the complementary quantile", PTL),
-    ("cmoe.py", "REJECT_MARGIN * float(", "float(", "reject bound without its margin", PTL),
+    ("cmoe.py", '(masks[1:] if kind == "text" else masks)', "masks",
+     "reject gates' feature: the image half kept beside the instruction's", PTL),
     ("cmoe.py", "z_BN = z_BN.masked_fill(~ok_BN, float(\"inf\"))", "z_BN = z_BN.masked_fill(ok_BN, float(\"inf\"))",
      "reject: refuses what a task accepts", PTL),
     ("cmoe.py", "gate.var.copy_((1 - shrink) * lam + floor)", "gate.var.copy_(lam + floor)",

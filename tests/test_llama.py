@@ -569,12 +569,12 @@ def test_features_last_prompt_token(llava, llava_files):
 
 @torch.no_grad()
 def test_features_mean_of_image_slots_and_instruction_tokens(llava, llava_files):
-    """The richer PTL feature: [mean hidden state over the P image slots, mean over the prompt's text tokens], from
-    the float64 reference forward of each prompt alone (no padding)."""
+    """The richer PTL feature: [mean hidden state over the P image slots, mean over the prompt's text tokens] ("text":
+    that second half alone), from the float64 reference forward of each prompt alone (no padding)."""
     EMB = llava_files["llm_t"]["model.embed_tokens.weight"]
     px = pixels(3, seed=5)
     feats = llava.image_features(px)
-    f, g = llava.features(PROMPTS, px, "mean"), llava.features(PROMPTS, px, "max")
+    f, g, t = (llava.features(PROMPTS, px, k) for k in ("mean", "max", "text"))
     P = feats.shape[1]
     assert f.shape == (3, 2 * EMB.shape[1])
     for b, p in enumerate(PROMPTS):
@@ -584,6 +584,7 @@ def test_features_mean_of_image_slots_and_instruction_tokens(llava, llava_files)
         text = [i for i in range(len(p) - 1 + P) if not k <= i < k + P]
         close(f[b], torch.cat([h[k:k + P].mean(0), h[text].mean(0)]))
         close(g[b], torch.cat([h[k:k + P].amax(0), h[text].amax(0)]))  # D-MoLE's pooling (cmoe.dmole_rep)
+        close(t[b], h[text].mean(0))  # the reject gates' REJECT_FEATURE: what is asked, not what is shown
     with pytest.raises(ValueError, match="'last', 'mean' or 'image'.*'first'"):
         llava.features(PROMPTS, px, "first")
 

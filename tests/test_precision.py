@@ -115,3 +115,23 @@ def test_compiled_bf16_training_step_compiles_once(monkeypatch):
     after = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
     assert len(log) == cfg.steps and all(re.search(r"loss \d", m) for m in log)
+
+
+def test_text_pretraining_runs_under_the_models_precision():
+    """Stage 0's induction pretraining (--text-steps) runs the decoder under the model's autocast like every other
+    stage: under bf16 its matmuls are bf16 (as a forward hook on the head sees), its fp32 master weights still move;
+    under fp32 nothing is cast."""
+    from vision import CLIPVision, Projector, VisionConfig
+    lc, vc = cmoe.LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64), VisionConfig.tiny()
+    for precision, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        torch.manual_seed(0)
+        model = cmoe.LLaVA(CLIPVision(vc), Projector(vc.hidden_size, lc.dim), cmoe.Llama(lc))
+        cmoe.set_precision(model, precision, cast=False)  # as build_base: stage 0 trains fp32 weights
+        seen = []
+        model.llm.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        before = model.llm.embed_tokens.weight.detach().clone()
+        cfg = train.TrainConfig(text_steps=2, batch_size=2, warmup=1, device="cpu")
+        train.pretrain_text(model, cfg, lambda m: None)
+        assert seen == [want, want]
+        assert model.llm.embed_tokens.weight.dtype == torch.float32
+        assert not torch.equal(before, model.llm.embed_tokens.weight)

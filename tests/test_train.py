@@ -126,16 +126,16 @@ def test_reject_gate_distance_is_the_shrunk_mahalanobis_by_hand(n, dim, shrink):
     torch.testing.assert_close(gate.distance(x), _shrunk_mahalanobis(fit, x, shrink), rtol=2e-4, atol=1e-6)
 
 
-def test_reject_gate_bound_is_the_margin_times_the_held_out_quantile():
+def test_reject_gate_bound_is_the_held_out_quantile():
     g = torch.Generator().manual_seed(4)
     gate = cmoe.fit_gate(torch.randn(100, 5, generator=g))
     held = torch.randn(200, 5, generator=g)
     gate.calibrate(held, quantile=0.9)
     d = sorted(gate.distance(held).tolist())
     want = d[179] + 0.1 * (d[180] - d[179])  # linear interpolation at position 0.9 * (200 - 1) = 179.1
-    assert float(gate.bound) == pytest.approx(cmoe.REJECT_MARGIN * want, rel=1e-5)
+    assert float(gate.bound) == pytest.approx(want, rel=1e-5)
     gate.calibrate(held, quantile=1.0)
-    assert float(gate.bound) == pytest.approx(cmoe.REJECT_MARGIN * d[-1], rel=1e-5)
+    assert float(gate.bound) == pytest.approx(d[-1], rel=1e-5)  # the farthest held-out one, no margin
 
 
 def test_reject_goes_to_the_best_accepting_task_and_the_base_where_no_gate_accepts():
@@ -152,7 +152,7 @@ def test_reject_goes_to_the_best_accepting_task_and_the_base_where_no_gate_accep
         loc.locate(f, reject=True, g_BD=f)
     for c in centers:  # the gates see another feature of the same samples: here the VAEs' feature negated
         loc.add_gate(-draw(c, 200), -draw(c, 200), quantile=1.0)
-    with pytest.raises(ValueError, match="needs the samples' 'mean' features"):
+    with pytest.raises(ValueError, match="needs the samples' 'text' features"):
         loc.locate(f, reject=True)
     far = torch.full((3, 16), 40.0)
     assert loc.locate(f).tolist() == [0] * 4 + [1] * 4
@@ -567,6 +567,33 @@ def test_reject_works_on_a_run_folder_from_before_the_gates(ptl_run, tmp_path):
     assert a["acc"] == b["acc"] and a["locator"] == b["locator"] and a["unseen"] == b["unseen"]
     for task in ("sqa", "cls", "textcolor", "position"):
         assert (stored / f"predictions/{task}.jsonl").read_text() == (old / f"predictions/{task}.jsonl").read_text()
+
+
+def test_gates_of_another_feature_are_refitted_for_reject_and_refused_on_resume(ptl_run, tmp_path, base_dir):
+    """A checkpoint whose gates model the instruction+image "mean" (no "gate_feature" in its meta, as before the
+    instruction-only gates): --reject refits them from the training data, giving the stored gates' predictions; a
+    --resume of such a run stops with the reason before it trains."""
+    import shutil
+    import eval as ev
+    stored, older = tmp_path / "stored", tmp_path / "older"
+    for d in (stored, older):
+        shutil.copytree(ptl_run[0], d)
+    for t in (0, 1):
+        meta = json.loads((older / f"task_{t}/meta.json").read_text())
+        assert meta.pop("gate_feature") == cmoe.REJECT_FEATURE == "text"
+        (older / f"task_{t}/meta.json").write_text(json.dumps(meta))
+    assert len(ev.load_task(ev.load_base(json.loads((older / "metrics.json").read_text())["base"]["tiny"]),
+                            older / "task_1").gates) == 0  # not loaded: another feature's
+    a, b = ev.reevaluate(str(stored), reject=True), ev.reevaluate(str(older), reject=True)
+    assert a["acc"] == b["acc"] and a["locator"] == b["locator"] and a["unseen"] == b["unseen"]
+    for task in ("sqa", "cls", "textcolor", "position"):
+        assert (stored / f"predictions/{task}.jsonl").read_text() == (older / f"predictions/{task}.jsonl").read_text()
+    state = json.loads((older / "metrics.json").read_text())
+    (older / "state.json").write_text(json.dumps({**state, "finished_tasks": 1}))
+    cfg = json.loads((older / "config.json").read_text())
+    (older / "config.json").write_text(json.dumps({**cfg, "out": str(older)}))  # a copy: its own folder
+    with pytest.raises(SystemExit, match="reject gates model another feature than this code's 'text'"):
+        run(older, base_dir, "--resume")
 
 
 def test_compiled_stages_with_grown_pools_never_hit_the_recompile_limit(monkeypatch):
