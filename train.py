@@ -1165,9 +1165,9 @@ class RunState:
             if self.first:
                 locator = ev.load_task(model, os.path.join(cfg.out, f"task_{self.first - 1}"))
                 if isinstance(locator, cmoe.Locator) and len(locator.gates) < len(locator.vaes):
-                    raise SystemExit(f"--resume: {cfg.out}'s reject gates model another feature than this code's "
-                                     f"'{cmoe.REJECT_FEATURE}': start the run afresh (its finished tasks re-evaluate "
-                                     f"with `python eval.py {cfg.out} --reject`)")
+                    raise SystemExit(f"--resume: {cfg.out} has no reject gates over this code's feature "
+                                     f"'{cmoe.REJECT_FEATURE}' (older code made it): start the run afresh (its "
+                                     f"finished tasks re-evaluate with `python eval.py {cfg.out} --reject`)")
             stem = os.path.join(cfg.out, f"task_{self.first}", "partial")
             if os.path.exists(stem + ".safetensors"):
                 self.partial = (read_safetensors(stem + ".safetensors"), read_json(stem + ".json"))

@@ -592,7 +592,7 @@ def test_gates_of_another_feature_are_refitted_for_reject_and_refused_on_resume(
     (older / "state.json").write_text(json.dumps({**state, "finished_tasks": 1}))
     cfg = json.loads((older / "config.json").read_text())
     (older / "config.json").write_text(json.dumps({**cfg, "out": str(older)}))  # a copy: its own folder
-    with pytest.raises(SystemExit, match="reject gates model another feature than this code's 'text'"):
+    with pytest.raises(SystemExit, match="no reject gates over this code's feature 'text'"):
         run(older, base_dir, "--resume")
 
 
