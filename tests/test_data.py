@@ -151,6 +151,27 @@ def test_instruct_mix_covers_answer_tokens_but_not_task_prompts(tok):
     assert not missing, [tok.decode([t]) for t in missing]
 
 
+def test_unseen_tasks_ask_stage_0b_questions_word_for_word_on_test_scenes():
+    """An unseen task scores what the base learned: stage 0b's own prompt, on scenes stage 0b never showed, answered
+    as stage 0b answers it (position: the named object's grid cell, computed here from the scene's geometry)."""
+    mix = set()
+    for i in range(3000):
+        mix |= {user.removeprefix("<image>\n") for user, _ in data.minicoin_sample("instruct", "train", i, render=False).turns}
+    cells = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+    for i in range(40):
+        ex = data.minicoin_sample("textcolor", "test", i, render=False)
+        assert ex.turns == [("<image>\nWhat color is the text?", ex.turns[0][1])] and ex.turns[0][1] in data.COLORS
+        assert "What color is the text?" in mix and data.is_test_scene(ex.meta["scene"])
+        ex = data.minicoin_sample("position", "test", i, render=False)
+        (user, answer), = ex.turns
+        q = user.removeprefix("<image>\n")
+        assert q in mix and data.is_test_scene(ex.meta["scene"]), q  # the very prompt, on a test scene
+        color, shape = re.fullmatch(r"Where is the (\w+) (\w+)\?", q).groups()
+        objs = [o.split(",") for o in ex.meta["scene"].split(";")]
+        (x, y, size), = [tuple(map(int, o[2:5])) for o in objs if o[:2] == [shape, color]]
+        assert 2 <= len(objs) <= 4 and answer == cells[(y + size // 2) // 16 * 3 + (x + size // 2) // 16]
+
+
 def test_instruct_mc_mixes_lettered_choices_whose_letter_names_the_text_colour():
     mc, task_lines = 0, set()
     for task in data.MINICOIN_TASKS:
