@@ -1661,7 +1661,7 @@ def adapter_numel(pool: AdapterPool) -> int:
 # i* = 0 or r_i* > tau, else task i*-1's routers.
 # Departures, each for a reason:
 # - the feature: the official one is ImageNet AlexNet's conv5 (downloaded at run time, unavailable offline). Here it is
-#   the frozen base's own, LLaVA.features (train.py --locator-feature; the default for this method, "mean": the frozen
+#   the frozen base's own, LLaVA.features (train.py --locator-feature; the default, "mean": the frozen
 #   decoder's mean hidden state over the image slots beside its mean over the instruction). MiniCoIN's tasks draw
 #   their images from one scene generator and differ mostly in what they ask, so an image-only feature ("image": the
 #   frozen tower's patch features, mean-pooled and projected, the official choice's analogue) cannot tell most of them

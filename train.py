@@ -67,8 +67,8 @@ class TrainConfig:
     # both towers, activate-freeze, DDAS; see cmoe.AdapterPool and cmoe.DDAS)
     expand: str = "probe"  # PGKE: grow where probes say (probe), every layer (all), or by probe gradient norm (gradnorm)
     locator: str = "ptl"  # router choice at test time: ptl | oracle (the true task)
-    locator_feature: str | None = None  # PTL's (or DDAS's) input: last (the paper's last prompt token) | mean (image +
-    # instruction means) | image (the frozen tower's mean patch feature); None: last, and mean for moe-adapters (DDAS)
+    locator_feature: str = "mean"  # PTL's (and DDAS's) input: mean (image and instruction means; it separates the
+    # tasks on every seed, docs/minicoin.md) | last (the paper's last prompt token) | image (the tower's mean patch)
     reject: bool = False  # a sample no task's gate (cmoe.TaskGate) accepts is answered by the base model without experts
     reject_quantile: float = 1.0  # a gate accepts distances up to this quantile of its held-out ones
     calib_n: int = 200  # held-out training examples per task that calibrate its reject bound
@@ -174,8 +174,6 @@ class TrainConfig:
         return self.steps_by_task().get(task, self.steps)
 
     def __post_init__(self):
-        if self.locator_feature is None:
-            self.locator_feature = "mean" if self.method == "moe-adapters" else "last"
         if self.method == "moe-adapters" and self.reject:
             raise ValueError("reject is cmoe's option; moe-adapters always rejects through DDAS (--ddas-tau)")
         if self.precision is None:  # --plan describes a GPU run
@@ -273,8 +271,8 @@ def parse_args(argv=None) -> TrainConfig:
     if cfg.out is None:
         tag = cfg.method + ("" if cfg.expand == "probe" else f"-expand{cfg.expand}") + (
             "-oracle" if cfg.locator == "oracle" else "") + (
-            f"-{cfg.locator_feature}" if cfg.locator_feature != ("mean" if cfg.method == "moe-adapters" else "last")
-            else "") + ("" if cfg.method != "moe-adapters" or cfg.adapters_in == "both" else f"-{cfg.adapters_in}") + (
+            "" if cfg.locator_feature == "mean" else f"-{cfg.locator_feature}") + (
+            "" if cfg.method != "moe-adapters" or cfg.adapters_in == "both" else f"-{cfg.adapters_in}") + (
             "-reject" if cfg.reject else "") + ("" if cfg.attn_experts else "-ffn") + (
             "-nomc" if cfg.instruct_mc is False else "") + (
             "" if cfg.max_expert_params is None else f"-budget{cfg.max_expert_params}") + (

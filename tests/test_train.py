@@ -526,7 +526,8 @@ def test_eval_refuses_a_locator_of_another_feature(ptl_run, tmp_path):
     out = tmp_path / "feature"
     shutil.copytree(ptl_run[0], out)
     cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**cfg, "locator_feature": "mean"}))
+    other = "last" if cfg["locator_feature"] == "mean" else "mean"
+    (out / "config.json").write_text(json.dumps({**cfg, "locator_feature": other}))
     with pytest.raises(ValueError, match="field 'locator_feature'"):
         ev.reevaluate(str(out))
 
