@@ -18,7 +18,7 @@ the method's model-side pieces. Where the paper's concepts live:
                        FFN/MLP in both towers, noisy_top_k per sample, adapter_mix, activate_freeze), DDAS (DDASAE,
                        fit_ddas_ae, ddas_choose: the test-time selector with a reference autoencoder)
 
-No distributed code: under torchrun, train.py hands each pool a `batch_sum` for the balance loss.
+No distributed code: under torchrun, train.py hands the MoE-Adapters pools a `batch_sum` for their freeze counts.
 Shape legend: B batch, T tokens, S spliced sequence, D model width, F ffn width, R lora rank, E experts,
 K top-k, H heads, N tasks, P image patches, V vocab, Z latent, O a projection's output width (D or F).
 LoRA matrices are lower-case (a_EDR, b_ERO): the capital B is the batch.
@@ -319,7 +319,6 @@ class Experts(nn.Module):
         self.dispatch = "auto"  # "auto" | "dense" (masked-dense) | "sparse" (block dispatch, the fast path)
         self.counting = False  # PGKE: accumulate per-expert assignment counts
         self.register_buffer("usage", torch.zeros(0), persistent=False)
-        self.batch_sum = None  # torchrun: a differentiable sum over the ranks (train.py sets it; see balance_loss)
         self.adapters = None  # --method moe-adapters: the block's AdapterPool, parallel to its FFN (add_adapters)
 
     @classmethod
@@ -438,15 +437,12 @@ class Experts(nn.Module):
                                                     self.ecfg.rank, self.dim))
 
     def balance_loss(self, w_BTE, probs_BTE, valid_BT):
-        """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e). Under
-        torchrun `batch_sum` sums the statistics over the ranks, so each rank computes the whole batch's loss."""
+        """Switch-style load balance: E * sum_e (fraction of assignments to e) * (mean router prob of e), over this
+        forward's tokens (a batch shard; DeepSpeed-MoE's gates, which MoE-LLaVA uses, also see only their own rank's
+        tokens)."""
         m = torch.ones(w_BTE.shape[:2], device=w_BTE.device) if valid_BT is None else valid_BT.float()
-        n, E = m.sum(), probs_BTE.shape[-1]
+        n, E = m.sum().clamp(min=1), probs_BTE.shape[-1]
         hits_E, psum_E = ((w_BTE > 0).float() * m[..., None]).sum((0, 1)), (probs_BTE * m[..., None]).sum((0, 1))
-        if self.batch_sum is not None:
-            stats = self.batch_sum(torch.cat([hits_E, psum_E, n[None]]))
-            hits_E, psum_E, n = stats[:E], stats[E:2 * E], stats[-1]
-        n = n.clamp(min=1)
         frac_E = hits_E / (n * self.ecfg.top_k)
         prob_E = psum_E / n
         return E * (frac_E * prob_E).sum()

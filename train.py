@@ -39,7 +39,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -133,6 +132,8 @@ class TrainConfig:
     steps: int = 300  # training steps per task
     task_steps: str = ""  # per-task overrides of steps, "name=N,...": e.g. ground=900
     batch_size: int = 32
+    batch_shards: int = 2  # each batch is computed as this many row shards (rows s::N), a forward and backward each;
+    # torchrun's ranks share them out, so N ranks and one process run the same arithmetic (bit for bit when N equal)
     grad_accum: int = 1
     lr: float = 5e-3
     base_lr: float = 2e-3
@@ -184,6 +185,9 @@ class TrainConfig:
         for name in AT_LEAST_ONE:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.batch_shards > self.batch_size:
+            raise ValueError(f"batch_shards ({self.batch_shards}) must be at most batch_size ({self.batch_size}): "
+                             f"every shard of a batch needs a row")
         if self.text_steps < 0:
             raise ValueError(f"text_steps must be 0 or more, not {self.text_steps!r}")
         self.steps_by_task()  # a malformed --task-steps fails here, before anything runs
@@ -220,9 +224,9 @@ CHOICES = dict(benchmark=("minicoin", "coin"),
                locator_feature=("last", "mean", "image"), adapters_in=("llm", "vision", "both"),
                compile=("auto", "on", "off"), bad_images=("fail", "skip"),
                precision=("bf16", "fp32"), preset=(None, "llama-3.2-1b", "llama-3.1-8b"))
-AT_LEAST_ONE = ("patch_merge", "rank", "top_k", "n_init", "n_new", "batch_size", "grad_accum", "eval_batch",
-                "save_every", "max_new_tokens", "locator_n", "train_n", "test_n", "max_expert_params", "adapter_experts",
-                "adapter_dim", "ddas_ref_n")
+AT_LEAST_ONE = ("patch_merge", "rank", "top_k", "n_init", "n_new", "batch_size", "batch_shards", "grad_accum",
+                "eval_batch", "save_every", "max_new_tokens", "locator_n", "train_n", "test_n", "max_expert_params",
+                "adapter_experts", "adapter_dim", "ddas_ref_n")
 RESUME_MAY_CHANGE = ("resume", "device", "threads")  # everything else must match the interrupted run's config.json
 FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, or every layer", "locator":
          "router choice at test time", "benchmark": "MiniCoIN (built in) or CoIN (files)", "tasks": "task names, a,b,c",
@@ -231,7 +235,8 @@ FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, o
          "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
          "projector": "LLaVA mm_projector .safetensors", "tokenizer": "Llama-3 tokenizer.model",
          "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
-         "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama",
+         "plan": "print the memory plan of the run and exit",
+         "batch_shards": "row shards per batch, a forward and backward each (torchrun's ranks share them out)", "preset": "--plan for a published Llama",
          "attn_experts": "experts on attention q/k/v/o too (--no-attn-experts: FFN only)",
          "experts_in": "the towers carrying expert pools: llm | vision (the CLIP layers) | both",
          "max_expert_params": "cmoe: expert + router parameters after any task at most this (None: unbounded)",
@@ -393,6 +398,7 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
                  "stage 0b: tower frozen", cfg.warmup, cfg.weight_decay, cfg.grad_accum]
     shaped_by += [f"patch merge {cfg.patch_merge}"] if cfg.patch_merge != 1 else []  # (defaults: cached bases keep
     shaped_by += [f"text steps {cfg.text_steps}"] if cfg.text_steps else []  # their keys)
+    shaped_by += [f"batch shards {cfg.batch_shards}"] if cfg.batch_shards != 1 else []
     model = None  # stage 0 trains fp32 weights, as the cache keeps them (bf16 autocast over them on CUDA under bf16)
     mixed = "bf16" if cfg.precision == "bf16" and cfg.device.startswith("cuda") else "fp32"
     for k, (tag, task, n, steps) in enumerate(stages):
@@ -417,6 +423,8 @@ def build_base(cfg, tok, template, log) -> tuple[LLaVA, dict]:
         log(f"base: stage 0 '{tag}' on {n} MiniCoIN {task} examples for {steps} steps")
         ds = encode(model, data.minicoin(task, "train", n, seed=cfg.seed), tok, template, cfg, 0, feats=False)
         model.vision.requires_grad_(tag == "base")  # as LLaVA: the tower learns to see in 0a, is frozen in 0b
+        for pool in model.llm.expert_pools() + model.vision.expert_pools():  # empty until the continual stage:
+            pool.requires_grad_(False)  # (under torchrun DDP needs every parameter that trains to be used)
         train_stage(model, ds, cfg, steps, cfg.base_lr, 0, tag, log, experts=False)
         if ev.rank_world()[0] == 0:
             ev.save_base(model, folder)
@@ -481,23 +489,26 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
     for step in range(step0, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup) * g["scale"]
-        loss_sum = aux_sum = 0.0
+        sums = torch.zeros(2, dtype=torch.float64)  # the step's loss and balance loss, for the log
         for micro in range(cfg.grad_accum):
             b = batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id)
             if on_batch is not None:  # on the whole batch: under torchrun every rank then takes the same choice
                 on_batch(b)
-            b, share = rank_shard(b)
-            b = {k: v.to(cfg.device) for k, v in b.items()}
-            tids = b["task_ids"] if task_ids_fixed is None else torch.full_like(b["task_ids"], task_ids_fixed)
-            _, loss, aux = fwd(b["input_ids"], b["images"], b["labels"], tids if experts else None, use_experts=experts)
-            total = (loss * share if world > 1 else loss) + cfg.lambda_aux * aux
-            if not all_finite(total):
-                raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step {step + 1}: "
-                                         f"stopping; checkpoints already on disk are untouched")
-            (total / cfg.grad_accum).backward()
-            loss_sum += (float(sum_over_ranks(loss.detach() * share / world)) if world > 1 else float(loss.detach())) / cfg.grad_accum
-            aux_sum += float(aux.detach()) / cfg.grad_accum
-            tok_count += int((b["input_ids"] != model.pad_id).sum())
+            for shard, share in batch_shards(b, cfg.batch_shards):  # this process's: a forward and backward each
+                x = {k: v.to(cfg.device) for k, v in shard.items()}
+                tids = x["task_ids"] if task_ids_fixed is None else torch.full_like(x["task_ids"], task_ids_fixed)
+                _, loss, aux = fwd(x["input_ids"], x["images"], x["labels"], tids if experts else None,
+                                   use_experts=experts)
+                # the balance loss is each shard's own (its routing statistics), averaged over the shards
+                total = loss * share + cfg.lambda_aux * aux * (world / cfg.batch_shards)
+                if not all_finite(total):
+                    raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step "
+                                             f"{step + 1}: stopping; checkpoints already on disk are untouched")
+                (total / cfg.grad_accum).backward()
+                sums += torch.tensor([float(loss.detach()) * share / world, float(aux.detach()) / cfg.batch_shards],
+                                     dtype=torch.float64) / cfg.grad_accum
+                tok_count += int((x["input_ids"] != model.pad_id).sum())
+        loss_sum, aux_sum = sum_over_ranks(sums).tolist()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -529,16 +540,17 @@ def load_optimizer(opt, named, tensors):
 
 # ----------------------------------------------------------------------------------------------------------
 # torchrun: the rank plumbing. Every torch.distributed call of training is in this section; with one process each
-# helper is the identity. Ranks split every batch (rank_shard), DDP averages the gradients, and what decides the
-# method's course (PGKE's counts, the VAEs, the balance loss's statistics) is summed or sent so every rank agrees.
+# helper is the identity. The ranks share out every batch's shards (batch_shards), DDP averages the gradients, and
+# what decides the method's course (PGKE's counts, the VAEs and gates) is summed or sent so every rank agrees.
 
 def init_distributed(cfg):
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, one GPU per rank; gloo on CPU). Returns
     this process's rank (0 in a plain run)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > cfg.batch_size:  # checked before joining: every rank stops at once, none waits for the others
-        raise SystemExit(f"torchrun started {world} ranks but --batch-size is {cfg.batch_size}: each rank needs at "
-                         f"least one sample of every batch (use --nproc_per_node <= the batch size)")
+    if cfg.batch_shards % world:  # checked before joining: every rank stops at once, none waits for the others
+        raise SystemExit(f"torchrun started {world} ranks but --batch-shards is {cfg.batch_shards}: the ranks share "
+                         f"out each batch's shards, so their number must divide it (--batch-shards {world}: the run "
+                         f"`python train.py --batch-shards {world}` computes)")
     if world > 1 and not dist.is_initialized():
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -554,29 +566,22 @@ def leave_distributed():
         dist.destroy_process_group()
 
 
-def share_batch_statistics(model: LLaVA):
-    """The balance loss of each layer (both towers') sees the whole batch's routing statistics, as one process has
-    them."""
-    if ev.rank_world()[1] > 1:
-        for pool in model.llm.expert_pools() + model.vision.expert_pools():
-            pool.batch_sum = dist_nn.all_reduce
-
-
 def data_parallel(model):
     """DDP over the trainable parameters, rebuilt per stage (PGKE grows them); the model itself in one process."""
     return DistributedDataParallel(model, broadcast_buffers=False) if ev.rank_world()[1] > 1 else model
 
 
-def rank_shard(b):
-    """Under torchrun: this rank's rows of the global batch b (every world-th), and `share`, the factor that makes
-    DDP's mean of the ranks' gradients the single process's gradient of the token-mean loss over the whole batch:
-    world * (this rank's labelled tokens) / (the batch's)."""
+def batch_shards(b, n):
+    """This process's shards of the global batch b, cut into n row shards (shard s: rows s::n); rank r of `world`
+    takes shards r, r + world, ... (one process: all). Each comes with `share`, its token-mean loss's factor that makes
+    DDP's mean of the ranks' gradients the gradient of the token-mean loss over the whole batch: world x (the shard's
+    labelled tokens) / (the batch's). With n = world every rank's forward and backward is one of one process's, and
+    its gradient exactly `world` times that shard's: DDP's mean then gives one process's sum, bit for bit."""
     rank, world = ev.rank_world()
-    if world == 1:
-        return b, 1.0
-    n_all = int((b["labels"] != cmoe.IGNORE_INDEX).sum())
-    b = {k: v[rank::world] for k, v in b.items()}
-    return b, world * int((b["labels"] != cmoe.IGNORE_INDEX).sum()) / max(n_all, 1)
+    n_all = max(int((b["labels"] != cmoe.IGNORE_INDEX).sum()), 1)
+    for s in range(rank, n, world):
+        shard = {k: v[s::n] for k, v in b.items()}
+        yield shard, world * int((shard["labels"] != cmoe.IGNORE_INDEX).sum()) / n_all
 
 
 def all_finite(x):
@@ -1153,7 +1158,6 @@ class RunState:
         model, base = build_base(cfg, self.tok, self.template, self.log)
         model = prepare(model, cfg)
         t_base = time.time() - t0
-        share_batch_statistics(model)
         bench = ev.Benchmark(cfg, model, self.tok, self.template, self.log)
         locator = (cmoe.AERouter() if cfg.method == "dmole" else cmoe.DDAS(cfg.locator_feature)
                    if cfg.method == "moe-adapters" else cmoe.Locator(cfg.locator_feature))
@@ -1460,7 +1464,7 @@ def plan(args):
               f"{gib(sum(mem.values()))}, one sample with --grad-ckpt {gib(act[True][0] + act[True][1])} more")
     else:
         print(f"fits {args.gpu_mem:g} GiB, {PLAN_MARGIN:.0%} left free: micro-batch {fit[False]} without --grad-ckpt, "
-              f"{fit[True]} with")
+              f"{fit[True]} with (the rows of one forward: --batch-size / --batch-shards)")
     return dict(base=base, first=first, last=last, added=added, experts=E, S=S, mem=mem, act=act, fit=fit)
 
 

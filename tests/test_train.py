@@ -166,6 +166,28 @@ def test_reject_goes_to_the_best_accepting_task_and_the_base_where_no_gate_accep
         loc.locate(f, reject=True, g_BD=-f)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_batch_shards_cover_the_batch_once_and_weigh_their_losses_into_its_token_mean(n):
+    """One process takes every shard; the shards' token-mean losses times their shares sum to the token-mean loss over
+    the whole batch, computed by hand from per-token losses, with rows of 0 to 5 labelled tokens."""
+    g = torch.Generator().manual_seed(n)
+    B, T = 7, 6
+    labels = torch.full((B, T), train.cmoe.IGNORE_INDEX)
+    for i, k in enumerate([3, 0, 5, 1, 2, 4, 5]):
+        labels[i, T - k:] = 1
+    loss_BT = torch.rand(B, T, generator=g, dtype=torch.float64)
+    b = {"labels": labels, "row": torch.arange(B)}
+    want = loss_BT[labels != train.cmoe.IGNORE_INDEX].mean()
+    got, rows = 0.0, []
+    for shard, share in train.batch_shards(b, n):
+        rows += shard["row"].tolist()
+        lab = shard["labels"] != train.cmoe.IGNORE_INDEX
+        if lab.any():
+            got += share * loss_BT[shard["row"]][lab].mean()
+    assert sorted(rows) == list(range(B)) and len(rows) == B
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
 def test_ptl_locates_separated_tasks_per_sample():
     g = torch.Generator().manual_seed(0)
     centers = [torch.zeros(32), torch.zeros(32), torch.zeros(32)]
@@ -213,7 +235,8 @@ def test_nan_loss_stops_cleanly_and_keeps_checkpoints(tmp_path, base_dir, ptl_ru
     out = tmp_path / "nan"
     train_stage = train.train_stage
 
-    def nan_at_step_3(model, ds, args, steps, lr, task_id, tag, *a, **kw):  # injected: the 3rd loss of task 2 is NaN
+    def nan_at_step_3(model, ds, args, steps, lr, task_id, tag, *a, **kw):  # injected: in task 2, the loss of step
+        # 3's first shard (a forward per shard) is NaN
         if tag != "task1:cls":
             return train_stage(model, ds, args, steps, lr, task_id, tag, *a, **kw)
         calls, forward = [], model.forward
@@ -221,7 +244,7 @@ def test_nan_loss_stops_cleanly_and_keeps_checkpoints(tmp_path, base_dir, ptl_ru
         def poisoned(*x, **k):
             logits, loss, aux = forward(*x, **k)
             calls.append(1)
-            return logits, loss * float("nan") if len(calls) == 3 else loss, aux
+            return logits, loss * float("nan") if len(calls) == 2 * args.batch_shards + 1 else loss, aux
         model.forward = poisoned  # nn.Module.__call__ calls the instance's forward
         try:
             return train_stage(model, ds, args, steps, lr, task_id, tag, *a, **kw)
@@ -429,7 +452,8 @@ def test_settings_from_flags_set_and_quick_preset(capsys):
                       (["--text-steps", "-1"], "text_steps must be 0 or more"), (["--patch-merge", "0"], "patch_merge must"),
                       (["--device", "bogus"], "device must be a torch device"), (["--out", __file__], "is a file"),
                       (["--task-steps", "ground=0"], "task_steps: 'ground=0'"), (["--task-steps", "ground"], "NAME=N"),
-                      (["--task-steps", "gqa=2,gqa=3"], "each task once")):
+                      (["--task-steps", "gqa=2,gqa=3"], "each task once"),
+                      (["--batch-size", "2", "--batch-shards", "3"], "batch_shards (3) must be at most batch_size (2)")):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert says in capsys.readouterr().err, bad
