@@ -235,8 +235,8 @@ FLAGS = {"method": "continual method", "expand": "PGKE: grow where probes say, o
          "llm": "HF Llama-3.x folder", "vision": "HF CLIP folder",
          "projector": "LLaVA mm_projector .safetensors", "tokenizer": "Llama-3 tokenizer.model",
          "coin_root": "CoIN's Instructions_Original/", "image_root": "CoIN's cl_dataset/",
-         "plan": "print the memory plan of the run and exit",
-         "batch_shards": "row shards per batch, a forward and backward each (torchrun's ranks share them out)", "preset": "--plan for a published Llama",
+         "plan": "print the memory plan of the run and exit", "preset": "--plan for a published Llama",
+         "batch_shards": "row shards per batch, a forward and backward each (torchrun's ranks share them out)",
          "attn_experts": "experts on attention q/k/v/o too (--no-attn-experts: FFN only)",
          "experts_in": "the towers carrying expert pools: llm | vision (the CLIP layers) | both",
          "max_expert_params": "cmoe: expert + router parameters after any task at most this (None: unbounded)",
@@ -540,8 +540,9 @@ def load_optimizer(opt, named, tensors):
 
 # ----------------------------------------------------------------------------------------------------------
 # torchrun: the rank plumbing. Every torch.distributed call of training is in this section; with one process each
-# helper is the identity. The ranks share out every batch's shards (batch_shards), DDP averages the gradients, and
-# what decides the method's course (PGKE's counts, the VAEs and gates) is summed or sent so every rank agrees.
+# helper is the identity (batch_shards: every shard). The ranks share out every batch's shards, DDP averages the
+# gradients, and what decides the method's course (PGKE's counts, the VAEs and gates) is summed or sent so every rank
+# agrees.
 
 def init_distributed(cfg):
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, one GPU per rank; gloo on CPU). Returns
