@@ -97,7 +97,7 @@ def test_a_rank_killed_mid_task_stops_every_rank_and_resume_under_torchrun_finis
     assert not (out / "task_1/model.safetensors").exists() and not list(out.glob("**/*.tmp*"))
     p = torchrun(out, base, extra=["--resume"])
     if p.returncode != 0 and "terminate called without an active exception" in p.stderr:
-        # an intermittent gloo abort of one rank (SIGABRT, about one full-suite run in three, never alone): resuming
+        # an intermittent gloo abort of one rank (SIGABRT; 2 of 6 full-suite runs, 0 of 11 alone): resuming
         # again is what a user does, and the result below must still be the uninterrupted run's, bit for bit
         p = torchrun(out, base, extra=["--resume"])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
