@@ -489,7 +489,7 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
     for step in range(step0, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup) * g["scale"]
-        sums = torch.zeros(2, dtype=torch.float64)  # the step's loss and balance loss, for the log
+        loss_sum = aux_sum = 0.0  # the step's, for the log
         for micro in range(cfg.grad_accum):
             b = batch_at(ds, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed + 7919 * task_id)
             if on_batch is not None:  # on the whole batch: under torchrun every rank then takes the same choice
@@ -505,10 +505,10 @@ def train_stage(model: LLaVA, ds, cfg, steps, lr, task_id, tag, log, experts=Tru
                     raise FloatingPointError(f"non-finite loss ({float(total.detach())}) in stage '{tag}' at step "
                                              f"{step + 1}: stopping; checkpoints already on disk are untouched")
                 (total / cfg.grad_accum).backward()
-                sums += torch.tensor([float(loss.detach()) * share / world, float(aux.detach()) / cfg.batch_shards],
-                                     dtype=torch.float64) / cfg.grad_accum
+                loss_sum += float(loss.detach()) * share / world / cfg.grad_accum
+                aux_sum += float(aux.detach()) / cfg.batch_shards / cfg.grad_accum
                 tok_count += int((x["input_ids"] != model.pad_id).sum())
-        loss_sum, aux_sum = sum_over_ranks(sums).tolist()
+        loss_sum, aux_sum = sum_over_ranks(torch.tensor([loss_sum, aux_sum], dtype=torch.float64)).tolist()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
